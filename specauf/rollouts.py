@@ -1,0 +1,135 @@
+"""Stage `rollouts`: the target answers every training prompt; Arrow shards + manifest.
+
+Shards are the unit of resume: a killed run keeps its finished shards (in a work dir outside
+the DVC output) and redoes only the rest, so no row is lost or duplicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from specauf.artifacts import MANIFEST, ShardedWork, read_manifest, sha256_file, verify_shards, iter_shards
+from specauf.config import RolloutsParams
+from specauf.generation import Sampling, encode_chat, generate_batch
+from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
+
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("source", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())),
+    ("finish_reason", pa.string()),
+])
+
+
+def row_generator(seed: int, prompt_id: str) -> torch.Generator:
+    """Per-row sampling stream: a row's sample does not depend on its batch or shard."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple[list[dict], int]:
+    """Tokenise prompts through the chat template; drop those over max_prompt_tokens."""
+    kept, skipped = [], 0
+    for row in rows:
+        ids = encode_chat(tokenizer, row["turns"][:1])
+        if len(ids) > params.max_prompt_tokens:
+            skipped += 1
+            continue
+        kept.append({**row, "prompt_ids": ids})
+    if params.num_prompts:
+        kept = kept[: params.num_prompts]
+    return kept, skipped
+
+
+def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int],
+                   pad_id: int, bar=None) -> pa.Table:
+    """Answer one shard's prompts, batching by length; rows come back in their original order."""
+    sampling = Sampling(params.temperature, params.top_p, params.top_k)
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["prompt_ids"]), i))
+    results: dict[int, tuple[list[int], str]] = {}
+    for start in range(0, len(order), params.batch_size):
+        idx = order[start: start + params.batch_size]
+        gens = [row_generator(seed, rows[i]["prompt_id"]) for i in idx] if params.temperature > 0 else None
+        outs = generate_batch(model, [rows[i]["prompt_ids"] for i in idx], max_new_tokens=params.max_new_tokens,
+                              stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, generators=gens,
+                              on_tokens=(bar.update if bar is not None else None))
+        results.update(zip(idx, outs))
+    return pa.table({
+        "prompt_id": [r["prompt_id"] for r in rows],
+        "source": [r["source"] for r in rows],
+        "prompt_ids": [r["prompt_ids"] for r in rows],
+        "response_ids": [results[i][0] for i in range(len(rows))],
+        "finish_reason": [results[i][1] for i in range(len(rows))],
+    }, schema=SCHEMA)
+
+
+def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsParams, *, out_dir: str | Path,
+                 work_dir: str | Path, seed: int, stop_ids: list[int], manifest_extra: dict) -> dict:
+    rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
+    if not rows:
+        raise ValueError("rollouts: no training prompt fits rollouts.max_prompt_tokens "
+                         f"({params.max_prompt_tokens}); raise it or add prompts")
+    log.info("read %d training prompts; skipped %d longer than %d tokens; answering %d",
+             len(prompt_rows), skipped, params.max_prompt_tokens, len(rows))
+    work = ShardedWork(work_dir, {"params": params.model_dump(), "seed": seed, **manifest_extra})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    shards = [rows[i: i + params.shard_size] for i in range(0, len(rows), params.shard_size)]
+    entries, resumed = [], 0
+    t0, new_tokens = time.perf_counter(), 0
+    with progress(desc="rollouts", unit="tok") as bar:
+        for index, shard_rows in enumerate(shards):
+            entry = work.done(index)
+            if entry is not None:
+                resumed += 1
+            else:
+                table = generate_shard(model, shard_rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
+                tokens = sum(len(r) for r in table.column("response_ids").to_pylist())
+                new_tokens += tokens
+                entry = work.write(index, table, response_tokens=tokens)
+                bar.set_postfix(shard=f"{index + 1}/{len(shards)}")
+            entries.append(entry)
+    elapsed = time.perf_counter() - t0
+    if resumed:
+        log.info("resumed: kept %d finished shards, generated %d", resumed, len(shards) - resumed)
+    stats = summarize(entries, work.dir)
+    manifest = {"kind": "rollouts", **stats, "skipped_long_prompts": skipped,
+                "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k},
+                "new_tokens_per_second": round(new_tokens / elapsed, 2) if elapsed and new_tokens else None,
+                **manifest_extra}
+    work.finish(out_dir, entries, manifest)
+    log.info("wrote %s: %d rows, %d response tokens in %d shards (%s)", out_dir, stats["rows"],
+             stats["response_tokens"], len(entries), stats["finish_reasons"])
+    return manifest
+
+
+def summarize(entries: list[dict], directory: Path) -> dict:
+    rows, prompt_tokens, response_tokens, finish = 0, 0, 0, {}
+    for e in entries:
+        t = pa.ipc.open_file(pa.memory_map(str(directory / e["file"]))).read_all()
+        rows += t.num_rows
+        prompt_tokens += sum(len(x) for x in t.column("prompt_ids").to_pylist())
+        response_tokens += sum(len(x) for x in t.column("response_ids").to_pylist())
+        for f in t.column("finish_reason").to_pylist():
+            finish[f] = finish.get(f, 0) + 1
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
+            "finish_reasons": dict(sorted(finish.items()))}
+
+
+def load_rollouts(directory: str | Path, verify: bool = True) -> tuple[dict, list[pa.Table]]:
+    """The rollouts manifest and its shards (memory-mapped), checked against the manifest."""
+    manifest = read_manifest(directory, kind="rollouts")
+    if verify:
+        verify_shards(directory, manifest)
+    return manifest, list(iter_shards(directory, manifest, verify=False))
+
+
+def manifest_hash(directory: str | Path) -> str:
+    return sha256_file(Path(directory) / MANIFEST)

@@ -1,0 +1,58 @@
+"""Process setup shared by every stage: threads, seeds, device, logging, progress bars."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("specauf")
+
+
+def setup_logging(stage: str) -> logging.Logger:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    # transformers and deepspeed are chatty at INFO; their warnings still show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return log
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: base.device is 'cuda' but no CUDA device is visible (set base.device: auto or cpu)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def setup(base, stage: str) -> torch.device:
+    """Apply `base` params: thread count, seeds, device; return the device."""
+    setup_logging(stage)
+    if base.torch_threads:
+        torch.set_num_threads(base.torch_threads)
+    seed_everything(base.seed)
+    device = pick_device(base.device)
+    log.info("device %s, %d torch threads, seed %d", device, torch.get_num_threads(), base.seed)
+    return device
+
+
+def progress(iterable=None, *, total=None, desc: str, unit: str = "it"):
+    """A tqdm bar with a rate; quiet when stderr is not a terminal only if SPECAUF_NO_PROGRESS is set."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True,
+                mininterval=2.0, disable=bool(os.environ.get("SPECAUF_NO_PROGRESS")))

@@ -1,0 +1,279 @@
+"""Stage `train`: the masked block drafter trained with DeepSpeed under one loss variant.
+
+Every variant sees identical data, anchors and steps: the sequence order and the anchors of
+step s are pure functions of (seed, s), so variants differ only in their loss, and a resumed run
+continues exactly where the killed one stopped (data position and RNG need no saved state).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from specauf.artifacts import MANIFEST, SCHEMA_VERSION, atomic_dir, hash_obj, read_json, write_json
+from specauf.blocks import build_blocks, collate_blocks, sample_anchors
+from specauf.config import TrainParams
+from specauf.dataset import LabelsDataset
+from specauf.drafter import BlockDrafter, DrafterConfig, context_features_from_hidden_states, init_from_target
+from specauf.distributed import deepspeed_config, init_engine, load_checkpoint, save_checkpoint
+from specauf.losses import compute_loss, default_gamma
+from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
+
+
+def split_heldout(dataset: LabelsDataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic by prompt id, so every variant holds out the same rollouts."""
+    train, held = [], []
+    for i, (t, r) in enumerate(dataset.index):
+        pid = dataset.tables[t].column("prompt_id")[r].as_py()
+        u = int(hashlib.sha256(f"{seed}:heldout:{pid}".encode()).hexdigest()[:8], 16) / 16**8
+        (held if u < fraction else train).append(i)
+    if not train:
+        raise ValueError("train.heldout_fraction leaves no training sequences")
+    return train, held
+
+
+def build_draft_vocab(dataset: LabelsDataset, rows: list[int], size: int, vocab_size: int) -> torch.Tensor | None:
+    """The `size` most frequent label ids in the training responses (ties by id), sorted by id."""
+    if not size or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for i in rows:
+        item = dataset[i]
+        counts += torch.bincount(item["label_ids"][item["response_start"]:], minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))[:size]
+    return torch.tensor(sorted(order), dtype=torch.long)
+
+
+def coverage(dataset: LabelsDataset, rows: list[int], d2t: torch.Tensor | None) -> float:
+    if d2t is None:
+        return 1.0
+    member = torch.zeros(int(d2t.max()) + 1 if len(d2t) else 1, dtype=torch.bool)
+    member[d2t] = True
+    hit = total = 0
+    for i in rows:
+        item = dataset[i]
+        labels = item["label_ids"][item["response_start"]:]
+        hit += int(member[labels.clamp(max=len(member) - 1)].logical_and(labels < len(member)).sum())
+        total += len(labels)
+    return hit / max(total, 1)
+
+
+class Trainer:
+    def __init__(self, params: TrainParams, variant: str, target, target_manifest: dict, dataset: LabelsDataset,
+                 seed: int, device: torch.device, draft_vocab_size: int):
+        self.p, self.variant, self.target, self.ds, self.seed, self.device = params, variant, target, dataset, seed, device
+        self.embed = target.get_input_embeddings().weight.detach()
+        self.lm_head = target.get_output_embeddings().weight.detach()
+        self.online = dataset.manifest["features"] == "online"
+        self.train_rows, self.heldout_rows = split_heldout(dataset, params.heldout_fraction, seed)
+        d2t = build_draft_vocab(dataset, self.train_rows, draft_vocab_size, self.lm_head.shape[0])
+        config = DrafterConfig.from_target_config(
+            target.config, num_layers=params.num_layers, block_size=params.block_size,
+            mask_token_id=target_manifest["mask_token_id"], target_layer_ids=dataset.manifest["layer_ids"],
+            context_layer_norm=params.context_layer_norm, draft_vocab_size=0 if d2t is None else len(d2t))
+        torch.manual_seed(seed)
+        self.drafter = BlockDrafter(config)
+        if d2t is not None:
+            self.drafter.d2t.copy_(d2t)
+        self.copied = init_from_target(self.drafter, target) if params.init_from_target else []
+        # target id -> draft id (-1 outside the draft vocabulary)
+        self.t2d = None
+        if d2t is not None:
+            self.t2d = torch.full((self.lm_head.shape[0],), -1, dtype=torch.long)
+            self.t2d[d2t] = torch.arange(len(d2t))
+        self.draft_coverage = coverage(dataset, self.train_rows, d2t)
+        self.gamma = params.gamma or default_gamma(params.block_size)
+
+    def loss_name(self, step: int) -> str:
+        if self.variant == "decay_then_auf":
+            return "decay" if step < int(self.p.curriculum_switch * self.p.steps) else "auf"
+        return self.variant
+
+    def step_rows(self, step: int, rank: int, world: int) -> list[int]:
+        """The sequences of one micro batch: an epoch-wise permutation seeded by (seed, epoch)."""
+        per_step = self.p.micro_batch_size * world
+        n = len(self.train_rows)
+        start = step * per_step + rank * self.p.micro_batch_size
+        rows = []
+        for j in range(start, start + self.p.micro_batch_size):
+            epoch, k = divmod(j, n)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            rows.append(self.train_rows[int(torch.randperm(n, generator=g)[k])])
+        return rows
+
+    def make_batch(self, rows: list[int], anchor_seed: int | None, num_anchors: int) -> dict:
+        """Blocks of several sequences, collated for one drafter forward."""
+        items = []
+        label_key = "label_ids" if self.p.label_source == "acceptance" else "input_ids"
+        for j, i in enumerate(rows):
+            item = self.ds[i]
+            S = min(len(item["input_ids"]), self.p.max_seq_len)
+            start = item["response_start"]
+            g = torch.Generator().manual_seed(anchor_seed * 1009 + j) if anchor_seed is not None else None
+            anchors = sample_anchors(start, S, self.p.block_size, num_anchors, g)
+            if len(anchors) == 0:
+                continue
+            labels_src = item[label_key][:S].clone()
+            block = build_blocks(item["input_ids"][:S], start, S, anchors, self.p.block_size,
+                                 self.drafter.mask_token_id, label_ids=labels_src)
+            block.update(anchors=anchors, context_len=S)
+            if self.online:
+                block["input_ids_full"] = item["input_ids"][:S]
+            else:
+                block["context_features"] = item["features"][:S].float()
+            items.append(block)
+        if not items:
+            return {}
+        batch = collate_blocks(items, self.p.block_size, self.drafter.mask_token_id)
+        if self.online:
+            batch["context_features"] = self.online_features([it["input_ids_full"] for it in items], batch)
+        if self.t2d is not None:  # a label outside the draft vocabulary can never be guessed: the block ends there
+            draft_labels = self.t2d[batch["labels"]]
+            inside = (draft_labels >= 0).long().cummin(dim=1).values.bool()
+            batch["validity"] = batch["validity"] & inside
+            batch["labels"] = draft_labels.clamp(min=0)
+        return batch
+
+    @torch.no_grad()
+    def online_features(self, seqs: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        C = batch["context_position_ids"].shape[1]
+        ids = torch.zeros((len(seqs), C), dtype=torch.long)
+        mask = torch.zeros((len(seqs), C), dtype=torch.long)
+        for n, s in enumerate(seqs):
+            ids[n, : len(s)], mask[n, : len(s)] = s, 1
+        out = self.target(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          output_hidden_states=True, use_cache=False)
+        return context_features_from_hidden_states(out.hidden_states, self.drafter.target_layer_ids).float()
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = next(model.parameters()).dtype
+        dev = self.device
+        embeds = self.embed[batch["block_input_ids"].to(self.embed.device)].to(dev, dtype)
+        hidden = model(embeds, batch["context_features"].to(dev, dtype), batch["block_position_ids"].to(dev),
+                       batch["context_position_ids"].to(dev), batch["attention_mask"].to(dev))
+        N = hidden.shape[0]
+        B = self.p.block_size
+        hidden = hidden.view(N, -1, B, hidden.shape[-1])[:, :, 1:].reshape(-1, B - 1, hidden.shape[-1])
+        logits = self.drafter.draft_logits(hidden.float(), self.lm_head.to(dev).float())
+        return logits, batch["labels"].to(dev), batch["validity"].to(dev)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Held-out diagnostics on every anchor of the held-out rollouts (a fixed set)."""
+        rows = self.heldout_rows or self.train_rows[: max(1, len(self.train_rows) // 20)]
+        acc = acc_n = acc_len = blocks = support = 0.0
+        for b in range(0, len(rows), self.p.micro_batch_size):
+            # a fixed anchor draw per held-out batch: the same blocks at every evaluation
+            batch = self.make_batch(rows[b: b + self.p.micro_batch_size], 10**6 + b, 2 * self.p.anchors_per_seq)
+            if not batch:
+                continue
+            logits, labels, validity = self.forward(model, batch)
+            _, d = compute_loss("full", logits, labels, validity)
+            has = validity.any(1)
+            n_valid = float(d["num_valid"])
+            acc += float(d["token_accuracy"]) * n_valid
+            acc_n += n_valid
+            acc_len += float((d["acceptance_lengths"] * has).sum())
+            support += float(d["auf_support_len"]) * float(has.sum())
+            blocks += float(has.sum())
+        return {"heldout/token_accuracy": acc / max(acc_n, 1), "heldout/acceptance_length": acc_len / max(blocks, 1),
+                "heldout/auf_support_len": support / max(blocks, 1), "heldout/blocks": blocks}
+
+
+def train_variant(params: TrainParams, variant: str, *, target, target_manifest: dict, labels_dir, out_dir, work_dir,
+                  metrics_dir, seed: int, device: torch.device, manifest_extra: dict) -> dict:
+    from dvclive import Live
+
+    dataset = LabelsDataset(labels_dir)
+    t = Trainer(params, variant, target, target_manifest, dataset, seed, device, params.draft_vocab_size)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    log.info("read %s: %d sequences (%d train, %d held out), %s features, layers %s", labels_dir, len(dataset),
+             len(t.train_rows), len(t.heldout_rows), dataset.manifest["features"], dataset.manifest["layer_ids"])
+    log.info("variant %s: block %d, %d drafter layers (%s), draft vocab %s (label coverage %.2f%%), gamma %.2f",
+             variant, params.block_size, params.num_layers, "init from target" if t.copied else "random init",
+             len(t.drafter.d2t) if params.draft_vocab_size and hasattr(t.drafter, "d2t") else "full",
+             100 * t.draft_coverage, t.gamma)
+    work_dir = Path(work_dir)
+    key = hash_obj({"params": params.model_dump(), "variant": variant, "seed": seed, "world": world, **manifest_extra})
+    stamp = work_dir / "work.json"
+    if work_dir.exists() and (not stamp.is_file() or read_json(stamp).get("key") != key):
+        log.info("checkpoints in %s belong to other params: starting afresh", work_dir)
+        import shutil
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"key": key})
+    ds_config = deepspeed_config(params)
+    write_json(work_dir / "ds_config.json", ds_config)
+    engine = init_engine(t.drafter, ds_config, device)
+    start_step = load_checkpoint(engine, work_dir / "checkpoints")
+    if start_step:
+        log.info("resumed from checkpoint at step %d of %d", start_step, params.steps)
+    live = Live(dir=str(metrics_dir), resume=bool(start_step), save_dvc_exp=False, dvcyaml=None,
+                report=None) if rank == 0 else None
+    tokens, t0 = 0, time.perf_counter()
+    with progress(total=params.steps, desc=f"train {variant}", unit="step") as bar:
+        bar.update(start_step)
+        for step in range(start_step, params.steps):
+            name = t.loss_name(step)
+            for micro in range(params.grad_accum):
+                sub = step * params.grad_accum + micro
+                batch = t.make_batch(t.step_rows(sub, rank, world), seed * 7919 + sub * world + rank, params.anchors_per_seq)
+                logits, labels, validity = t.forward(engine, batch)
+                loss, diag = compute_loss(name, logits, labels, validity, gamma=t.gamma,
+                                          temperature=params.soft_auf_temperature)
+                engine.backward(loss)
+                engine.step()
+                tokens += int(validity.sum())
+            bar.update(1)
+            done = step + 1
+            if live is not None and (done % params.log_every == 0 or done == params.steps):
+                elapsed = time.perf_counter() - t0
+                metrics = {"loss": loss.item(), "train/token_accuracy": float(diag["token_accuracy"]),
+                           "train/auf_support_len": float(diag["auf_support_len"]),
+                           "train/acceptance_length": float(diag["acceptance_length"]),
+                           "lr": engine.get_lr()[0], "tokens_per_second": tokens / elapsed}
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train/token_accuracy']:.3f}",
+                                tau=f"{metrics['train/acceptance_length']:.2f}")
+                if done % params.eval_every == 0 or done == params.steps:
+                    engine.eval()
+                    metrics.update(t.evaluate(engine))
+                    engine.train()
+                for k, v in metrics.items():
+                    live.log_metric(k, v)
+                live.step = done
+                live.next_step()
+            if done % params.checkpoint_every == 0 and done < params.steps:
+                save_checkpoint(engine, work_dir / "checkpoints", done)
+    engine.eval()
+    final = t.evaluate(engine)
+    if rank != 0:
+        return final
+    live.summary.update({k: v for k, v in final.items()})
+    live.end()
+    import shutil
+    shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve a resume; the drafter is below
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant,
+        "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
+        "block_size": params.block_size, "gamma": t.gamma, "steps": params.steps, "world_size": world,
+        "init_from_target": bool(t.copied), "draft_vocab_size": params.draft_vocab_size,
+        "draft_label_coverage": t.draft_coverage, "heldout": final,
+        "train_sequences": len(t.train_rows), "heldout_sequences": len(t.heldout_rows),
+        "mask_token_id": t.drafter.mask_token_id, "target_layer_ids": t.drafter.target_layer_ids,
+        **manifest_extra,
+    }
+    with atomic_dir(out_dir) as tmp:
+        t.drafter.save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / "ds_config.json", ds_config)
+        write_json(tmp / MANIFEST, manifest)
+    log.info("wrote %s: held-out token accuracy %.3f, acceptance length %.3f (offline tau estimate)", out_dir,
+             final["heldout/token_accuracy"], final["heldout/acceptance_length"])
+    return manifest

@@ -1,0 +1,14 @@
+"""Stage `target`: materialise the target as a local HF folder with a fingerprinted manifest."""
+from specauf.cli import stage_main, stage_manifest_extra
+from specauf.runtime import setup
+from specauf.target import materialize_target
+
+
+def run(params, args):
+    setup(params.base, "target")
+    extra = stage_manifest_extra(params, "base", "target")
+    materialize_target(params.target, args.out, seed=params.base.seed, params_hash=extra["params_hash"])
+
+
+if __name__ == "__main__":
+    stage_main("target", run, lambda p: p.add_argument("--out", default="data/target"))

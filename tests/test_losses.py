@@ -1,0 +1,170 @@
+"""Losses: AUF support against a brute-force loop, gradients, decay weights, soft AUF, guards."""
+import math
+
+import pytest
+import torch
+
+from specauf.losses import (
+    auf_support, compute_loss, decay_weights, default_gamma, diagnostics, per_position_ce,
+    soft_auf_weights,
+)
+
+V = 7
+
+
+def brute_support(logits, labels, validity):
+    """METHOD.md section 3 word for word, one block at a time."""
+    N, K, _ = logits.shape
+    m = torch.zeros(N, K, dtype=torch.bool)
+    for n in range(N):
+        valid = [k for k in range(K) if validity[n, k]]
+        if not valid:
+            continue
+        guess = logits[n].argmax(-1)
+        fails = [k for k in valid if guess[k] != labels[n, k]]
+        f = fails[0] if fails else valid[-1]
+        for k in valid:
+            m[n, k] = k <= f
+    return m
+
+
+def make_case(kind, K=6, gen=None):
+    """One block whose greedy guesses are right/wrong in a controlled pattern."""
+    labels = torch.randint(0, V, (K,), generator=gen)
+    correct = torch.ones(K, dtype=torch.bool)
+    validity = torch.ones(K, dtype=torch.bool)
+    if kind == "first_wrong":
+        correct[0] = False
+    elif kind == "middle":
+        correct[K // 2] = False
+        correct[-1] = False
+    elif kind == "invalid_tail":
+        validity[K - 2:] = False
+        correct[-1] = False  # a wrong guess in the invalid tail must not matter
+    elif kind == "all_invalid":
+        validity[:] = False
+    elif kind == "random":
+        correct = torch.rand(K, generator=gen) < 0.6
+        validity[int(torch.randint(0, K + 1, (1,), generator=gen)):] = False
+    guesses = torch.where(correct, labels, (labels + 1) % V)
+    logits = torch.randn(K, V, generator=gen)
+    logits[torch.arange(K), guesses] += 10.0
+    return logits, labels, validity
+
+
+@pytest.mark.parametrize("kind", ["all_correct", "first_wrong", "middle", "invalid_tail", "all_invalid"])
+def test_auf_support_named_cases(kind):
+    gen = torch.Generator().manual_seed(1)
+    logits, labels, validity = (t[None] for t in make_case(kind, gen=gen))
+    m = auf_support(logits, labels, validity)
+    assert torch.equal(m, brute_support(logits, labels, validity))
+    expected = {"all_correct": 6, "first_wrong": 1, "middle": 4, "invalid_tail": 4, "all_invalid": 0}
+    assert int(m.sum()) == expected[kind]
+
+
+def test_auf_support_matches_brute_force_on_many_random_batches():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        cases = [make_case("random", K=5, gen=gen) for _ in range(16)]
+        logits, labels, validity = (torch.stack(t) for t in zip(*cases))
+        assert torch.equal(auf_support(logits, labels, validity), brute_support(logits, labels, validity))
+    # fully random logits (ties impossible in practice) and non-monotone validity too
+    for _ in range(20):
+        logits = torch.randn(8, 5, V, generator=gen)
+        labels = torch.randint(0, V, (8, 5), generator=gen)
+        validity = torch.rand(8, 5, generator=gen) < 0.8
+        assert torch.equal(auf_support(logits, labels, validity), brute_support(logits, labels, validity))
+
+
+def test_default_gamma_and_decay_weights():
+    assert default_gamma(16) == 7 and default_gamma(10) == 5 and default_gamma(8) == 4
+    assert default_gamma(4) == 2 and default_gamma(13) == pytest.approx(6.0)
+    assert default_gamma(2) == 1.0  # floor
+    w = decay_weights(5, 3.0)
+    assert torch.allclose(w, torch.tensor([math.exp(-(k - 1) / 3.0) for k in range(1, 6)]))
+
+
+def test_losses_match_their_formulas():
+    gen = torch.Generator().manual_seed(3)
+    cases = [make_case(k, gen=gen) for k in ["all_correct", "middle", "invalid_tail", "random", "first_wrong"]]
+    logits, labels, validity = (torch.stack(t) for t in zip(*cases))
+    ce = per_position_ce(logits, labels)
+    v = validity.float()
+    w = decay_weights(6, 2.5)[None]
+    m = brute_support(logits, labels, validity).float()
+    expect = {
+        "full": (v * ce).sum() / v.sum(),
+        "decay": (v * w * ce).sum() / (v * w).sum(),
+        "auf": (m * ce).sum() / m.sum(),
+        "auf_decay": (m * w * ce).sum() / (m * w).sum(),
+    }
+    for name, value in expect.items():
+        loss, _ = compute_loss(name, logits, labels, validity, gamma=2.5)
+        assert torch.allclose(loss, value), name
+    assert not torch.allclose(expect["full"], expect["auf"])  # the cases really differ
+
+
+def test_auf_gradient_is_zero_after_the_first_failure():
+    gen = torch.Generator().manual_seed(5)
+    logits, labels, validity = make_case("middle", K=6, gen=gen)  # failure at k index 3
+    logits = logits[None].clone().requires_grad_(True)
+    loss, _ = compute_loss("auf", logits, labels[None], validity[None])
+    loss.backward()
+    per_pos = logits.grad[0].abs().sum(-1)
+    assert torch.all(per_pos[4:] == 0)
+    assert per_pos[3] > 0 and torch.all(per_pos[:3] > 0)
+    # the decay baseline, by contrast, trains the tail
+    logits.grad = None
+    compute_loss("decay", logits, labels[None], validity[None])[0].backward()
+    assert torch.all(logits.grad[0, 4:].abs().sum(-1) > 0)
+
+
+def test_soft_auf_at_temperature_zero_equals_auf():
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(10):
+        logits = torch.randn(12, 5, V, generator=gen)
+        labels = torch.randint(0, V, (12, 5), generator=gen)
+        validity = (torch.rand(12, 5, generator=gen) < 0.85).long().cummin(1).values.bool()
+        assert torch.equal(soft_auf_weights(logits, labels, validity, 0.0),
+                           auf_support(logits, labels, validity).float())
+        a, _ = compute_loss("auf", logits, labels, validity)
+        s, _ = compute_loss("soft_auf", logits, labels, validity, temperature=0.0)
+        assert torch.equal(a, s)
+
+
+def test_soft_auf_weights_at_positive_temperature():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    labels = torch.tensor([[0, 1, 0]])
+    w = soft_auf_weights(logits, labels, torch.ones(1, 3, dtype=torch.bool), temperature=1.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 0.5, 0.375]]))
+
+
+@pytest.mark.parametrize("name", ["full", "decay", "auf", "auf_decay", "soft_auf"])
+def test_all_invalid_batch_gives_zero_loss_with_grad_path(name):
+    logits = torch.randn(3, 4, V, requires_grad=True)
+    labels = torch.zeros(3, 4, dtype=torch.long)
+    loss, diag = compute_loss(name, logits, labels, torch.zeros(3, 4, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+    assert all(torch.isfinite(t).all() for t in diag.values())
+
+
+def test_diagnostics_values():
+    # block 0: correct, correct, wrong, correct ; block 1: correct, then invalid ; block 2: all invalid
+    labels = torch.tensor([[1, 2, 3, 4], [1, 0, 0, 0], [0, 0, 0, 0]])
+    guesses = torch.tensor([[1, 2, 0, 4], [1, 5, 5, 5], [0, 0, 0, 0]])
+    validity = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]).bool()
+    logits = torch.nn.functional.one_hot(guesses, V).float() * 5
+    d = diagnostics(logits, labels, validity)
+    assert d["token_accuracy"].item() == pytest.approx(4 / 5)
+    assert d["auf_support_len"].item() == pytest.approx((3 + 1) / 2)
+    assert torch.equal(d["acceptance_lengths"], torch.tensor([3.0, 2.0, 1.0]))
+    assert d["acceptance_length"].item() == pytest.approx(2.5)
+    assert torch.allclose(d["position_accuracy"], torch.tensor([1.0, 1.0, 0.0, 1.0]))
+
+
+def test_unknown_loss_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown loss 'aufx'.*full"):
+        compute_loss("aufx", torch.randn(1, 2, V), torch.zeros(1, 2, dtype=torch.long),
+                     torch.ones(1, 2, dtype=torch.bool))

