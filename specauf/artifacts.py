@@ -232,15 +232,17 @@ class ShardedWork:
         return entry
 
     def finish(self, out_dir: str | Path, entries: list[dict], manifest: dict,
-               extra_files: dict[str, bytes] | None = None) -> None:
+               extra_files: dict[str, bytes] | None = None) -> dict:
         with atomic_dir(out_dir) as tmp:
             for e in entries:
                 os.link(self.dir / e["file"], tmp / e["file"]) if _same_fs(self.dir, tmp) else \
                     shutil.copy2(self.dir / e["file"], tmp / e["file"])
             for name, data in (extra_files or {}).items():
                 write_bytes_atomic(tmp / name, data)
-            write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, **manifest, "shards": entries})
+            manifest = {"schema_version": SCHEMA_VERSION, **manifest, "shards": entries}
+            write_json(tmp / MANIFEST, manifest)
         shutil.rmtree(self.dir, ignore_errors=True)
+        return manifest
 
 
 def _same_fs(a: Path, b: Path) -> bool:

@@ -69,7 +69,8 @@ def new_workspace(dest: Path, preset: str) -> None:
             shutil.copy2(src, dest / name)
     shutil.copy2(preset_file, dest / "params.yaml")
     (dest / ".gitignore").write_text("__pycache__/\n/data/.work/\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",
+    bin_dir = str(Path(sys.executable).parent)  # the venv's dvc and python, also when PATH lacks them
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",
            "GIT_COMMITTER_NAME": "specauf", "GIT_COMMITTER_EMAIL": "specauf@localhost"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "spec-auf workspace"]):

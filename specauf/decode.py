@@ -96,7 +96,8 @@ class DrafterProposer(Proposer):
             context_position_ids=torch.arange(c0, p, device=dev)[None],
             past_key_values=self.cache, use_cache=True)
         self.cache.crop(p)
-        return self.lm_head(hidden[0, 1:].to(self.lm_head.weight.dtype))
+        # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
+        return self.drafter.target_logits(hidden[0, 1:].to(self.lm_head.weight.dtype), self.lm_head.weight)
 
 
 class OracleProposer(Proposer):
@@ -130,6 +131,8 @@ class OracleProposer(Proposer):
 
 @dataclass
 class GenerationResult:
+    """One prompt's output and its per-cycle accounting (conventions in the module docstring)."""
+
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     block_size: int

@@ -190,6 +190,6 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
         "rollouts_manifest_sha256": manifest_extra.get("rollouts_manifest_sha256"),
         **manifest_extra,
     }
-    work.finish(out_dir, entries, manifest)
+    manifest = work.finish(out_dir, entries, manifest)
     log.info("wrote %s: %d sequences, %d tokens, %.1f MB of features", out_dir, rows, tokens, bytes_per_token * tokens / 1e6)
     return manifest

@@ -104,7 +104,7 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
                 "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k},
                 "new_tokens_per_second": round(new_tokens / elapsed, 2) if elapsed and new_tokens else None,
                 **manifest_extra}
-    work.finish(out_dir, entries, manifest)
+    manifest = work.finish(out_dir, entries, manifest)
     log.info("wrote %s: %d rows, %d response tokens in %d shards (%s)", out_dir, stats["rows"],
              stats["response_tokens"], len(entries), stats["finish_reasons"])
     return manifest

