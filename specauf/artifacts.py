@@ -90,8 +90,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None: JSON has no NaN, and DVC's metrics reader rejects it."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode())
 
 
 def read_json(path: str | Path) -> Any:

@@ -55,9 +55,10 @@ def init_engine(model: torch.nn.Module, config: dict, device: torch.device):
     ensure_rank_env()
     import deepspeed
 
-    if int(os.environ["WORLD_SIZE"]) == 1:
-        # The shared-memory comm op JIT-builds for minutes and only helps multi-process CPU runs.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # The shared-memory comm op JIT-builds for minutes on first use, and DeepSpeed only uses it
+    # in inference_all_reduce (tensor-parallel inference), never for training's gradient
+    # all-reduce: skip it for every world size.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)

@@ -246,9 +246,9 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
                     engine.eval()
                     metrics.update(t.evaluate(engine))
                     engine.train()
+                live.step = done  # before logging: log_metric records the current step
                 for k, v in metrics.items():
                     live.log_metric(k, v)
-                live.step = done
                 live.next_step()
             if done % params.checkpoint_every == 0 and done < params.steps:
                 save_checkpoint(engine, work_dir / "checkpoints", done)

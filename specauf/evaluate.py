@@ -1,0 +1,152 @@
+"""Stage `eval`: speculative decoding with one trained drafter on every evaluation set.
+
+Plain decoding (block size 1 through the same engine), our drafter at each inference block
+size, and transformers' own speed-ups (prompt lookup; assisted generation when a small draft
+model is configured) run side by side on the same prompts in one process, so the speedups are
+ratios measured under the same load. At temperature 0 an exactness gate compares every
+speculative output with plain greedy decoding token for token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from specauf.config import EvalParams
+from specauf.decode import DrafterProposer, speculative_generate, summarize
+from specauf.generation import encode_chat
+from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
+
+
+class ExactnessError(ValueError):
+    """Speculative output differed from plain greedy decoding (a bug: it must never happen)."""
+
+
+def _median_run(fn, repeats: int):
+    """Run fn `repeats` times; return the first result with the median decode time."""
+    runs = [fn() for _ in range(repeats)]
+    t = statistics.median(r.decode_time_s for r in runs)
+    best = min(runs, key=lambda r: abs(r.decode_time_s - t))
+    return best
+
+
+@torch.inference_mode()
+def _hf_generate_time(target, ids: list[int], params: EvalParams, stop_ids: list[int], pad_id: int, **kw) -> tuple[float, int, list[int]]:
+    """Seconds per token of transformers' generate after the first token, and its tokens.
+
+    generate() has no hook around prefill, so the first token is timed separately (a
+    max_new_tokens=1 call) and subtracted, matching our engine's prefill-excluded timing.
+    """
+    device = next(target.parameters()).device
+    x = torch.tensor([ids], device=device)
+    common = dict(do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id, attention_mask=torch.ones_like(x))
+    t0 = time.perf_counter()
+    target.generate(x, max_new_tokens=1, **common, **kw)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = target.generate(x, max_new_tokens=params.max_new_tokens, **common, **kw)[0, len(ids):].tolist()
+    total = time.perf_counter() - t0
+    return max(total - first, 1e-9), max(len(out) - 1, 1), out
+
+
+def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,
+                     stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
+    """Decode every prompt plainly, with the drafter at each block size, and with the peers."""
+    device = next(target.parameters()).device
+    proposer = DrafterProposer(drafter, target)
+    sizes = sorted(set(params.block_sizes) - {1})
+    per_set: dict[str, dict] = {}
+    pooled: dict[str, list] = {"plain": [], **{f"b{b}": [] for b in sizes}}
+    peers: dict[str, list[tuple[float, int]]] = {}
+    mismatches: list[str] = []
+    total = sum(len(rows) for rows in eval_sets.values())
+    gen = lambda: torch.Generator(device=device).manual_seed(seed)
+    decode = dict(max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids, temperature=params.temperature,
+                  top_p=params.top_p, top_k=params.top_k)
+    with progress(total=total, desc="eval", unit="prompt") as bar:
+        for name, rows in eval_sets.items():
+            results: dict[str, list] = {k: [] for k in pooled}
+            for row in rows:
+                ids = encode_chat(tokenizer, row["turns"][:1])
+                plain = _median_run(lambda: speculative_generate(target, ids, block_size=1, generator=gen(), **decode), params.repeats)
+                results["plain"].append(plain)
+                for b in sizes:
+                    spec = _median_run(lambda: speculative_generate(target, ids, proposer=proposer, block_size=b,
+                                                                    generator=gen(), **decode), params.repeats)
+                    results[f"b{b}"].append(spec)
+                    if params.temperature == 0 and spec.token_ids != plain.token_ids:
+                        mismatches.append(f"{name}/{row['prompt_id']} (block {b})")
+                if params.prompt_lookup_num_tokens or assistant is not None:
+                    peers.setdefault("hf_plain", []).append(_hf_generate_time(target, ids, params, stop_ids, pad_id)[:2])
+                if params.prompt_lookup_num_tokens:
+                    peers.setdefault("hf_prompt_lookup", []).append(_hf_generate_time(
+                        target, ids, params, stop_ids, pad_id, prompt_lookup_num_tokens=params.prompt_lookup_num_tokens)[:2])
+                if assistant is not None:
+                    peers.setdefault("hf_assisted", []).append(_hf_generate_time(
+                        target, ids, params, stop_ids, pad_id, assistant_model=assistant)[:2])
+                bar.update(1)
+            per_set[name] = _set_metrics(results)
+            for k, v in results.items():
+                pooled[k].extend(v)
+    overall = _set_metrics(pooled)
+    peer_metrics = {}
+    if peers:
+        base = sum(t for t, _ in peers["hf_plain"]) / sum(n for _, n in peers["hf_plain"])
+        ours_plain = overall["plain"]["time_per_output_token_s"]
+        for k, v in peers.items():
+            tpt = sum(t for t, _ in v) / sum(n for _, n in v)
+            peer_metrics[k] = {"time_per_output_token_s": tpt, "speedup_vs_hf_plain": base / tpt,
+                               "speedup_vs_plain": ours_plain / tpt}
+    best_peer = max((v["speedup_vs_hf_plain"] for k, v in peer_metrics.items() if k != "hf_plain"), default=None)
+    best_ours = max((overall[f"b{b}"]["speedup"] for b in sizes), default=None)
+    return {
+        "overall": overall, "sets": per_set, "peers": peer_metrics,
+        "best": {"ours_speedup": best_ours, "best_peer_speedup": best_peer,
+                 "ours_over_best_peer": best_ours / best_peer if best_ours and best_peer else None},
+        "exactness": {"checked": params.temperature == 0, "mismatches": mismatches},
+        "machine": {"torch_threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine(), "platform": platform.platform()},
+        "settings": params.model_dump(),
+    }
+
+
+def _set_metrics(results: dict[str, list]) -> dict:
+    plain = summarize(results["plain"])
+    out = {"plain": {k: plain[k] for k in ("time_per_output_token_s", "tokens_per_s", "decode_tokens")}}
+    for key, runs in results.items():
+        if key == "plain":
+            continue
+        s = summarize(runs)
+        s["speedup"] = plain["time_per_output_token_s"] / s["time_per_output_token_s"]
+        out[key] = s
+    return out
+
+
+def check_exactness(metrics: dict, gate: bool) -> None:
+    bad = metrics["exactness"]["mismatches"]
+    if bad and gate:
+        raise ExactnessError(f"exactness gate: speculative output differs from plain greedy on {len(bad)} prompt(s): "
+                             + ", ".join(bad[:20]))
+
+
+def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
+    """Rows for `dvc plots`: acceptance rate by block position and emitted-length histogram."""
+    acceptance, emitted = [], []
+    for set_name, m in [("overall", metrics["overall"]), *metrics["sets"].items()]:
+        for key, s in m.items():
+            if key == "plain":
+                continue
+            for k, rate in enumerate(s["acceptance_per_position"], start=1):
+                acceptance.append({"set": set_name, "block_size": key, "position": k,
+                                   "acceptance": None if rate != rate else rate})
+            if set_name == "overall":
+                for length, count in enumerate(s["length_histogram"]):
+                    if length:
+                        emitted.append({"block_size": key, "emitted_length": length, "cycles": count})
+    return acceptance, emitted

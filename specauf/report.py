@@ -1,0 +1,377 @@
+"""Stage `report`: one markdown report and one figure comparing every trained loss variant.
+
+Inputs are the per-variant outputs of the `eval` stage (`metrics/eval/<variant>.json`) and the
+DVCLive summaries of the `train` stage (`metrics/train/<variant>/metrics.json`). The paper's
+three qualitative claims (METHOD.md section 4) and the issue's speed goals are judged from those
+numbers, never assumed: a claim that the numbers do not support is reported as not holding.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from specauf.artifacts import ArtifactError, atomic_dir, read_json, write_bytes_atomic
+
+# The paper's numbers (METHOD.md section 4): Qwen3-8B target, B = 16, temperature 0, mean tau over
+# six benchmarks. A different target and scale from anything run here: shown for orientation only.
+PAPER = {
+    "setting": "Qwen3-8B target, trained block size B = 16, ShareGPT training data, temperature 0, "
+               "mean over six benchmarks",
+    "rows": [("DFlash", 2.40, 2.61), ("Domino (DFlash + causal GRU head)", 2.56, 2.68)],
+}
+TAU_TOLERANCE = 0.05       # claim 3: |tau(auf_decay) - tau(auf)| <= this counts as "about equal"
+GOAL_OVER_PLAIN = 2.0      # issue goal: best speedup over plain decoding
+GOAL_OVER_PEER = 1.3       # issue goal: best speedup over the best peer (transformers' own)
+HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
+MET, NOT_MET = "met", "not met"
+PEER_NAMES = {"hf_prompt_lookup": "prompt lookup", "hf_assisted": "assisted generation"}
+
+
+# ------------------------------------------------------------------------------ loading
+
+def _num(x: Any) -> float | None:
+    """A finite number, or None (missing, null, NaN, inf or not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _block_key(key: str) -> int | None:
+    m = re.fullmatch(r"b(\d+)", key)
+    return int(m.group(1)) if m else None
+
+
+def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]) -> dict[str, dict]:
+    """{variant: {"eval": eval metrics, "train": DVCLive summary}}; a missing or malformed file
+    raises ArtifactError naming it."""
+    if not variants:
+        raise ValueError("train.variants is empty: nothing to report")
+    data = {}
+    for v in variants:
+        ev_path = Path(eval_dir) / f"{v}.json"
+        ev = read_json(ev_path)
+        if not isinstance(ev, dict) or not isinstance(ev.get("overall"), dict):
+            raise ArtifactError(f"{ev_path}: no 'overall' section (not an eval stage metrics file)")
+        tr_path = Path(train_dir) / v / "metrics.json"
+        tr = read_json(tr_path)
+        if not isinstance(tr, dict):
+            raise ArtifactError(f"{tr_path}: not a DVCLive metrics summary (expected a JSON object)")
+        data[v] = {"eval": ev, "train": tr}
+    return data
+
+
+def train_metric(summary: dict, key: str) -> float | None:
+    """A DVCLive summary value by its logged name (`heldout/token_accuracy`): flat or nested."""
+    if key in summary:
+        return _num(summary[key])
+    node: Any = summary
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return _num(node)
+
+
+def block_sizes(section: dict) -> list[int]:
+    """Inference block sizes measured in an overall/set section, ascending."""
+    return sorted(k for k in (_block_key(key) for key in section) if k is not None)
+
+
+def _stat(section: dict | None, k: int, field: str) -> float | None:
+    s = (section or {}).get(f"b{k}")
+    return _num(s.get(field)) if isinstance(s, dict) else None
+
+
+def _plain_speed(section: dict | None) -> float | None:
+    p = (section or {}).get("plain")
+    return _num(p.get("tokens_per_s")) if isinstance(p, dict) else None
+
+
+def _sections(ev: dict) -> dict[str, dict]:
+    sets = ev.get("sets") or {}
+    return {"overall": ev["overall"], **{n: s for n, s in sets.items() if isinstance(s, dict)}}
+
+
+def best_peer(ev: dict) -> tuple[str, float] | None:
+    """The fastest transformers peer of one eval run: (name, speedup over transformers' plain)."""
+    peers = ev.get("peers") or {}
+    found = [(name, _num(p.get("speedup_vs_hf_plain"))) for name, p in sorted(peers.items())
+             if name != "hf_plain" and isinstance(p, dict)]
+    found = [(n, s) for n, s in found if s is not None]
+    return max(found, key=lambda t: t[1]) if found else None
+
+
+# ------------------------------------------------------------------------------ claims and goals
+
+def _fmt(x: float | None, digits: int = 3, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
+def claim_auf_beats_decay(data: dict) -> dict:
+    """Claim 1: tau(auf) > tau(decay) on every eval set, at every inference block size."""
+    if "auf" not in data or "decay" not in data:
+        missing = [v for v in ("decay", "auf") if v not in data]
+        return {"status": UNMEASURED, "detail": f"variant(s) {', '.join(missing)} not trained", "held": [], "failed": [], "missing": []}
+    auf, dec = _sections(data["auf"]["eval"]), _sections(data["decay"]["eval"])
+    set_names = sorted((set(auf) | set(dec)) - {"overall"})
+    if not set_names:  # no per-set breakdown: judge on the pooled numbers
+        set_names = ["overall"]
+    sizes = sorted(set(block_sizes(auf["overall"])) | set(block_sizes(dec["overall"])))
+    held, failed, missing = [], [], []
+    for name in set_names:
+        for k in sizes:
+            a, d = _stat(auf.get(name), k, "tau"), _stat(dec.get(name), k, "tau")
+            row = {"set": name, "block_size": k, "auf": a, "decay": d}
+            if a is None or d is None:
+                missing.append(row)
+            elif a > d:
+                held.append(row)
+            else:
+                failed.append(row)
+    if failed:
+        status = FAILS
+    elif held:
+        status = HOLDS
+    else:
+        status = UNMEASURED
+    return {"status": status, "held": held, "failed": failed, "missing": missing,
+            "detail": f"{len(held)} of {len(held) + len(failed) + len(missing)} set/block-size pairs have auf tau > decay tau"}
+
+
+def claim_decay_more_accurate(data: dict) -> dict:
+    """Claim 2: decay has the higher full-mask token accuracy on the held-out split."""
+    acc = {v: train_metric(data[v]["train"], "heldout/token_accuracy") for v in ("decay", "auf") if v in data}
+    if acc.get("decay") is None or acc.get("auf") is None:
+        why = [v for v in ("decay", "auf") if v not in data]
+        detail = f"variant(s) {', '.join(why)} not trained" if why else "heldout/token_accuracy missing from the training metrics"
+        return {"status": UNMEASURED, "decay": acc.get("decay"), "auf": acc.get("auf"), "detail": detail}
+    status = HOLDS if acc["decay"] > acc["auf"] else FAILS
+    return {"status": status, "decay": acc["decay"], "auf": acc["auf"],
+            "detail": f"held-out full-mask token accuracy: decay {acc['decay']:.3f}, auf {acc['auf']:.3f}"}
+
+
+def claim_auf_decay_matches_auf(data: dict, tolerance: float = TAU_TOLERANCE) -> dict:
+    """Claim 3: |tau(auf_decay) - tau(auf)| <= tolerance (overall, every inference block size)."""
+    if "auf" not in data or "auf_decay" not in data:
+        missing = [v for v in ("auf", "auf_decay") if v not in data]
+        return {"status": UNMEASURED, "rows": [], "tolerance": tolerance, "detail": f"variant(s) {', '.join(missing)} not trained"}
+    a, ad = data["auf"]["eval"]["overall"], data["auf_decay"]["eval"]["overall"]
+    rows = []
+    for k in sorted(set(block_sizes(a)) | set(block_sizes(ad))):
+        ta, tad = _stat(a, k, "tau"), _stat(ad, k, "tau")
+        diff = None if ta is None or tad is None else tad - ta
+        rows.append({"block_size": k, "auf": ta, "auf_decay": tad, "diff": diff})
+    measured = [r for r in rows if r["diff"] is not None]
+    if not measured:
+        status = UNMEASURED
+    elif all(abs(r["diff"]) <= tolerance + 1e-12 for r in measured):
+        status = HOLDS
+    else:
+        status = FAILS
+    return {"status": status, "rows": rows, "tolerance": tolerance,
+            "detail": "; ".join(f"B={r['block_size']}: auf_decay {_fmt(r['auf_decay'])} vs auf {_fmt(r['auf'])} "
+                                f"(diff {_signed(r['diff'])})" for r in rows) or "no inference block size measured"}
+
+
+def goals(data: dict) -> dict:
+    """The issue's speed goals, judged on the fastest (variant, block size) of all overall results."""
+    best = None
+    for v, d in data.items():
+        ov = d["eval"]["overall"]
+        for k in block_sizes(ov):
+            s = _stat(ov, k, "speedup")
+            if s is not None and (best is None or s > best["speedup"]):
+                best = {"variant": v, "block_size": k, "speedup": s}
+    out = {"best": best, "over_plain": UNMEASURED, "over_peer": UNMEASURED, "peer": None, "ratio": None}
+    if best is None:
+        return out
+    out["over_plain"] = MET if best["speedup"] >= GOAL_OVER_PLAIN else NOT_MET
+    peer = best_peer(data[best["variant"]]["eval"])  # measured in the same run, under the same load
+    if peer is not None:
+        out["peer"] = {"name": peer[0], "speedup": peer[1]}
+        out["ratio"] = best["speedup"] / peer[1]
+        out["over_peer"] = MET if out["ratio"] >= GOAL_OVER_PEER else NOT_MET
+    return out
+
+
+# ------------------------------------------------------------------------------ markdown
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _exactness(ev: dict) -> str:
+    ex = ev.get("exactness") or {}
+    if not ex.get("checked"):
+        return "not checked (temperature > 0)"
+    bad = ex.get("mismatches") or []
+    return "passed (identical to plain greedy)" if not bad else f"FAILED on {len(bad)} output(s)"
+
+
+def render_markdown(data: dict) -> str:
+    variants = list(data)
+    c1, c2, c3 = claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data)
+    g = goals(data)
+    all_sizes = sorted({k for d in data.values() for k in block_sizes(d["eval"]["overall"])})
+    set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})})
+    L = ["# spec-auf report", "",
+         f"Loss variants: {', '.join(variants)}. Inference block sizes: {', '.join(map(str, all_sizes)) or 'none'}. "
+         "tau = mean tokens emitted per target forward (verification cycle); speedup = plain decoding "
+         "time per output token / speculative time per output token, same engine, same prompts, same process.", ""]
+
+    # -- verdicts first: what holds here
+    L += ["## The paper's claims, measured here", ""]
+    L.append(f"1. **auf tau > decay tau on every eval set: {c1['status']}.** {c1['detail']}.")
+    for label, rows in (("holds", c1["held"]), ("does not hold", c1["failed"]), ("not measured", c1["missing"])):
+        if rows:
+            L.append(f"   - {label}: " + "; ".join(f"{r['set']} B={r['block_size']} (auf {_fmt(r['auf'])}, decay {_fmt(r['decay'])})" for r in rows))
+    L.append(f"2. **decay has the higher full-mask token accuracy (held-out): {c2['status']}.** {c2['detail']}.")
+    L.append(f"3. **auf_decay ≈ auf (|Δtau| <= {c3['tolerance']:.2f}, overall): {c3['status']}.** {c3['detail']}.")
+    L.append("")
+    L += ["## Issue goals", ""]
+    if g["best"] is None:
+        L.append(f"- best speedup >= {GOAL_OVER_PLAIN:g}x over plain decoding: {UNMEASURED} (no speedup recorded).")
+        L.append(f"- best speedup >= {GOAL_OVER_PEER:g}x over the best peer: {UNMEASURED}.")
+    else:
+        b = g["best"]
+        L.append(f"- best speedup >= {GOAL_OVER_PLAIN:g}x over plain decoding: **{g['over_plain']}** "
+                 f"({b['speedup']:.2f}x: {b['variant']}, inference block size {b['block_size']}).")
+        if g["peer"] is None:
+            L.append(f"- best speedup >= {GOAL_OVER_PEER:g}x over the best peer: **{UNMEASURED}** (no peer was run).")
+        else:
+            p = g["peer"]
+            L.append(f"- best speedup >= {GOAL_OVER_PEER:g}x over the best peer: **{g['over_peer']}** "
+                     f"({b['speedup']:.2f}x vs {PEER_NAMES.get(p['name'], p['name'])} {p['speedup']:.2f}x "
+                     f"= {g['ratio']:.2f}x; peer measured in the same {b['variant']} eval run).")
+    L.append("")
+
+    # -- the paper beside ours
+    L += ["## The paper's numbers beside ours", "",
+          f"**Paper (not this run)**: {PAPER['setting']}. A different target and a far larger scale: "
+          "compare directions, not magnitudes.", ""]
+    rows = [[f"paper: {m}", f"{d:.2f}", f"{a:.2f}", f"{a - d:+.2f}"] for m, d, a in PAPER["rows"]]
+    for k in all_sizes:
+        d = _stat(data["decay"]["eval"]["overall"], k, "tau") if "decay" in data else None
+        a = _stat(data["auf"]["eval"]["overall"], k, "tau") if "auf" in data else None
+        rows.append([f"this run: overall, inference B={k}", _fmt(d), _fmt(a),
+                     _signed(None if d is None or a is None else a - d)])
+    L += _table(["", "tau decay", "tau auf", "auf - decay"], rows)
+
+    # -- per-set tables
+    tau_cols = [f"tau B={k}" for k in all_sizes] + [f"speedup B={k}" for k in all_sizes]
+    L += ["## Overall (all eval sets pooled)", ""]
+    rows = []
+    for v in variants:
+        ev, tr = data[v]["eval"], data[v]["train"]
+        ov = ev["overall"]
+        peer = best_peer(ev)
+        ours = max((s for s in (_stat(ov, k, "speedup") for k in all_sizes) if s is not None), default=None)
+        rows.append([v, *(_fmt(_stat(ov, k, "tau")) for k in all_sizes),
+                     *(_fmt(_stat(ov, k, "speedup"), 2, "x") for k in all_sizes),
+                     _fmt(_plain_speed(ov), 1),
+                     _fmt(train_metric(tr, "heldout/token_accuracy")), _fmt(train_metric(tr, "heldout/acceptance_length")),
+                     _fmt(ours, 2, "x"),
+                     "–" if peer is None else f"{peer[1]:.2f}x ({PEER_NAMES.get(peer[0], peer[0])})"])
+    L += _table(["variant", *tau_cols, "plain tok/s", "held-out token acc (full mask)", "offline tau (training)",
+                 "our best speedup", "best peer speedup"], rows)
+    L += ["Peer speedups are over transformers' own plain `generate` in the same run; ours are over "
+          "our engine's plain decoding. Offline tau is the training stage's held-out acceptance-length "
+          "estimate (teacher-forced, no decoding).", ""]
+    for name in set_names:
+        L += [f"## Eval set: {name}", ""]
+        rows = []
+        for v in variants:
+            s = (data[v]["eval"].get("sets") or {}).get(name)
+            rows.append([v, *(_fmt(_stat(s, k, "tau")) for k in all_sizes),
+                         *(_fmt(_stat(s, k, "speedup"), 2, "x") for k in all_sizes), _fmt(_plain_speed(s), 1),
+                         "–" if not isinstance(s, dict) else str(next((x.get("prompts") for x in s.values()
+                                                                      if isinstance(x, dict) and "prompts" in x), "–"))])
+        L += _table(["variant", *tau_cols, "plain tok/s", "prompts"], rows)
+
+    # -- runs: exactness and machine
+    L += ["## Runs: exactness gate and machine", ""]
+    rows = []
+    for v in variants:
+        ev = data[v]["eval"]
+        m, st = ev.get("machine") or {}, ev.get("settings") or {}
+        rows.append([v, _exactness(ev), str(m.get("device", "–")), str(m.get("torch_threads", "–")),
+                     str(m.get("cpu_count", "–")), str(m.get("processor", "–")),
+                     str(st.get("temperature", "–")), str(st.get("max_new_tokens", "–")), str(st.get("repeats", "–"))])
+    L += _table(["variant", "exactness gate", "device", "torch threads", "CPUs", "processor", "temperature",
+                 "max new tokens", "timed repeats"], rows)
+    platforms = sorted({str((d["eval"].get("machine") or {}).get("platform")) for d in data.values()
+                        if (d["eval"].get("machine") or {}).get("platform")})
+    if platforms:
+        L += [f"Platform: {'; '.join(platforms)}.", ""]
+    L += ["![acceptance by block position](acceptance.png)", ""]
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------------------ figure
+
+def plot_acceptance(data: dict) -> bytes:
+    """PNG bytes: acceptance rate by block position (overall, each variant's largest inference block
+    size) and tau per eval set per variant at that size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for v, d in data.items():
+        ov = d["eval"]["overall"]
+        sizes = block_sizes(ov)
+        if not sizes:
+            continue
+        rates = ov[f"b{sizes[-1]}"].get("acceptance_per_position") or []
+        ys = [r if (r := _num(x)) is not None else float("nan") for x in rates]
+        ax1.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{v} (B={sizes[-1]})")
+    ax1.set_xlabel("block position k")
+    ax1.set_ylabel("P[k accepted | earlier accepted]")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_title("Acceptance by block position (overall)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+
+    set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})}) or ["overall"]
+    width = 0.8 / max(len(data), 1)
+    for i, (v, d) in enumerate(data.items()):
+        secs = _sections(d["eval"])
+        sizes = block_sizes(d["eval"]["overall"])
+        taus = [(_stat(secs.get(n), sizes[-1], "tau") if sizes else None) for n in set_names]
+        ax2.bar([j + i * width for j in range(len(set_names))], [t if t is not None else 0.0 for t in taus],
+                width=width, label=v)
+    ax2.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(set_names))])
+    ax2.set_xticklabels(set_names, rotation=20, fontsize=8)
+    ax2.set_ylabel("tau (tokens per target forward)")
+    ax2.set_title("tau per eval set (largest inference block size)")
+    ax2.grid(axis="y", alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path) -> dict:
+    """Read every variant's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
+    at all); return the claims and goals."""
+    data = load_inputs(eval_dir, train_dir, variants)
+    text = render_markdown(data)
+    png = plot_acceptance(data)
+    with atomic_dir(out_dir) as tmp:
+        write_bytes_atomic(tmp / "acceptance.png", png)
+        write_bytes_atomic(tmp / "report.md", text.encode())
+    return {"claims": [claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data)],
+            "goals": goals(data)}

@@ -1,0 +1,62 @@
+"""Stage `eval`: tau, acceptance by position, speedup and exactness for one trained drafter."""
+from pathlib import Path
+
+from specauf.artifacts import read_manifest, write_json
+from specauf.cli import stage_main
+from specauf.evaluate import check_exactness, evaluate_drafter, plot_rows
+from specauf.prompts import load_prompt_set
+from specauf.runtime import setup
+from specauf.target import check_fingerprint, load_target
+
+
+def run(params, args):
+    device = setup(params.base, f"eval {args.variant}")
+    from specauf.drafter import BlockDrafter
+
+    target, tokenizer, target_manifest = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
+    drafter_manifest = read_manifest(args.drafter, kind="drafter")
+    check_fingerprint(drafter_manifest["target_fingerprint"], target_manifest, f"the drafter in {args.drafter}")
+    drafter = BlockDrafter.from_pretrained(args.drafter).to(device).eval()
+    too_big = [b for b in params.eval.block_sizes if b > drafter.block_size]
+    if too_big:
+        raise ValueError(f"eval.block_sizes {too_big} exceed the drafter's trained block size {drafter.block_size}")
+    available = read_manifest(args.prompts, kind="prompts")["eval_sets"]
+    names = params.eval.sets if params.eval.sets is not None else sorted(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} (have: {', '.join(sorted(available))})")
+    sets = {n: load_prompt_set(args.prompts, n)[: params.eval.prompts_per_set] for n in names}
+    assistant = None
+    if params.eval.assistant_model:
+        from transformers import AutoModelForCausalLM
+        assistant = AutoModelForCausalLM.from_pretrained(params.eval.assistant_model).to(device).eval()
+    metrics = evaluate_drafter(target, tokenizer, drafter, sets, params.eval, stop_ids=target_manifest["stop_token_ids"],
+                               pad_id=target_manifest["pad_token_id"], seed=params.base.seed, assistant=assistant)
+    metrics["variant"] = args.variant
+    check_exactness(metrics, params.eval.exactness_gate)
+    acceptance, emitted = plot_rows(metrics)
+    write_json(Path(args.plots) / "acceptance.json", acceptance)
+    write_json(Path(args.plots) / "emitted.json", emitted)
+    write_json(args.metrics, metrics)  # last: DVC records the stage only when all outputs exist
+
+
+def add_args(p):
+    p.add_argument("--variant", required=True)
+    p.add_argument("--target", default="data/target")
+    p.add_argument("--prompts", default="data/prompts")
+    p.add_argument("--drafter")
+    p.add_argument("--metrics")
+    p.add_argument("--plots")
+
+
+def main():
+    def fill(params, args):
+        args.drafter = args.drafter or f"data/drafters/{args.variant}"
+        args.metrics = args.metrics or f"metrics/eval/{args.variant}.json"
+        args.plots = args.plots or f"plots/eval/{args.variant}"
+        run(params, args)
+    stage_main("eval", fill, add_args)
+
+
+if __name__ == "__main__":
+    main()

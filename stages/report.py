@@ -1,0 +1,24 @@
+"""Stage `report`: reports/report.md and reports/acceptance.png comparing every loss variant."""
+from specauf.cli import stage_main
+from specauf.report import write_report
+
+
+def run(params, args):
+    result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out)
+    for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf")):
+        print(f"{label}: {claim['status']}")
+    print(f"wrote {args.out}/report.md and {args.out}/acceptance.png")
+
+
+def add_args(p):
+    p.add_argument("--out", default="reports")
+    p.add_argument("--eval-metrics", default="metrics/eval")
+    p.add_argument("--train-metrics", default="metrics/train")
+
+
+def main():
+    stage_main("report", run, add_args)
+
+
+if __name__ == "__main__":
+    main()
