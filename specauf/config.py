@@ -105,7 +105,7 @@ class PromptSource(Section):
 
 
 class PromptsParams(Section):
-    train: list[PromptSource] = [PromptSource(source="sharegpt", count=640)]
+    train: list[PromptSource] = [PromptSource(source="sharegpt", count=400)]
     """Sources of the training prompts."""
     eval: dict[str, list[PromptSource]] = {
         "mt-bench": [PromptSource(source="mtbench", count=80)],
@@ -135,7 +135,7 @@ class RolloutsParams(Section):
     """Answer at most this many training prompts (0 = all)."""
     max_prompt_tokens: int = Field(384, ge=8)
     """Prompts longer than this (after the chat template) are skipped and counted."""
-    max_new_tokens: int = Field(160, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
     """Response length cap; a response that hits it has finish reason `length`."""
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy rollouts (acceptance labels then equal the response tokens)."""

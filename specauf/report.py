@@ -230,7 +230,7 @@ def render_markdown(data: dict) -> str:
 
     # -- verdicts first: what holds here
     L += ["## The paper's claims, measured here", ""]
-    L.append(f"1. **auf tau > decay tau on every eval set: {c1['status']}.** {c1['detail']}.")
+    L.append(f"1. **auf tau > decay tau on every eval set: {c1['status']}.** {c1['detail']} (a tie counts against).")
     for label, rows in (("holds", c1["held"]), ("does not hold", c1["failed"]), ("not measured", c1["missing"])):
         if rows:
             L.append(f"   - {label}: " + "; ".join(f"{r['set']} B={r['block_size']} (auf {_fmt(r['auf'])}, decay {_fmt(r['decay'])})" for r in rows))
@@ -326,6 +326,7 @@ def plot_acceptance(data: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    longest = 1
     for v, d in data.items():
         ov = d["eval"]["overall"]
         sizes = block_sizes(ov)
@@ -334,6 +335,9 @@ def plot_acceptance(data: dict) -> bytes:
         rates = ov[f"b{sizes[-1]}"].get("acceptance_per_position") or []
         ys = [r if (r := _num(x)) is not None else float("nan") for x in rates]
         ax1.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{v} (B={sizes[-1]})")
+        longest = max(longest, len(ys))
+    ax1.set_xticks(range(1, longest + 1))
+    ax1.set_xlim(0.5, longest + 0.5)
     ax1.set_xlabel("block position k")
     ax1.set_ylabel("P[k accepted | earlier accepted]")
     ax1.set_ylim(-0.02, 1.02)
@@ -343,18 +347,21 @@ def plot_acceptance(data: dict) -> bytes:
 
     set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})}) or ["overall"]
     width = 0.8 / max(len(data), 1)
+    top = 0.0
     for i, (v, d) in enumerate(data.items()):
         secs = _sections(d["eval"])
         sizes = block_sizes(d["eval"]["overall"])
         taus = [(_stat(secs.get(n), sizes[-1], "tau") if sizes else None) for n in set_names]
         ax2.bar([j + i * width for j in range(len(set_names))], [t if t is not None else 0.0 for t in taus],
                 width=width, label=v)
+        top = max([top, *(t for t in taus if t is not None)])
+    ax2.set_ylim(0, max(top, 1.0) * 1.25)  # headroom for the legend
     ax2.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(set_names))])
     ax2.set_xticklabels(set_names, rotation=20, fontsize=8)
     ax2.set_ylabel("tau (tokens per target forward)")
     ax2.set_title("tau per eval set (largest inference block size)")
     ax2.grid(axis="y", alpha=0.3)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper center", ncol=max(len(data), 1))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})

@@ -204,14 +204,15 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     work_dir = Path(work_dir)
     key = hash_obj({"params": params.model_dump(), "variant": variant, "seed": seed, "world": world, **manifest_extra})
     stamp = work_dir / "work.json"
-    if work_dir.exists() and (not stamp.is_file() or read_json(stamp).get("key") != key):
-        log.info("checkpoints in %s belong to other params: starting afresh", work_dir)
-        import shutil
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"key": key})
     ds_config = deepspeed_config(params)
-    write_json(work_dir / "ds_config.json", ds_config)
+    if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
+        if work_dir.exists() and (not stamp.is_file() or read_json(stamp).get("key") != key):
+            log.info("checkpoints in %s belong to other params: starting afresh", work_dir)
+            import shutil
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, {"key": key})
+        write_json(work_dir / "ds_config.json", ds_config)
     engine = init_engine(t.drafter, ds_config, device)
     start_step = load_checkpoint(engine, work_dir / "checkpoints")
     if start_step:

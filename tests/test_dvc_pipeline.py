@@ -34,3 +34,25 @@ def test_repro_status_and_param_edits_rerun_exactly(tmp_path):
     out = dvc(ws, "repro", "labels").stdout
     assert ran(out) == ["labels"], out
     assert "up to date" in dvc(ws, "status", "labels").stdout.lower()
+
+
+def test_whole_dag_through_report_and_metrics_show(tmp_path):
+    """`dvc repro` of the smoke preset runs every stage; metrics list tau per variant; an
+    eval-only change reruns only eval and report."""
+    import json
+
+    ws = git_dvc_workspace(tmp_path / "ws")
+    out = dvc(ws, "repro").stdout
+    assert ran(out) == ["target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
+                        "eval@decay", "eval@auf", "report"], out
+    shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
+    flat = json.dumps(shown)
+    for variant in ("decay", "auf"):
+        assert f"metrics/eval/{variant}.json" in flat
+    assert '"tau"' in flat
+    assert (ws / "reports/report.md").is_file() and (ws / "reports/acceptance.png").is_file()
+    assert "up to date" in dvc(ws, "status").stdout.lower()
+
+    edit(ws, "eval", "max_new_tokens", 10)
+    out = dvc(ws, "repro").stdout
+    assert ran(out) == ["eval@decay", "eval@auf", "report"], out

@@ -105,7 +105,10 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "rollouts": {"base", "rollouts", "target.trust_remote_code"},
         "labels": {"base", "labels", "target.trust_remote_code"},
         "train": {"base", "target.trust_remote_code"} | train_keys,
+        "eval": {"base", "eval", "target.trust_remote_code"},
+        "report": {"train.variants"},
     }
+    assert set(dvc) == set(expected)
     for stage, want in expected.items():
         spec = dvc[stage].get("do", dvc[stage])
         assert set(spec["params"]) == want, stage

@@ -1,0 +1,222 @@
+"""The report stage: claims judged from the numbers, tables, figure, clear errors on missing inputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from specauf.artifacts import ArtifactError
+from specauf.cli import stage_main
+from specauf.report import (FAILS, HOLDS, MET, NOT_MET, UNMEASURED, claim_auf_beats_decay, claim_auf_decay_matches_auf,
+                            claim_decay_more_accurate, goals, load_inputs, train_metric, write_report)
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = ("humaneval", "mt-bench")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _summary(tau, speedup, rates):
+    return {"tau": tau, "speedup": speedup, "acceptance_per_position": rates, "prompts": 2,
+            "length_histogram": [0, 10, 5, 0, 0], "time_per_output_token_s": 0.01 / speedup if speedup else None,
+            "tokens_per_s": 100.0 * speedup if speedup else None}
+
+
+def _eval(taus: dict, speedup: float, peer: float | None = 1.2, plain_tps: float = 250.0, nan_rates: bool = False) -> dict:
+    """An eval-stage metrics file; taus = {set or 'overall': {block_size: tau}}."""
+    rates = [0.8, 0.6, float("nan") if nan_rates else 0.4]
+    def section(name):
+        return {"plain": {"tokens_per_s": plain_tps, "time_per_output_token_s": 1 / plain_tps, "decode_tokens": 40},
+                **{f"b{k}": _summary(t, speedup * (k / 4), rates[: k - 1]) for k, t in taus[name].items()}}
+    peers = {}
+    if peer is not None:
+        peers = {"hf_plain": {"speedup_vs_hf_plain": 1.0, "speedup_vs_plain": 0.9, "time_per_output_token_s": 0.003},
+                 "hf_prompt_lookup": {"speedup_vs_hf_plain": peer, "speedup_vs_plain": peer * 0.9, "time_per_output_token_s": 0.002}}
+    return {"overall": section("overall"), "sets": {n: section(n) for n in SETS}, "peers": peers,
+            "exactness": {"checked": True, "mismatches": []},
+            "machine": {"torch_threads": 2, "device": "cpu", "cpu_count": 2, "processor": "x86_64", "platform": "Linux-test"},
+            "settings": {"block_sizes": [2, 4], "temperature": 0.0, "max_new_tokens": 32, "repeats": 1}}
+
+
+def _train(acc: float, offline_tau: float, nested: bool = False) -> dict:
+    if nested:
+        return {"loss": 3.0, "heldout": {"token_accuracy": acc, "acceptance_length": offline_tau}}
+    return {"loss": 3.0, "heldout/token_accuracy": acc, "heldout/acceptance_length": offline_tau, "step": 10}
+
+
+def _write(root: Path, variant: str, ev: dict, tr: dict) -> None:
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    (root / "eval" / f"{variant}.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
+    (root / "train" / variant).mkdir(parents=True, exist_ok=True)
+    (root / "train" / variant / "metrics.json").write_text(json.dumps(tr))
+
+
+def _taus(base: float, **override) -> dict:
+    t = {n: {2: base, 4: base + 0.1} for n in ("overall", *SETS)}
+    for key, value in override.items():
+        name, k = key.rsplit("_b", 1)
+        t[name.replace("_", "-")][int(k)] = value
+    return t
+
+
+@pytest.fixture
+def holding(tmp_path):
+    """Fixtures in which all three claims and both goals hold."""
+    m = tmp_path / "metrics"
+    _write(m, "decay", _eval(_taus(1.50), speedup=1.8), _train(0.420, 1.45))
+    _write(m, "auf", _eval(_taus(1.70), speedup=2.4, peer=1.5), _train(0.380, 1.62))
+    _write(m, "auf_decay", _eval(_taus(1.73), speedup=2.3), _train(0.400, 1.60, nested=True))
+    return m
+
+
+@pytest.fixture
+def failing(tmp_path):
+    """auf loses on one set/size, auf is the more accurate, auf_decay is far from auf, goals missed."""
+    m = tmp_path / "metrics"
+    _write(m, "decay", _eval(_taus(1.50), speedup=1.2), _train(0.300, 1.45))
+    _write(m, "auf", _eval(_taus(1.70, humaneval_b4=1.55), speedup=1.4, peer=1.2), _train(0.350, 1.62))
+    _write(m, "auf_decay", _eval(_taus(1.90), speedup=1.3), _train(0.310, 1.60))
+    return m
+
+
+VARIANTS = ["decay", "auf", "auf_decay"]
+
+
+def test_claims_hold(holding):
+    data = load_inputs(holding / "eval", holding / "train", VARIANTS)
+    c1 = claim_auf_beats_decay(data)
+    assert c1["status"] == HOLDS and len(c1["held"]) == 4 and not c1["failed"] and not c1["missing"]
+    c2 = claim_decay_more_accurate(data)
+    assert (c2["status"], c2["decay"], c2["auf"]) == (HOLDS, 0.42, 0.38)
+    c3 = claim_auf_decay_matches_auf(data)
+    assert c3["status"] == HOLDS and [round(r["diff"], 6) for r in c3["rows"]] == [0.03, 0.03]
+    g = goals(data)
+    assert g["best"] == {"variant": "auf", "block_size": 4, "speedup": 2.4}
+    assert g["over_plain"] == MET and g["over_peer"] == MET and g["ratio"] == pytest.approx(2.4 / 1.5)
+
+
+def test_claims_do_not_hold(failing):
+    data = load_inputs(failing / "eval", failing / "train", VARIANTS)
+    c1 = claim_auf_beats_decay(data)
+    assert c1["status"] == FAILS
+    assert [(r["set"], r["block_size"]) for r in c1["failed"]] == [("humaneval", 4)]
+    assert len(c1["held"]) == 3
+    assert claim_decay_more_accurate(data)["status"] == FAILS
+    c3 = claim_auf_decay_matches_auf(data)
+    assert c3["status"] == FAILS and c3["rows"][0]["diff"] == pytest.approx(0.2)
+    g = goals(data)
+    assert g["over_plain"] == NOT_MET and g["over_peer"] == NOT_MET
+    assert g["best"]["speedup"] == 1.4 and g["ratio"] == pytest.approx(1.4 / 1.2)
+
+
+def test_claims_not_measured_without_variants(holding):
+    data = load_inputs(holding / "eval", holding / "train", ["decay", "auf"])
+    assert claim_auf_decay_matches_auf(data)["status"] == UNMEASURED
+    only = load_inputs(holding / "eval", holding / "train", ["auf"])
+    assert claim_auf_beats_decay(only)["status"] == UNMEASURED
+    assert claim_decay_more_accurate(only)["status"] == UNMEASURED
+
+
+def test_missing_and_nan_numbers_are_not_measured(tmp_path):
+    m = tmp_path / "metrics"
+    ev = _eval(_taus(1.7), speedup=1.0, peer=None, nan_rates=True)
+    ev["sets"]["mt-bench"]["b2"]["tau"] = None
+    ev["sets"]["mt-bench"]["b4"]["tau"] = float("nan")
+    _write(m, "auf", ev, {"loss": 1.0})
+    _write(m, "decay", _eval(_taus(1.5), speedup=1.0, peer=None), _train(0.4, 1.4))
+    data = load_inputs(m / "eval", m / "train", ["decay", "auf"])
+    c1 = claim_auf_beats_decay(data)
+    assert c1["status"] == HOLDS and len(c1["missing"]) == 2 and len(c1["held"]) == 2
+    assert claim_decay_more_accurate(data)["status"] == UNMEASURED
+    assert goals(data)["over_peer"] == UNMEASURED
+    write_report(m / "eval", m / "train", ["decay", "auf"], tmp_path / "reports")
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert "mt-bench B=2 (auf –, decay 1.500)" in text
+    assert "NaN" not in text and "nan" not in text.replace("tokens", "")
+
+
+def test_train_metric_flat_or_nested():
+    assert train_metric(_train(0.5, 1.2), "heldout/token_accuracy") == 0.5
+    assert train_metric(_train(0.5, 1.2, nested=True), "heldout/acceptance_length") == 1.2
+    assert train_metric({"heldout": {}}, "heldout/token_accuracy") is None
+
+
+def test_report_tables_and_png(holding, tmp_path):
+    out = tmp_path / "reports"
+    write_report(holding / "eval", holding / "train", VARIANTS, out)
+    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "report.md"]
+    text = (out / "report.md").read_text()
+    # overall table: tau B=2, tau B=4, speedup B=2, speedup B=4, plain tok/s, held-out acc, offline tau, best, peer
+    assert "| auf | 1.700 | 1.800 | 1.20x | 2.40x | 250.0 | 0.380 | 1.620 | 2.40x | 1.50x (prompt lookup) |" in text
+    assert "| decay | 1.500 | 1.600 | 0.90x | 1.80x | 250.0 | 0.420 | 1.450 | 1.80x | 1.20x (prompt lookup) |" in text
+    assert "| auf_decay | 1.730 | 1.830 |" in text and "| 0.400 | 1.600 |" in text  # nested DVCLive keys read
+    assert "## Eval set: humaneval" in text and "## Eval set: mt-bench" in text
+    assert "| paper: DFlash | 2.40 | 2.61 | +0.21 |" in text
+    assert "| paper: Domino (DFlash + causal GRU head) | 2.56 | 2.68 | +0.12 |" in text
+    assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 |" in text
+    assert "Qwen3-8B" in text and "not this run" in text
+    assert "1. **auf tau > decay tau on every eval set: holds.**" in text
+    assert "2. **decay has the higher full-mask token accuracy (held-out): holds.**" in text
+    assert "3. **auf_decay ≈ auf (|Δtau| <= 0.05, overall): holds.**" in text
+    assert "over plain decoding: **met** (2.40x: auf, inference block size 4)" in text
+    assert "over the best peer: **met** (2.40x vs prompt lookup 1.50x = 1.60x" in text
+    assert "passed (identical to plain greedy)" in text and "| cpu | 2 | 2 | x86_64 |" in text
+    png = (out / "acceptance.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
+    # rerun gives the same markdown (nothing time-dependent in it)
+    write_report(holding / "eval", holding / "train", VARIANTS, out)
+    assert (out / "report.md").read_text() == text
+
+
+def test_report_states_failures(failing, tmp_path):
+    out = tmp_path / "reports"
+    write_report(failing / "eval", failing / "train", VARIANTS, out)
+    text = (out / "report.md").read_text()
+    assert "1. **auf tau > decay tau on every eval set: does not hold.** 3 of 4" in text
+    assert "does not hold: humaneval B=4 (auf 1.550, decay 1.600)" in text
+    assert "held-out full-mask token accuracy: decay 0.300, auf 0.350" in text
+    assert "3. **auf_decay ≈ auf (|Δtau| <= 0.05, overall): does not hold.** B=2: auf_decay 1.900 vs auf 1.700 (diff +0.200)" in text
+    assert "over plain decoding: **not met** (1.40x" in text
+    assert "over the best peer: **not met** (1.40x vs prompt lookup 1.20x = 1.17x" in text
+
+
+def _stage():
+    spec = importlib.util.spec_from_file_location("stage_report", ROOT / "stages" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys):
+    (holding / "train" / "auf" / "metrics.json").unlink()
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  variants: [decay, auf]\n")
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "report.md").write_text("old")
+    stage = _stage()
+    with pytest.raises(SystemExit) as code:
+        stage_main("report", stage.run, stage.add_args, argv=["--params", str(params), "--out", str(out),
+                   "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {holding / 'train' / 'auf' / 'metrics.json'}: missing (run the stage that produces it)"]
+    assert (out / "report.md").read_text() == "old"  # a failed report replaces nothing
+    (holding / "eval" / "auf_decay.json").unlink()
+    with pytest.raises(ArtifactError, match=r"eval/auf_decay\.json: missing"):
+        load_inputs(holding / "eval", holding / "train", ["decay", "auf_decay"])
+    (holding / "eval" / "decay.json").write_text('{"sets": {}}')
+    with pytest.raises(ArtifactError, match=r"eval/decay\.json: no 'overall' section"):
+        load_inputs(holding / "eval", holding / "train", ["decay"])
+
+
+def test_stage_writes_report(holding, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  variants: [decay, auf, auf_decay]\n")
+    out = tmp_path / "reports"
+    stage = _stage()
+    stage_main("report", stage.run, stage.add_args, argv=["--params", str(params), "--out", str(out),
+               "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
+    assert (out / "report.md").is_file() and (out / "acceptance.png").is_file()
+    assert "auf tau > decay tau: holds" in capsys.readouterr().out

@@ -1,0 +1,450 @@
+"""Training stage: DeepSpeed on CPU (1 and 2 processes), exact resume, determinism, variants on
+identical data, the draft vocabulary, and online features.
+
+Everything trains a 1-layer drafter for a few dozen steps on labels of the tiny random target
+(12 greedy rollouts of 16 tokens): a few seconds per run on one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from specauf import train as train_mod
+from specauf.config import LabelsParams, RolloutsParams, TrainParams
+from specauf.dataset import LabelsDataset
+from specauf.distributed import deepspeed_config, load_checkpoint
+from specauf.drafter import BlockDrafter
+from specauf.labels import run_labels
+from specauf.rollouts import run_rollouts
+from specauf.train import Trainer, train_variant
+from tests.conftest import ROOT, prompt_rows
+
+CPU = torch.device("cpu")
+OUT_FILES = {"config.json", "model.safetensors", "ds_config.json", "manifest.json"}
+# The base run: every test that compares final weights uses exactly these params.
+BASE = dict(variants=["auf"], block_size=4, draft_vocab_size=0, anchors_per_seq=8, micro_batch_size=2,
+            steps=24, lr=3e-3, warmup_steps=2, min_lr_ratio=0.1, heldout_fraction=0.25, eval_every=12,
+            checkpoint_every=8, log_every=1, num_layers=1, init_from_target=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model, tmp_path_factory):
+    """Greedy rollouts of the tiny target, labelled twice: offline fp16 features and online."""
+    model, tok, manifest = tiny_model
+    root = tmp_path_factory.mktemp("train-data")
+    extra = {"target_fingerprint": manifest["fingerprint"]}
+    run_rollouts(model, tok, prompt_rows(12), RolloutsParams(max_new_tokens=16, batch_size=6, shard_size=6),
+                 out_dir=root / "rollouts", work_dir=root / "rollouts-work", seed=0,
+                 stop_ids=manifest["stop_token_ids"], manifest_extra=extra)
+    for mode in ("offline", "online"):
+        params = LabelsParams(features=mode, layer_ids=[0, 2], feature_dtype="float16", batch_size=6, shard_size=6)
+        run_labels(model, root / "rollouts", params, out_dir=root / mode, work_dir=root / f"{mode}-work",
+                   pad_id=0, manifest_extra=extra)
+    return {"root": root, "offline": root / "offline", "online": root / "online"}
+
+
+class Capture:
+    """Patch specauf.train to remember the Trainer and the DeepSpeed engine of each run."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        self.trainers, self.engines = [], []
+        capture = self
+
+        class Recording(Trainer):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                capture.trainers.append(self)
+
+        real_init = train_mod.init_engine
+
+        def init_engine(*a, **k):
+            engine = real_init(*a, **k)
+            capture.engines.append(engine)
+            return engine
+
+        mp.setattr(train_mod, "Trainer", Recording)
+        mp.setattr(train_mod, "init_engine", init_engine)
+
+
+def train(tiny_model, labels_dir, root: Path, variant="auf", **overrides) -> dict:
+    model, _, manifest = tiny_model
+    params = TrainParams(**{**BASE, "variants": [variant], **overrides})
+    manifest_out = train_variant(params, variant, target=model, target_manifest=manifest, labels_dir=labels_dir,
+                                 out_dir=root / "out", work_dir=root / "work", metrics_dir=root / "metrics", seed=0,
+                                 device=CPU, manifest_extra={"target_fingerprint": manifest["fingerprint"]})
+    return {"manifest": manifest_out, "out": root / "out", "work": root / "work", "metrics": root / "metrics",
+            "params": params}
+
+
+def logged(metrics_dir: Path, name: str) -> list[tuple[int, float]]:
+    lines = (metrics_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0] == f"step\t{name.split('/')[-1]}"
+    return [(int(s), float(v)) for s, v in (l.split("\t") for l in lines[1:])]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_model, data, tmp_path_factory):
+    """One uninterrupted single-process run with BASE params (the reference for later tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        cap = Capture(mp)
+        t0 = time.perf_counter()
+        run = train(tiny_model, data["offline"], tmp_path_factory.mktemp("base"))
+        run["seconds"] = time.perf_counter() - t0
+    run["trainer"], run["engine"] = cap.trainers[0], cap.engines[0]
+    return run
+
+
+# --------------------------------------------------------------------------- single process
+
+
+def test_single_process_trains_saves_and_reloads(base_run, tiny_model, data):
+    p = base_run["params"]
+    # the loss falls: mean of the first vs last 5 logged steps (one micro batch each)
+    loss = logged(base_run["metrics"], "loss")
+    assert [s for s, _ in loss] == list(range(1, p.steps + 1))  # one row per step, at its own step
+    first, last = [sum(v for _, v in loss[i]) / 5 for i in (slice(0, 5), slice(-5, None))]
+    assert last < 0.7 * first, (first, last)
+    # and held-out token accuracy rises above the untrained drafter's (same seed = same init)
+    model, _, manifest = tiny_model
+    fresh = Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, p.draft_vocab_size)
+    before = fresh.evaluate(fresh.drafter.eval())
+    after = base_run["manifest"]["heldout"]
+    assert after["heldout/blocks"] == before["heldout/blocks"] > 0  # the same fixed held-out blocks
+    assert after["heldout/token_accuracy"] > before["heldout/token_accuracy"] + 0.05, (before, after)
+
+    out = base_run["out"]
+    assert {f.name for f in out.iterdir()} == OUT_FILES
+    assert not base_run["work"].exists()  # checkpoints only serve a resume
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kind"] == "drafter" and m["variant"] == "auf" and m["world_size"] == 1 and m["steps"] == p.steps
+    # from_pretrained gives exactly the weights the engine trained
+    loaded = BlockDrafter.from_pretrained(out)
+    trained = base_run["trainer"].drafter.state_dict()
+    assert base_run["engine"].module is base_run["trainer"].drafter
+    assert loaded.state_dict().keys() == trained.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    assert loaded.mask_token_id == manifest["mask_token_id"] and loaded.target_layer_ids == [0, 2]
+    # the lr followed WarmupCosineLR down to lr * min_lr_ratio
+    lr = dict(logged(base_run["metrics"], "lr"))
+    assert lr[p.steps] == pytest.approx(p.lr * p.min_lr_ratio)
+    assert max(lr.values()) <= p.lr and max(lr.values()) > 0.9 * p.lr
+    assert json.loads((out / "ds_config.json").read_text()) == deepspeed_config(p)
+
+
+def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
+    """Non-default ZeRO stage, accumulation, clipping and lr reach the config file and the engine."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    with pytest.MonkeyPatch.context() as mp:
+        cap = Capture(mp)
+        run = train(tiny_model, data["offline"], tmp_path, steps=3, zero_stage=1, grad_accum=2, grad_clip=0.5,
+                    lr=2e-3, warmup_steps=1, min_lr_ratio=0.2, weight_decay=0.01, eval_every=100, log_every=1)
+    cfg = json.loads((run["out"] / "ds_config.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 1
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["train_batch_size"] == 2 * 2 * 1
+    assert cfg["gradient_clipping"] == 0.5
+    opt = cfg["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["lr"] == 2e-3 and opt["params"]["weight_decay"] == 0.01
+    assert opt["params"]["torch_adam"] is True  # FusedAdam would JIT-build
+    sched = cfg["scheduler"]
+    assert sched["type"] == "WarmupCosineLR"
+    assert sched["params"]["total_num_steps"] == 3 and sched["params"]["warmup_num_steps"] == 1
+    assert sched["params"]["cos_min_ratio"] == 0.2
+    engine = cap.engines[0]
+    assert engine.zero_optimization_stage() == 1
+    assert engine.gradient_accumulation_steps() == 2 and engine.gradient_clipping() == 0.5
+    assert isinstance(engine.lr_scheduler, WarmupCosineLR)
+    assert engine.global_steps == 3  # optimizer steps, not micro batches
+    assert engine.get_lr()[0] == pytest.approx(2e-3 * 0.2)
+    assert engine.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert [s for s, _ in logged(run["metrics"], "loss")] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- resume and checkpoints
+
+
+class Payload:
+    """An arbitrary picklable object: unpickling it would run code (here, record that it did)."""
+
+    loaded = False
+
+    def __init__(self):
+        self.note = "runs code when unpickled"
+
+    def __setstate__(self, state):
+        Payload.loaded = True
+        self.__dict__.update(state)
+
+
+def test_kill_and_resume_gives_identical_weights(base_run, tiny_model, data, tmp_path, monkeypatch):
+    """Exact: torch.equal on every tensor and byte-identical model.safetensors (tolerance 0)."""
+    real_loss = train_mod.compute_loss
+    calls = []
+
+    def dies(*a, **k):  # step 10 of 24 fails, after the checkpoint of step 8
+        calls.append(a[0])
+        if len(calls) == 11:
+            raise RuntimeError("killed")
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(train_mod, "compute_loss", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_model, data["offline"], tmp_path)
+    monkeypatch.setattr(train_mod, "compute_loss", real_loss)
+    ckpt = tmp_path / "work" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step8" and (ckpt / "step8").is_dir()
+    assert not (tmp_path / "out").exists()
+
+    # a `latest` naming a missing tag: a clear error, nothing trained or written
+    (ckpt / "latest").write_text("step16")
+    with pytest.raises(FileNotFoundError, match=r"latest names checkpoint 'step16', which is missing; delete .*checkpoints"):
+        train(tiny_model, data["offline"], tmp_path)
+    (ckpt / "latest").write_text("step8")
+
+    steps_seen = []
+    real_name = Trainer.loss_name
+    monkeypatch.setattr(Trainer, "loss_name", lambda self, s: steps_seen.append(s) or real_name(self, s))
+    resumed = train(tiny_model, data["offline"], tmp_path)
+    assert steps_seen == list(range(8, 24))  # continued from the checkpoint, not from scratch
+    a, b = weights(resumed["out"]), weights(base_run["out"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (resumed["out"] / "model.safetensors").read_bytes() == (base_run["out"] / "model.safetensors").read_bytes()
+    assert resumed["manifest"]["heldout"] == base_run["manifest"]["heldout"]
+
+
+def test_checkpoints_load_weights_only(base_run, tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    engine = base_run["engine"]
+    ce = engine.checkpoint_engine
+    assert isinstance(ce, TorchCheckpointEngine) and type(ce) is not TorchCheckpointEngine
+    assert type(ce).__name__ == "WeightsOnlyCheckpointEngine"
+    # a plain checkpoint round-trips
+    engine.save_checkpoint(str(tmp_path / "ok"), tag="step3", client_state={"step": 3})
+    assert load_checkpoint(engine, tmp_path / "ok") == 3
+    # one carrying a pickled object is refused before the object is rebuilt
+    engine.save_checkpoint(str(tmp_path / "evil"), tag="step5", client_state={"step": 5, "payload": Payload()})
+    assert (tmp_path / "evil" / "latest").read_text().strip() == "step5"
+    Payload.loaded = False
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights.only"):
+        load_checkpoint(engine, tmp_path / "evil")
+    assert Payload.loaded is False
+    # (sanity: the same file does hold the object, which a weights_only=False load would rebuild)
+    files = list((tmp_path / "evil" / "step5").glob("*model_states.pt"))
+    assert files and torch.load(files[0], weights_only=False)["payload"].__class__ is Payload and Payload.loaded
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_losses_and_bytes(base_run, tiny_model, data, tmp_path):
+    again = train(tiny_model, data["offline"], tmp_path)
+    for name in ("loss", "train/token_accuracy", "train/acceptance_length", "lr", "heldout/token_accuracy"):
+        assert logged(again["metrics"], name) == logged(base_run["metrics"], name), name
+    assert (again["out"] / "model.safetensors").read_bytes() == (base_run["out"] / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_variants_see_identical_batches_and_curriculum_switches(tiny_model, data, tmp_path, monkeypatch):
+    real_batch, real_loss = Trainer.make_batch, train_mod.compute_loss
+    batches, names = [], []
+    monkeypatch.setattr(Trainer, "make_batch", lambda self, *a: batches.append(real_batch(self, *a)) or batches[-1])
+    monkeypatch.setattr(train_mod, "compute_loss", lambda name, *a, **k: names.append(name) or real_loss(name, *a, **k))
+    seen, losses = {}, {}
+    for variant in ("auf", "decay", "decay_then_auf"):
+        batches.clear(), names.clear()
+        train(tiny_model, data["offline"], tmp_path / variant, variant, steps=10, curriculum_switch=0.3,
+              eval_every=100, log_every=5)
+        seen[variant], losses[variant] = list(batches), [n for n in names if n != "full"]  # "full" = evaluation
+    assert losses["auf"] == ["auf"] * 10 and losses["decay"] == ["decay"] * 10
+    assert losses["decay_then_auf"] == ["decay"] * 3 + ["auf"] * 7
+    for variant in ("decay", "decay_then_auf"):
+        assert len(seen[variant]) == len(seen["auf"]) > 10  # training batches + evaluation batches
+        for x, y in zip(seen["auf"], seen[variant]):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]), (variant, k)
+    # ...and the losses do make a difference
+    assert not torch.equal(weights(tmp_path / "auf" / "out")["fc.weight"], weights(tmp_path / "decay" / "out")["fc.weight"])
+    m = json.loads((tmp_path / "decay_then_auf" / "out" / "manifest.json").read_text())
+    assert m["loss_schedule"] == "decay then auf"
+
+    # Trainer.loss_name and step_rows directly
+    model, _, manifest = tiny_model
+    ds = LabelsDataset(data["offline"])
+    p = TrainParams(**{**BASE, "steps": 20, "curriculum_switch": 0.25})
+    t = {v: Trainer(p, v, model, manifest, ds, 0, CPU, 0) for v in ("auf", "decay", "decay_then_auf")}
+    assert [t["decay_then_auf"].loss_name(s) for s in range(20)] == ["decay"] * 5 + ["auf"] * 15
+    assert {t["auf"].loss_name(s) for s in range(20)} == {"auf"}
+    for s in range(12):
+        rows = t["auf"].step_rows(s, 0, 1)
+        assert rows == t["decay"].step_rows(s, 0, 1) == t["decay_then_auf"].step_rows(s, 0, 1)
+    # every training row once per epoch; two ranks never share a row within an epoch
+    one = Trainer(p.model_copy(update={"micro_batch_size": 1}), "auf", model, manifest, ds, 0, CPU, 0)
+    n = len(one.train_rows)
+    assert sorted(r for s in range(n) for r in one.step_rows(s, 0, 1)) == sorted(one.train_rows)
+    r0 = [r for s in range(n // 2) for r in one.step_rows(s, 0, 2)]
+    r1 = [r for s in range(n // 2) for r in one.step_rows(s, 1, 2)]
+    assert len(set(r0 + r1)) == 2 * (n // 2)
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+
+
+def test_draft_vocabulary(tiny_model, data, tmp_path):
+    model, _, manifest = tiny_model
+    ds = LabelsDataset(data["offline"])
+    size = 10
+    p = TrainParams(**{**BASE, "draft_vocab_size": size, "steps": 2, "eval_every": 100})
+    small = Trainer(p, "auf", model, manifest, ds, 0, CPU, size)
+    full = Trainer(p, "auf", model, manifest, ds, 0, CPU, 0)
+    counts = Counter()
+    for i in small.train_rows:
+        it = ds[i]
+        counts.update(it["label_ids"][it["response_start"]:].tolist())
+    assert len(counts) > size  # some labels fall outside
+    want = sorted(sorted(counts, key=lambda t: (-counts[t], t))[:size])
+    assert small.drafter.d2t.tolist() == want
+
+    # labels outside the draft vocabulary end their block; inside, they map to draft ids
+    inside = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    inside[want] = True
+    cut = 0
+    for s in range(6):
+        rows = small.step_rows(s, 0, 1)
+        a, b = small.make_batch(rows, 100 + s, 8), full.make_batch(rows, 100 + s, 8)
+        assert torch.equal(a["block_input_ids"], b["block_input_ids"])
+        keep = inside[b["labels"]].long().cummin(1).values.bool()
+        assert torch.equal(a["validity"], b["validity"] & keep)
+        assert torch.equal(small.drafter.d2t[a["labels"]][a["validity"]], b["labels"][a["validity"]])
+        cut += int((b["validity"] & ~a["validity"]).sum())
+    assert cut > 0
+
+    run = train(tiny_model, data["offline"], tmp_path, draft_vocab_size=size, steps=2, eval_every=100)
+    assert run["manifest"]["draft_vocab_size"] == size
+    hit = sum(counts[t] for t in want) / sum(counts.values())
+    assert run["manifest"]["draft_label_coverage"] == pytest.approx(hit)
+    drafter = BlockDrafter.from_pretrained(run["out"])
+    assert drafter.config.draft_vocab_size == size and drafter.d2t.tolist() == want
+    lm_head = model.get_output_embeddings().weight.detach()
+    hidden = torch.randn(3, 5, lm_head.shape[1])
+    logits = drafter.target_logits(hidden, lm_head)
+    assert logits.shape == (3, 5, lm_head.shape[0])
+    assert torch.isneginf(logits[..., ~inside]).all() and torch.isfinite(logits[..., inside]).all()
+    assert torch.allclose(logits[..., inside], hidden @ lm_head[want].T)
+    assert inside[logits.argmax(-1)].all()
+
+
+# --------------------------------------------------------------------------- online features
+
+
+def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
+    model, _, manifest = tiny_model
+    p = TrainParams(**BASE)
+    off = Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, 0)
+    on = Trainer(p, "auf", model, manifest, LabelsDataset(data["online"]), 0, CPU, 0)
+    assert on.online and not off.online and on.train_rows == off.train_rows
+    for s in range(4):
+        rows = off.step_rows(s, 0, 1)
+        a, b = off.make_batch(rows, 7 + s, 8), on.make_batch(rows, 7 + s, 8)
+        assert a.keys() == b.keys()
+        for k in a:
+            if k != "context_features":
+                assert torch.equal(a[k], b[k]), k
+        # the same features at every real position (fp16 storage: atol 1e-2); past a shorter
+        # sequence, offline pads with zeros and online holds the target's output for padding
+        # tokens, which no block can see
+        fa, fb = a["context_features"], b["context_features"]
+        assert fa.shape == fb.shape and fa.abs().max() > 0.1
+        C = fa.shape[1]
+        for n, row in enumerate(rows):
+            S = len(off.ds[row]["input_ids"])
+            assert torch.allclose(fa[n, :S], fb[n, :S], atol=1e-2, rtol=1e-2), (fa[n, :S] - fb[n, :S]).abs().max()
+            assert not a["attention_mask"][n, 0, :, S:C].any()
+
+    # training runs the frozen target inside each step (and leaves it frozen)
+    calls = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = train(tiny_model, data["online"], tmp_path, steps=4, eval_every=100, log_every=2)
+    assert len(calls) >= 4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(q.requires_grad for q in model.parameters())
+    assert {f.name for f in run["out"].iterdir()} == OUT_FILES
+    losses = [v for _, v in logged(run["metrics"], "loss")]
+    assert len(losses) == 2 and all(map(lambda v: v == v and v > 0, losses))
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _params_file(path: Path, **train) -> Path:
+    params = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    params["base"] |= {"torch_threads": 1, "device": "cpu", "seed": 0}
+    params["train"] |= {k: v for k, v in BASE.items()} | train
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_two_process_gloo_run_trains_and_rank0_writes(tiny_target, data, tmp_path):
+    steps = 16
+    params = _params_file(tmp_path / "params.yaml", steps=steps, eval_every=8, checkpoint_every=8)
+    out, work, metrics, logs = tmp_path / "drafter", tmp_path / "work", tmp_path / "metrics", tmp_path / "logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECAUF_NO_PROGRESS": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # this process may be "rank 0 of 1" from the in-process tests
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3",
+           str(ROOT / "stages" / "train.py"), "--params", str(params), "--variant", "auf",
+           "--target", str(tiny_target[0]), "--labels", str(data["offline"]),
+           "--out", str(out), "--work", str(work), "--metrics", str(metrics)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    rank_logs = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(rank_logs)[-3000:]
+    assert sorted(rank_logs) == [0, 1]
+    assert f"wrote {out}" in rank_logs[0] and "wrote" not in rank_logs[1]  # only rank 0 writes outputs
+    assert {f.name for f in out.iterdir()} == OUT_FILES
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no stray temp folders
+    assert not work.exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["variant"] == "auf"
+    cfg = json.loads((out / "ds_config.json").read_text())
+    assert cfg["train_batch_size"] == BASE["micro_batch_size"] * 2
+    loss = logged(metrics, "loss")
+    assert [s for s, _ in loss] == list(range(1, steps + 1))  # one logger (rank 0), one row per step
+    first, last = sum(v for _, v in loss[:4]) / 4, sum(v for _, v in loss[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    drafter = BlockDrafter.from_pretrained(out)
+    assert drafter.config.block_size == BASE["block_size"]
