@@ -83,8 +83,11 @@ def _load_source(params: TargetParams, seed: int):
     except Exception as e:  # transformers raises many types for unknown or remote-code models
         raise TargetError(f"{key}: cannot read the config of {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     _check_causal(config, key)
-    tok = AutoTokenizer.from_pretrained(src, **kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise TargetError(f"{key}: cannot load {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model, tok, f"{params.source} {src}"
 
 
