@@ -418,4 +418,15 @@ def init_from_target(drafter: BlockDrafter, target_model) -> list[str]:
             if key in own and own[key].shape == t_param.shape:
                 own[key].copy_(t_param.to(own[key].dtype))
                 copied.append(key)
+    # Context stream: start `fc` as the identity on the highest feature layer and `hidden_norm` as
+    # the first copied layer's input norm, so the copied attention initially reads the context
+    # the way the target's own upper layers read their input (keys/values of a real hidden state).
+    top = max(range(len(drafter.target_layer_ids)), key=lambda i: drafter.target_layer_ids[i])
+    H = drafter.config.hidden_size
+    drafter.fc.weight.zero_()
+    drafter.fc.weight[:, top * H:(top + 1) * H].copy_(torch.eye(H, dtype=drafter.fc.weight.dtype))
+    first = t_layers[len(t_layers) - n]
+    if hasattr(first, "input_layernorm") and first.input_layernorm.weight.shape == drafter.hidden_norm.weight.shape:
+        drafter.hidden_norm.weight.copy_(first.input_layernorm.weight.to(drafter.hidden_norm.weight.dtype))
+    copied += ["fc.weight", "hidden_norm.weight"]
     return copied

@@ -152,7 +152,11 @@ def test_init_from_target_copies_top_layers(tmp_path, arch):
     assert torch.equal(drafter.layers[1].self_attn.q_proj.weight, t_layers[3].self_attn.q_proj.weight)
     assert torch.equal(drafter.layers[0].mlp.down_proj.weight, t_layers[2].mlp.down_proj.weight)
     assert torch.equal(drafter.norm.weight, target.model.norm.weight)
-    assert "layers.0.post_attention_layernorm.weight" in copied and "fc.weight" not in copied
+    assert "layers.0.post_attention_layernorm.weight" in copied and "fc.weight" in copied
+    # the context projection starts as the identity on the highest feature layer (id 2 = chunk 1)
+    H = cfg.hidden_size
+    assert torch.equal(drafter.fc.weight[:, H:], torch.eye(H)) and not drafter.fc.weight[:, :H].any()
+    assert torch.equal(drafter.hidden_norm.weight, t_layers[2].input_layernorm.weight)
     if arch == "qwen3":
         assert torch.equal(drafter.layers[0].self_attn.k_norm.weight, t_layers[2].self_attn.k_norm.weight)
     else:
