@@ -44,9 +44,18 @@ def stage_main(name: str, run, add_args=None, argv=None) -> None:
         raise
 
 
-def stage_manifest_extra(params: Params, *sections: str) -> dict:
-    """What every manifest records about its making: params hash (of the sections read) and versions."""
-    return {"params_hash": hash_obj(section_dict(params, *sections)), "versions": versions()}
+def stage_manifest_extra(params: Params, *sections: str, target: dict | None = None, **inputs: str) -> dict:
+    """What every manifest records about its making: params hash (of the sections read), versions,
+    the target fingerprint, and the sha256 of each input's manifest (`rollouts=dir` ->
+    `rollouts_manifest_sha256`)."""
+    from specauf.artifacts import sha256_file
+
+    extra = {"params_hash": hash_obj(section_dict(params, *sections)), "versions": versions()}
+    if target is not None:
+        extra["target_fingerprint"] = target["fingerprint"]
+    for name, directory in inputs.items():
+        extra[f"{name}_manifest_sha256"] = sha256_file(Path(directory) / "manifest.json")
+    return extra
 
 
 PROJECT_FILES = ["dvc.yaml", "stages", "specauf", "pyproject.toml", ".dvcignore"]

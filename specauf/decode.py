@@ -190,7 +190,7 @@ def summarize(results: list[GenerationResult]) -> dict:
 
 # ---------------------------------------------------------------- engine
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever forward takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -238,7 +238,7 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
         raise ValueError("empty prompt")
     features = b > 1 and proposer.needs_features
     cache = DynamicCache(config=target.config)
-    fwd = {_cache_kwarg(target): cache, "use_cache": True, "output_hidden_states": features}
+    fwd = {cache_kwarg(target): cache, "use_cache": True, "output_hidden_states": features}
     seq = torch.empty(P + max_new_tokens, dtype=torch.long, device=device)  # committed tokens
     seq[:P] = prompt
     if b > 1:

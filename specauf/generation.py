@@ -74,8 +74,11 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop
         mask[i, width - len(p):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    from specauf.decode import cache_kwarg
+
     cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kw)
     logits = out.logits[:, -1]
     next_pos = positions[:, -1] + 1
 
@@ -103,8 +106,7 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop
             cache.batch_select_indices(idx)
             active, tokens, mask, next_pos = active[idx], tokens[idx], mask[idx], next_pos[idx]
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache=cache, use_cache=True)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], **kw)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return [(r, f) for r, f in zip(responses, finish)]

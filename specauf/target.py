@@ -188,6 +188,14 @@ def load_target(target_dir: str | Path, device: torch.device | str = "cpu", dtyp
     return model, tok, manifest
 
 
+def load_target_for(target_dir, upstream_dir, kind: str, device, trust_remote_code: bool = False):
+    """Load the target and check that the `kind` artifact in upstream_dir was made with it."""
+    upstream = read_manifest(upstream_dir, kind=kind)
+    model, tokenizer, manifest = load_target(target_dir, device, trust_remote_code=trust_remote_code)
+    check_fingerprint(upstream["target_fingerprint"], manifest, f"the {kind} in {upstream_dir}")
+    return model, tokenizer, manifest
+
+
 def check_fingerprint(expected: str, target_manifest: dict, what: str) -> None:
     if expected != target_manifest["fingerprint"]:
         raise ArtifactError(f"{what} were made with target {expected[:12]}, but data/target is now "

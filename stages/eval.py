@@ -6,16 +6,15 @@ from specauf.cli import stage_main
 from specauf.evaluate import check_exactness, evaluate_drafter, plot_rows
 from specauf.prompts import load_prompt_set
 from specauf.runtime import setup
-from specauf.target import check_fingerprint, load_target
+from specauf.target import load_target_for
 
 
 def run(params, args):
     device = setup(params.base, f"eval {args.variant}")
     from specauf.drafter import BlockDrafter
 
-    target, tokenizer, target_manifest = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
-    drafter_manifest = read_manifest(args.drafter, kind="drafter")
-    check_fingerprint(drafter_manifest["target_fingerprint"], target_manifest, f"the drafter in {args.drafter}")
+    target, tokenizer, target_manifest = load_target_for(args.target, args.drafter, "drafter", device,
+                                                         params.target.trust_remote_code)
     drafter = BlockDrafter.from_pretrained(args.drafter).to(device).eval()
     too_big = [b for b in params.eval.block_sizes if b > drafter.block_size]
     if too_big:

@@ -1,19 +1,14 @@
 """Stage `labels`: teacher-forced target pass -> acceptance labels and context features."""
-from specauf.artifacts import read_manifest, sha256_file
 from specauf.cli import stage_main, stage_manifest_extra
 from specauf.labels import run_labels
 from specauf.runtime import setup
-from specauf.target import check_fingerprint, load_target
+from specauf.target import load_target_for
 
 
 def run(params, args):
     device = setup(params.base, "labels")
-    rollouts = read_manifest(args.rollouts, kind="rollouts")
-    model, tokenizer, target = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
-    check_fingerprint(rollouts["target_fingerprint"], target, f"rollouts in {args.rollouts}")
-    extra = stage_manifest_extra(params, "base", "labels")
-    extra |= {"target_fingerprint": target["fingerprint"],
-              "rollouts_manifest_sha256": sha256_file(f"{args.rollouts}/manifest.json")}
+    model, _, target = load_target_for(args.target, args.rollouts, "rollouts", device, params.target.trust_remote_code)
+    extra = stage_manifest_extra(params, "base", "labels", target=target, rollouts=args.rollouts)
     run_labels(model, args.rollouts, params.labels, out_dir=args.out, work_dir=args.work,
                pad_id=target["pad_token_id"] if target["pad_token_id"] is not None else 0, manifest_extra=extra)
 

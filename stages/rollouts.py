@@ -4,16 +4,13 @@ from specauf.prompts import load_prompt_set
 from specauf.rollouts import run_rollouts
 from specauf.runtime import setup
 from specauf.target import load_target
-from specauf.artifacts import sha256_file
 
 
 def run(params, args):
     device = setup(params.base, "rollouts")
     model, tokenizer, target = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
     prompts = load_prompt_set(args.prompts, "train")
-    extra = stage_manifest_extra(params, "base", "rollouts")
-    extra |= {"target_fingerprint": target["fingerprint"],
-              "prompts_manifest_sha256": sha256_file(f"{args.prompts}/manifest.json")}
+    extra = stage_manifest_extra(params, "base", "rollouts", target=target, prompts=args.prompts)
     run_rollouts(model, tokenizer, prompts, params.rollouts, out_dir=args.out, work_dir=args.work,
                  seed=params.base.seed, stop_ids=target["stop_token_ids"], manifest_extra=extra)
 
