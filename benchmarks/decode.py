@@ -32,7 +32,7 @@ def main() -> None:
                     help="add a randomly initialised drafter (plumbing check; its numbers mean nothing)")
     ap.add_argument("--prompts", default="data/prompts", help="prompts stage output")
     ap.add_argument("--set", action="append", default=None, help="evaluation set (repeatable; default mt-bench)")
-    ap.add_argument("--n", type=int, default=3, help="prompts per set (the first ones)")
+    ap.add_argument("--n", type=int, default=2, help="prompts per set (the first ones)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8], help="inference block sizes of our drafters")
     ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for the peer (0 = skip)")
