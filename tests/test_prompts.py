@@ -208,7 +208,7 @@ def test_default_build_is_byte_identical_and_disjoint(tmp_path):
     first, second = build_prompt_sets(p, seed=0), build_prompt_sets(p, seed=0)
     assert first == second
     tr, ev, stats = first
-    assert len(tr) == 640 and {n: len(r) for n, r in ev.items()} == {
+    assert len(tr) == PromptsParams().train[0].count and {n: len(r) for n, r in ev.items()} == {
         "alpaca-like": 100, "gsm8k-like": 100, "humaneval": 164, "mt-bench": 80}
     assert set(ids(tr)).isdisjoint(ids(ev["alpaca-like"]))  # held-out ShareGPT ids never train...
     assert stats["sets"]["train"]["dropped_overlap"] == 0  # ...because training never even draws them
@@ -222,7 +222,7 @@ def test_default_build_is_byte_identical_and_disjoint(tmp_path):
                      "eval-mt-bench.arrow", "manifest.json", "train.arrow"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert m["kind"] == "prompts" and m["params_hash"] == "abc" and m["counts"]["train"] == {"sharegpt": 640}
+    assert m["kind"] == "prompts" and m["params_hash"] == "abc" and m["counts"]["train"] == {"sharegpt": PromptsParams().train[0].count}
     assert m["files"]["mt-bench"]["rows"] == 80 and m["stats"]["sharegpt"]["complete"] is False
     assert load_prompt_set(tmp_path / "a", "train") == tr
     assert load_prompt_set(tmp_path / "a", "mt-bench") == ev["mt-bench"]
