@@ -31,6 +31,9 @@ RUNS = {
     "anchors_128": {"anchors_per_seq": 128},
     "two_layers": {"num_layers": 2},
     "block_16": {"block_size": 16},
+    "feature_scale": {"context_feature_scale": True},
+    "feature_scale_lr_3e-3": {"context_feature_scale": True, "lr": 3e-3},
+    "feature_scale_no_ctx_norm": {"context_feature_scale": True, "context_layer_norm": False},
 }
 
 

@@ -6,6 +6,7 @@ written last, so a directory without a valid manifest is never an input to the n
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -84,8 +85,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # f.write's ENOSPC names no file; the one-line error names it
         raise
     _fsync_dir(path.parent)
 
@@ -118,9 +121,17 @@ def read_json(path: str | Path) -> Any:
 
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `final`; on success it replaces `final` whole."""
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final` whole.
+
+    A killed writer leaves its `.<name>.*.tmp` (and maybe `.<name>.old`) behind; each output has
+    one writer, so the next one removes them: a parent directory that is itself a stage's input
+    (metrics/train for the report) must not keep a dead run's half-written copy.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*final.parent.glob(f".{glob.escape(final.name)}.*.tmp"), final.with_name(f".{final.name}.old")]:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o755)
     try:
@@ -226,6 +237,15 @@ class ShardedWork:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(stamp, {"key": self.key})
+
+    @classmethod
+    def join(cls, work_dir: str | Path) -> "ShardedWork":
+        """Open a work dir another process (rank 0 of a sharded run) created, without re-keying it:
+        only that one process may wipe a stale dir, or ranks would delete each other's shards."""
+        self = cls.__new__(cls)
+        self.dir = Path(work_dir)
+        self.key = json.loads((self.dir / "work.json").read_text())["key"]
+        return self
 
     def done(self, index: int) -> dict | None:
         """The entry of a finished shard, or None. A shard without its entry file is unfinished."""

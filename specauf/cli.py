@@ -98,6 +98,11 @@ def main(argv=None) -> None:
     p = sub.add_parser("new", help="create a git+DVC workspace with a params preset (e.g. smoke)")
     p.add_argument("dest", type=Path)
     p.add_argument("--preset", default="smoke")
+    p = sub.add_parser("export", help="write a trained drafter in the DFlash layout SGLang and vLLM load")
+    p.add_argument("drafter", type=Path, help="a train output, e.g. data/drafters/auf")
+    p.add_argument("out", type=Path)
+    p.add_argument("--target", type=Path, help="its target folder (needed for a draft vocabulary; checks the fingerprint)")
+    p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "check-params":
@@ -121,6 +126,14 @@ def main(argv=None) -> None:
         elif args.cmd == "new":
             new_workspace(args.dest, args.preset)
             print(f"created {args.dest}: cd there and run `dvc repro`")
+        elif args.cmd == "export":
+            from specauf.export import export_drafter
+            from specauf.runtime import setup_logging
+
+            setup_logging("export")  # its warning (a drafter the engines run differently) must show
+            m = export_drafter(args.drafter, args.out, args.target, strict=args.strict)
+            print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors"
+                  + ("" if m["reference_equivalent"] else "; NOT reference-equivalent, see `differences` in its manifest.json"))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,8 @@ class RandomTargetParams(Section):
     """Key/value heads of the random target (GQA when below num_heads)."""
     vocab_size: int = Field(512, ge=300)
     """BPE vocabulary size of the tokenizer trained for the random target."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding table with the LM head (as Qwen2/Qwen3 small models and SmolLM2 do)."""
 
 
 class TargetParams(Section):
@@ -147,6 +149,33 @@ class RolloutsParams(Section):
     """Prompts generated together (sorted by length to limit padding)."""
     shard_size: int = Field(128, ge=1)
     """Rows per Arrow shard: the unit of resume after a kill."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine: `transformers` (our batched loop, any device) or `vllm` (continuous
+    batching + PagedAttention; GPU, Linux, `pip install vllm`; always one process: launch.processes
+    then applies to `labels` only).
+    Same prompt token ids and Arrow schema; greedy outputs of two engines need not agree bit for bit."""
+    crosscheck_prompts: int = Field(4, ge=0)
+    """backend `vllm`, greedy: also answer this many first prompts with `transformers` and warn with
+    the count of rows that differ (0 = skip)."""
+
+
+class LaunchParams(Section):
+    processes: int = Field(1, ge=1)
+    """Processes per machine for `rollouts` and `labels` (1 = no launcher; `train` has its own
+    train.processes). Rank r of N does the shards
+    i with i % N == r on its own device (CUDA: LOCAL_RANK); output bytes do not depend on N."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """What starts the processes when processes > 1 (the stage re-executes itself under it):
+    `torchrun --standalone` on one machine, or the `deepspeed` launcher (needed for a hostfile)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (`host slots=N` lines) to spread ranks over several machines over ssh;
+    the checkout and data/ must sit on a shared filesystem at the same path. None = this machine."""
+
+    @model_validator(mode="after")
+    def _hostfile(self):
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError("hostfile needs launcher: deepspeed (torchrun cannot start remote machines)")
+        return self
 
 
 class LabelsParams(Section):
@@ -197,6 +226,10 @@ class TrainParams(Section):
     """Initialise drafter layers from the target's top decoder layers instead of random init."""
     context_layer_norm: bool = True
     """RMS-normalise each target layer's features before the projection (tames outlier dims)."""
+    context_feature_scale: bool = False
+    """Divide every context-feature dimension by its RMS over training sequences (a saved
+    buffer): a few outlier dims hold >90% of a real target's feature energy, so without it the
+    projection starts out blind to the informative ones."""
     draft_vocab_size: int = Field(8192, ge=0)
     """Score only the most frequent N response tokens (0 = full vocabulary): a smaller lm_head
     makes CPU steps much cheaper; a label outside it ends its block (it can never be guessed)."""
@@ -208,6 +241,10 @@ class TrainParams(Section):
     """Sequences per micro batch per process."""
     grad_accum: int = Field(1, ge=1)
     """Micro batches per optimizer step."""
+    processes: int = Field(1, ge=1)
+    """Data-parallel DeepSpeed ranks per machine (GPUs, or CPU processes), started by
+    launch.launcher (and launch.hostfile for several machines) when > 1; the effective batch is
+    micro_batch_size x grad_accum x ranks, so unlike the data stages the result depends on it."""
     steps: int = Field(600, ge=1)
     """Optimizer steps."""
     lr: float = Field(1e-3, gt=0.0)
@@ -287,6 +324,8 @@ class Params(Section):
     """Stage `rollouts`."""
     labels: LabelsParams = LabelsParams()
     """Stage `labels`."""
+    launch: LaunchParams = LaunchParams()
+    """How many processes run `rollouts` and `labels`, and what starts them (never changes their bytes)."""
     train: TrainParams = TrainParams()
     """Stage `train` (one per loss variant)."""
     eval: EvalParams = EvalParams()

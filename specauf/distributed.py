@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -30,9 +31,11 @@ def deepspeed_config(p: TrainParams) -> dict:
         # torch_adam: DeepSpeed's FusedAdam would JIT-compile a kernel (minutes) on first use.
         "optimizer": {"type": "AdamW", "params": {"lr": p.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                    "weight_decay": p.weight_decay, "torch_adam": True}},
+        # DeepSpeed refuses warmup_num_steps 0 (and warms up at least 2 steps): "no warmup" is a
+        # warmup that starts at the full rate.
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": p.steps, "warmup_num_steps": p.warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": p.min_lr_ratio}},
+            "total_num_steps": p.steps, "warmup_num_steps": max(p.warmup_steps, 1), "warmup_type": "linear",
+            "warmup_min_ratio": 0.0 if p.warmup_steps else 1.0, "cos_min_ratio": p.min_lr_ratio}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -84,8 +87,28 @@ def _safe_checkpoint_engine(original):
     return safe
 
 
-def save_checkpoint(engine, directory: Path, step: int) -> None:
-    engine.save_checkpoint(str(directory), tag=f"step{step}", client_state={"step": step})
+def save_checkpoint(engine, directory: Path, step: int, snapshot: Path | None = None) -> None:
+    """Save checkpoint `step<step>`, copy `snapshot` (a directory, e.g. the metrics logged so far)
+    into it, and only then point `latest` at it, atomically; older checkpoints are deleted after.
+
+    DeepSpeed's own `latest` is rewritten in place (a kill mid-write leaves it empty) and would be
+    written before the snapshot: a resume could then see a checkpoint without its metrics.
+    """
+    import shutil
+
+    from specauf.artifacts import write_bytes_atomic
+
+    tag = f"step{step}"
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False)
+    if engine.global_rank != 0:
+        return
+    if snapshot is not None:
+        shutil.rmtree(directory / tag / snapshot.name, ignore_errors=True)
+        shutil.copytree(snapshot, directory / tag / snapshot.name)
+    write_bytes_atomic(directory / "latest", tag.encode())
+    for old in directory.glob("step*"):
+        if old.name != tag and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(engine, directory: Path) -> int:
@@ -96,7 +119,19 @@ def load_checkpoint(engine, directory: Path) -> int:
     if not (directory / tag).is_dir():
         raise FileNotFoundError(f"{directory / 'latest'} names checkpoint {tag!r}, which is missing; "
                                 f"delete {directory} to train from scratch")
-    _, client = engine.load_checkpoint(str(directory), tag=tag)
+    try:
+        _, client = engine.load_checkpoint(str(directory), tag=tag)
+    except (AssertionError, RuntimeError, EOFError, KeyError, ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        # DeepSpeed asserts on a missing states file and torch fails deep in its zip reader on a
+        # truncated one: either way the checkpoint is unusable, and the user needs its name.
+        from specauf.artifacts import ArtifactError
+
+        why = (str(e).splitlines() or ["incomplete checkpoint"])[0].split(". ")[0]
+        held = ", ".join(sorted(p.name for p in (directory / tag).iterdir())) or "nothing"
+        raise ArtifactError(f"{directory / tag}: checkpoint unreadable ({type(e).__name__}: {why}; it holds: {held}); "
+                            f"delete {directory} to train from scratch") from None
     if client is None:
         raise FileNotFoundError(f"{directory / tag}: checkpoint could not be loaded")
     return int(client["step"])

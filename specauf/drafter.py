@@ -49,6 +49,74 @@ def context_features_from_hidden_states(hidden_states, layer_ids: list[int]) -> 
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def target_rope(target_config) -> tuple[float | None, dict]:
+    """(theta, scaling params) of a target: transformers 5 keeps both in `rope_parameters`
+    (per attention type for models that mix them; the drafter's layers are full attention),
+    transformers 4 keeps theta in `rope_theta` and scaling in `rope_scaling`."""
+    tc = _text_config(target_config)
+    params = dict(getattr(tc, "rope_parameters", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        params = dict(params.get("full_attention") or next(iter(params.values())))
+    theta = params.pop("rope_theta", None) or getattr(tc, "rope_theta", None)
+    if not params:
+        params = dict(getattr(tc, "rope_scaling", None) or {})
+    return theta, params
+
+
+def target_incompatibilities(target_config, model=None) -> list[str]:
+    """What a target lacks for the drafter (empty: none), so an unsupported architecture is
+    refused in one line when the target is materialised instead of failing deep inside training
+    with an AttributeError. The drafter copies the target's shapes, RoPE and RMSNorm epsilon,
+    reads its hidden states, borrows its embedding table and lm_head, and initialises from its
+    top decoder layers (`get_decoder().layers`, final `norm`)."""
+    tc = _text_config(target_config)
+    missing = [f"config.{k}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                       "max_position_embeddings", "vocab_size")
+               if getattr(tc, k, None) is None]
+    theta, rope = target_rope(tc)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if theta is None:
+        missing.append("rotary position embeddings (config.rope_parameters / rope_theta)")
+    elif kind not in ROPE_TYPES:
+        missing.append(f"a supported rope type (has {kind!r}; the drafter supports {', '.join(ROPE_TYPES)})")
+    if getattr(tc, "rms_norm_eps", None) is None:
+        missing.append("RMSNorm (config.rms_norm_eps)")
+    if getattr(tc, "hidden_act", "silu") not in ACT2FN:
+        missing.append(f"a known activation (config.hidden_act {tc.hidden_act!r})")
+    if model is not None:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        layers = getattr(base, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) != getattr(tc, "num_hidden_layers", None):
+            missing.append("decoder layers at model.get_decoder().layers")
+        if not isinstance(getattr(base, "norm", None), nn.Module):
+            missing.append("a final norm at model.get_decoder().norm")
+        H, V = getattr(tc, "hidden_size", None), model.get_input_embeddings()
+        if not isinstance(V, nn.Embedding) or V.weight.shape[1] != H:
+            missing.append("an input embedding table (nn.Embedding of width hidden_size)")
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None or tuple(head.weight.shape[1:]) != (H,):
+            missing.append("an lm_head (get_output_embeddings() with a (vocab, hidden_size) weight)")
+    return missing
+
+
+def check_target_supported(target_config, model=None) -> None:
+    """Raise ValueError naming the architecture and everything it lacks for the drafter."""
+    missing = target_incompatibilities(target_config, model)
+    if missing:
+        arch = type(model).__name__ if model is not None else (
+            getattr(target_config, "architectures", None) or [type(target_config).__name__])[0]
+        raise ValueError(f"{arch} (model type {target_config.model_type!r}) cannot host the drafter: it lacks "
+                         + "; ".join(missing) + " (supported: decoder-only RoPE + RMSNorm models such as "
+                         "Llama, Qwen2, Qwen3, Mistral)")
+
+
 class DrafterConfig(PretrainedConfig):
     """Drafter hyper-parameters; mask token and feature layers live in `dflash_config` as in the reference."""
 
@@ -76,6 +144,10 @@ class DrafterConfig(PretrainedConfig):
     # outlier dims (~25k at position 0) that would otherwise dominate the projection. No
     # weights, so the checkpoint layout stays the reference's.
     context_layer_norm: bool = True
+    # Per-dimension scale of the (layer-normalised) context features, a `feature_scale` buffer
+    # set from training data: equalises dims whose energy differs by 100x. Foldable into `fc`
+    # (W diag(s)) when exporting.
+    context_feature_scale: bool = False
     # Draft vocabulary: the drafter scores only these target ids (the `d2t` buffer). About half a
     # CPU training step is the 49k-way lm_head; the most frequent few thousand response tokens
     # cover almost every label. 0 = the full target vocabulary.
@@ -110,12 +182,10 @@ class DrafterConfig(PretrainedConfig):
         """Copy the shapes and rope of a Llama/Qwen2/Qwen3/Mistral config, so the target's layers,
         embeddings and lm_head fit. `target_layer_ids=None` takes one feature layer per drafter
         layer, as the reference does."""
-        tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        check_target_supported(target_config)
+        tc = _text_config(target_config)
         heads = tc.num_attention_heads
-        rope_params = dict(getattr(tc, "rope_parameters", None) or {})
-        theta = rope_params.pop("rope_theta", None) or getattr(tc, "rope_theta", None) or 10000.0
-        if not rope_params:  # transformers 4: scaling lives in `rope_scaling`, theta separately
-            rope_params = dict(getattr(tc, "rope_scaling", None) or {})
+        theta, rope_params = target_rope(tc)
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         L = tc.num_hidden_layers
         if target_layer_ids is None:
@@ -313,6 +383,8 @@ class BlockDrafter(PreTrainedModel):
         self.layers = nn.ModuleList(DrafterLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        if config.context_feature_scale:
+            self.register_buffer("feature_scale", torch.ones(n * config.hidden_size))
         if config.draft_vocab_size:
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long))
         self.post_init()
@@ -345,12 +417,18 @@ class BlockDrafter(PreTrainedModel):
 
     def project_context(self, context_features: torch.Tensor) -> torch.Tensor:
         """(N,C,n*H) raw target features -> (N,C,H) normalised context stream."""
+        return self.hidden_norm(self.fc(self.condition_features(context_features).to(self.fc.weight.dtype)))
+
+    def condition_features(self, context_features: torch.Tensor, scale: bool = True) -> torch.Tensor:
+        """The parameter-free conditioning in front of `fc`: per-layer RMS norm, per-dim scale."""
         if self.config.context_layer_norm:
             N, C, nH = context_features.shape
             H = self.config.hidden_size
             chunks = context_features.view(N, C, nH // H, H)
             context_features = rms_normalize(chunks, self.config.rms_norm_eps).view(N, C, nH)
-        return self.hidden_norm(self.fc(context_features.to(self.fc.weight.dtype)))
+        if scale and self.config.context_feature_scale:
+            context_features = context_features * self.feature_scale.to(context_features.dtype)
+        return context_features
 
     def forward(self, block_embeds, context_features=None, block_position_ids=None,
                 context_position_ids=None, attention_mask=None, past_key_values=None,
@@ -407,7 +485,8 @@ def init_from_target(drafter: BlockDrafter, target_model) -> list[str]:
     t_layers, t_norm = _decoder_layers(target_model)
     n = len(drafter.layers)
     if n > len(t_layers):
-        raise ValueError(f"drafter has {n} layers, target only {len(t_layers)}")
+        raise ValueError(f"train.num_layers: {n} drafter layers cannot start from the target's top layers: "
+                         f"it has only {len(t_layers)} (lower it or set train.init_from_target: false)")
     pairs = [(f"layers.{j}.", t_layers[len(t_layers) - n + j]) for j in range(n)]
     pairs.append(("norm.", t_norm))
     own = dict(drafter.named_parameters())

@@ -78,7 +78,9 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop
 
     cache = DynamicCache()
     kw = {cache_kwarg(model): cache, "use_cache": True}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kw)
+    # Only the last position's logits are needed: skipping the LM head over the whole padded
+    # prompt saves about a seventh of the prefill on a small-vocabulary-heavy target like SmolLM2.
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **kw)
     logits = out.logits[:, -1]
     next_pos = positions[:, -1] + 1
 

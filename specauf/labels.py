@@ -4,6 +4,8 @@ The acceptance label of a response position is what greedy verification would ac
 the target's argmax given the true prefix. For greedy fp32 rollouts it equals the response token;
 for sampled or human-written responses it does not, and AUF's "first failure" should be measured
 against it. Context features are the outputs of the chosen target layers for every position.
+Labels are per sequence and batches form within a rollouts shard, so N ranks (specauf.launch),
+rank r labelling shards i % N == r, write the very bytes one process would.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from specauf.artifacts import ShardedWork, read_manifest, verify_shards, iter_shards
+from specauf.artifacts import read_manifest, verify_shards, iter_shards
 from specauf.config import LabelsParams
+from specauf.launch import RankGroup, collect_entries, open_work
 from specauf.runtime import progress
 
 log = logging.getLogger("specauf")
@@ -138,7 +141,9 @@ def label_shard(model, rollouts: pa.Table, params: LabelsParams, layer_ids: list
 
 
 def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir, work_dir, pad_id: int,
-               manifest_extra: dict) -> dict:
+               manifest_extra: dict, group: RankGroup | None = None) -> dict | None:
+    """Label every rollouts shard; rank 0 returns the manifest, other ranks None."""
+    group = group or RankGroup()
     rollouts_manifest = read_manifest(rollouts_dir, kind="rollouts")
     verify_shards(rollouts_dir, rollouts_manifest)
     layer_ids = resolve_layer_ids(params, model.config.num_hidden_layers)
@@ -149,12 +154,14 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
     log.info("read %s: %d rollouts, %d response tokens; layers %s, %s features (%d bytes/token)",
              rollouts_dir, rollouts_manifest["rows"], rollouts_manifest["response_tokens"], layer_ids,
              params.features, bytes_per_token)
-    work = ShardedWork(work_dir, {"params": params.model_dump(), "layer_ids": layer_ids, **manifest_extra})
-    entries, resumed, agree, total = [], 0, 0, 0
+    work = open_work(group, work_dir, {"params": params.model_dump(), "layer_ids": layer_ids, **manifest_extra})
+    resumed = 0
     total_tokens = rollouts_manifest["prompt_tokens"] + rollouts_manifest["response_tokens"]
     t0, tokens_done = time.perf_counter(), 0
     with progress(total=total_tokens, desc="labels", unit="tok") as bar:
         for index, table in enumerate(iter_shards(rollouts_dir, rollouts_manifest, verify=False)):
+            if not group.owns(index):
+                continue
             entry = work.done(index)
             if entry is None:
                 out, a, t = label_shard(model, table, params, layer_ids, width, pad_id, bar)
@@ -164,10 +171,14 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
             else:
                 resumed += 1
                 bar.update(entry["tokens"])
-            agree += entry["agree"]
-            total += entry["response_tokens"]
-            entries.append(entry)
+    group.barrier()  # every rank's shards are in the work dir
     elapsed = time.perf_counter() - t0
+    resumed, tokens_done = int(group.sum(resumed)), int(group.sum(tokens_done))
+    if not group.is_main:
+        return None
+    entries = collect_entries(work, len(rollouts_manifest["shards"]))
+    agree = sum(e["agree"] for e in entries)
+    total = sum(e["response_tokens"] for e in entries)
     if resumed:
         log.info("resumed: kept %d finished shards", resumed)
     greedy = rollouts_manifest.get("sampling", {}).get("temperature", 0) == 0
@@ -186,10 +197,10 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
         "feature_bytes_per_token": bytes_per_token, "feature_bytes_total": bytes_per_token * tokens,
         "top_k": params.top_k, "verify_temperature": params.verify_temperature,
         "label_agreement": {"agree": agree, "total": total, "rate": rate, "greedy_rollouts": greedy},
-        "tokens_per_second": round(tokens_done / elapsed, 2) if tokens_done and elapsed else None,
         "rollouts_manifest_sha256": manifest_extra.get("rollouts_manifest_sha256"),
         **manifest_extra,
-    }
+    }  # no timings: a manifest's bytes must depend only on its inputs (downstream stages hash it)
     manifest = work.finish(out_dir, entries, manifest)
-    log.info("wrote %s: %d sequences, %d tokens, %.1f MB of features", out_dir, rows, tokens, bytes_per_token * tokens / 1e6)
+    log.info("wrote %s: %d sequences, %d tokens, %.1f MB of features; %.1f tokens/s", out_dir, rows, tokens,
+             bytes_per_token * tokens / 1e6, tokens_done / elapsed if elapsed else 0.0)
     return manifest

@@ -283,7 +283,7 @@ def _fill_set(set_name: str, label: str, sources: list[PromptSource], params: Pr
         key = _stream_key(src, set_name, i)
         if key not in streams:
             streams[key] = _Stream(src, seed, set_name, i, stats)
-        stream, got = streams[key], 0
+        stream, got, overlap_before = streams[key], 0, st["dropped_overlap"]
         while got < src.count and (row := stream.next()) is not None:
             if not params.min_chars <= len(row["turns"][0]) <= params.max_chars:
                 st["dropped_length"] += 1
@@ -302,8 +302,11 @@ def _fill_set(set_name: str, label: str, sources: list[PromptSource], params: Pr
             ids[row["prompt_id"]] = i
             rows.append(row)
             got += 1
-        if got == 0:
-            raise PromptsError(f"{label}[{i}]: source {src.source!r} produced no prompts")
+        if got == 0:  # name the file, and say when the evaluation sets took every text it had
+            where = f" ({src.path})" if src.source == "jsonl" else ""
+            overlap = st["dropped_overlap"] - overlap_before
+            why = f" ({overlap} dropped for equalling an evaluation prompt)" if overlap else ""
+            raise PromptsError(f"{label}[{i}]: source {src.source!r}{where} produced no prompts{why}")
         if got < src.count:
             log.warning("%s[%d]: source %r ran out: %d of %d prompts", label, i, src.source, got, src.count)
             st["short"][f"{i}"] = got

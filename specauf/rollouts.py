@@ -1,7 +1,9 @@
 """Stage `rollouts`: the target answers every training prompt; Arrow shards + manifest.
 
 Shards are the unit of resume: a killed run keeps its finished shards (in a work dir outside
-the DVC output) and redoes only the rest, so no row is lost or duplicated.
+the DVC output) and redoes only the rest, so no row is lost or duplicated. They are also the unit
+of parallelism: with N ranks (specauf.launch) rank r answers shards i % N == r, and since a shard's
+rows, batches and per-row generators do not depend on N, the bytes equal a one-process run's.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from specauf.artifacts import MANIFEST, ShardedWork, read_manifest, sha256_file, verify_shards, iter_shards
+from specauf.artifacts import MANIFEST, read_manifest, sha256_file, verify_shards, iter_shards
 from specauf.config import RolloutsParams
 from specauf.generation import Sampling, encode_chat, generate_batch
+from specauf.launch import RankGroup, collect_entries, open_work
 from specauf.runtime import progress
+from specauf.serving import VllmEngine
 
 log = logging.getLogger("specauf")
 
@@ -29,10 +33,14 @@ SCHEMA = pa.schema([
 ])
 
 
+def row_seed(seed: int, prompt_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def row_generator(seed: int, prompt_id: str) -> torch.Generator:
     """Per-row sampling stream: a row's sample does not depend on its batch or shard."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator().manual_seed(row_seed(seed, prompt_id))
 
 
 def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple[list[dict], int]:
@@ -51,7 +59,27 @@ def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple
 
 def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int],
                    pad_id: int, bar=None) -> pa.Table:
-    """Answer one shard's prompts, batching by length; rows come back in their original order."""
+    """Answer one shard's prompts (rows come back in their original order) with the transformers
+    target, batching by length, or with a serving engine (`model` a specauf.serving.VllmEngine)."""
+    if isinstance(model, VllmEngine):
+        seeds = [row_seed(seed, r["prompt_id"]) % 2**31 for r in rows] if params.temperature > 0 else None
+        results = dict(enumerate(model.answer(rows, params, row_seeds=seeds, stop_ids=stop_ids)))
+        if bar is not None:
+            bar.update(sum(len(r[0]) for r in results.values()))
+    else:
+        results = answer_rows(model, rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
+    return pa.table({
+        "prompt_id": [r["prompt_id"] for r in rows],
+        "source": [r["source"] for r in rows],
+        "prompt_ids": [r["prompt_ids"] for r in rows],
+        "response_ids": [results[i][0] for i in range(len(rows))],
+        "finish_reason": [results[i][1] for i in range(len(rows))],
+    }, schema=SCHEMA)
+
+
+def answer_rows(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int], pad_id: int,
+                bar=None) -> dict[int, tuple[list[int], str]]:
+    """The transformers backend: batches formed by prompt length within the given rows only."""
     sampling = Sampling(params.temperature, params.top_p, params.top_k)
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["prompt_ids"]), i))
     results: dict[int, tuple[list[int], str]] = {}
@@ -62,51 +90,52 @@ def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int
                               stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, generators=gens,
                               on_tokens=(bar.update if bar is not None else None))
         results.update(zip(idx, outs))
-    return pa.table({
-        "prompt_id": [r["prompt_id"] for r in rows],
-        "source": [r["source"] for r in rows],
-        "prompt_ids": [r["prompt_ids"] for r in rows],
-        "response_ids": [results[i][0] for i in range(len(rows))],
-        "finish_reason": [results[i][1] for i in range(len(rows))],
-    }, schema=SCHEMA)
+    return results
 
 
 def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsParams, *, out_dir: str | Path,
-                 work_dir: str | Path, seed: int, stop_ids: list[int], manifest_extra: dict) -> dict:
+                 work_dir: str | Path, seed: int, stop_ids: list[int], manifest_extra: dict,
+                 group: RankGroup | None = None) -> dict | None:
+    """Answer every prompt into shards; rank 0 returns the manifest, other ranks None."""
+    group = group or RankGroup()
     rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
     if not rows:
         raise ValueError("rollouts: no training prompt fits rollouts.max_prompt_tokens "
                          f"({params.max_prompt_tokens}); raise it or add prompts")
     log.info("read %d training prompts; skipped %d longer than %d tokens; answering %d",
              len(prompt_rows), skipped, params.max_prompt_tokens, len(rows))
-    work = ShardedWork(work_dir, {"params": params.model_dump(), "seed": seed, **manifest_extra})
+    work = open_work(group, work_dir, {"params": params.model_dump(), "seed": seed, **manifest_extra})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     shards = [rows[i: i + params.shard_size] for i in range(0, len(rows), params.shard_size)]
-    entries, resumed = [], 0
+    resumed = 0
     t0, new_tokens = time.perf_counter(), 0
     with progress(desc="rollouts", unit="tok") as bar:
         for index, shard_rows in enumerate(shards):
-            entry = work.done(index)
-            if entry is not None:
+            if not group.owns(index):
+                continue
+            if work.done(index) is not None:
                 resumed += 1
             else:
                 table = generate_shard(model, shard_rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
                 tokens = sum(len(r) for r in table.column("response_ids").to_pylist())
                 new_tokens += tokens
-                entry = work.write(index, table, response_tokens=tokens)
+                work.write(index, table, response_tokens=tokens)
                 bar.set_postfix(shard=f"{index + 1}/{len(shards)}")
-            entries.append(entry)
+    group.barrier()  # every rank's shards are in the work dir
     elapsed = time.perf_counter() - t0
+    resumed, new_tokens = int(group.sum(resumed)), int(group.sum(new_tokens))
+    if not group.is_main:
+        return None
+    entries = collect_entries(work, len(shards))
     if resumed:
         log.info("resumed: kept %d finished shards, generated %d", resumed, len(shards) - resumed)
     stats = summarize(entries, work.dir)
     manifest = {"kind": "rollouts", **stats, "skipped_long_prompts": skipped,
                 "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k},
-                "new_tokens_per_second": round(new_tokens / elapsed, 2) if elapsed and new_tokens else None,
-                **manifest_extra}
+                "backend": params.backend, **manifest_extra}  # no timings: a manifest's bytes must depend only on its inputs
     manifest = work.finish(out_dir, entries, manifest)
-    log.info("wrote %s: %d rows, %d response tokens in %d shards (%s)", out_dir, stats["rows"],
-             stats["response_tokens"], len(entries), stats["finish_reasons"])
+    log.info("wrote %s: %d rows, %d response tokens in %d shards (%s); %.1f new tokens/s", out_dir, stats["rows"],
+             stats["response_tokens"], len(entries), stats["finish_reasons"], new_tokens / elapsed if elapsed else 0.0)
     return manifest
 
 

@@ -35,7 +35,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: base.device is 'cuda' but no CUDA device is visible (set base.device: auto or cpu)")
+        raise ValueError("base.device: 'cuda' but no CUDA device is visible (set base.device: auto or cpu)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
@@ -47,6 +47,13 @@ def setup(base, stage: str) -> torch.device:
     if base.torch_threads:
         torch.set_num_threads(base.torch_threads)
     seed_everything(base.seed)
+    if os.environ.get("SPECAUF_DETERMINISTIC") == "1":
+        # GPU kernels (cuBLAS split-K, atomics in attention backward) are not bit-exact run to run
+        # by default; this trades speed for exactness, or fails naming an op that cannot comply.
+        # cuBLAS reads its workspace setting when CUDA starts: before any model is loaded.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     device = pick_device(base.device)
     log.info("device %s, %d torch threads, seed %d", device, torch.get_num_threads(), base.seed)
     return device

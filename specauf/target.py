@@ -48,6 +48,17 @@ def _check_causal(config, where: str) -> None:
         raise TargetError(f"{where}: encoder-decoder models cannot be targets")
 
 
+def _check_drafter_fits(config, where: str, model=None) -> None:
+    """Refuse, before any compute, an architecture the drafter cannot use (GPT-2's learned
+    positions, BERT's encoder, no `layers` list): the rollouts and labels would be wasted."""
+    from specauf.drafter import check_target_supported
+
+    try:
+        check_target_supported(config, model)
+    except ValueError as e:
+        raise TargetError(f"{where}: {e}") from None
+
+
 def _load_source(params: TargetParams, seed: int):
     """Return (model, tokenizer, description) for the configured source."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +71,8 @@ def _load_source(params: TargetParams, seed: int):
         r = params.random
         tmp = Path(tempfile.mkdtemp(prefix="specauf-random-target-"))
         build_tiny_target(tmp, r.arch, seed=seed, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
-                          num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads)
+                          num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
+                          tie_word_embeddings=r.tie_word_embeddings)
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(tmp), f"random {r.arch} (seed {seed})"
     if params.source == "gguf":
@@ -83,6 +95,7 @@ def _load_source(params: TargetParams, seed: int):
     except Exception as e:  # transformers raises many types for unknown or remote-code models
         raise TargetError(f"{key}: cannot read the config of {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     _check_causal(config, key)
+    _check_drafter_fits(config, key)
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
@@ -132,6 +145,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
         raise TargetError(f"target: the tokenizer of {described} has no chat template")
     config = model.config
     _check_causal(config, "target")
+    _check_drafter_fits(config, "target", model)
     vocab = model.get_input_embeddings().weight.shape[0]
     mask_id, mask_reason = choose_mask_token(tok, vocab, params.mask_token_id)
     if tok.pad_token_id is None:
@@ -192,13 +206,15 @@ def load_target_for(target_dir, upstream_dir, kind: str, device, trust_remote_co
     """Load the target and check that the `kind` artifact in upstream_dir was made with it."""
     upstream = read_manifest(upstream_dir, kind=kind)
     model, tokenizer, manifest = load_target(target_dir, device, trust_remote_code=trust_remote_code)
-    check_fingerprint(upstream["target_fingerprint"], manifest, f"the {kind} in {upstream_dir}")
+    if "target_fingerprint" not in upstream:
+        raise ArtifactError(f"{Path(upstream_dir) / MANIFEST}: records no target fingerprint (not made by this pipeline)")
+    check_fingerprint(upstream["target_fingerprint"], manifest, f"the {kind} in {upstream_dir}", target_dir)
     return model, tokenizer, manifest
 
 
-def check_fingerprint(expected: str, target_manifest: dict, what: str) -> None:
+def check_fingerprint(expected: str, target_manifest: dict, what: str, target_dir="data/target") -> None:
     if expected != target_manifest["fingerprint"]:
-        raise ArtifactError(f"{what} were made with target {expected[:12]}, but data/target is now "
+        raise ArtifactError(f"{what} were made with target {expected[:12]}, but {target_dir} is now "
                             f"{target_manifest['fingerprint'][:12]}: the target changed; rerun `dvc repro` to rebuild them")
 
 

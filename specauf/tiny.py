@@ -58,8 +58,11 @@ def build_tokenizer(vocab_size: int = 512, texts: list[str] | None = None) -> Pr
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 64,
                 num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
-                tie_word_embeddings: bool = False, max_position_embeddings: int = 2048):
-    """A random-init config for one of the supported architectures (llama, qwen3, qwen2, mistral)."""
+                tie_word_embeddings: bool = False, max_position_embeddings: int = 2048, **extra):
+    """A random-init config for one of the supported architectures (llama, qwen3, qwen2, mistral).
+
+    `extra` sets any other config field (`head_dim`, `rope_parameters`, ...), so tests can give
+    a tiny model the quirks of a real one (Qwen3's head_dim != hidden/heads, Llama 3's rope)."""
     kw = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -68,7 +71,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 6
     )
     if arch == "qwen3":
         kw["head_dim"] = hidden_size // num_heads
-    return AutoConfig.for_model(arch, **kw)
+    return AutoConfig.for_model(arch, **{**kw, **extra})
 
 
 def build_tiny_target(out_dir: str | Path, arch: str = "llama", seed: int = 0, **config_kw) -> Path:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,15 +29,27 @@ from specauf.runtime import progress
 log = logging.getLogger("specauf")
 
 
-def split_heldout(dataset: LabelsDataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic by prompt id, so every variant holds out the same rollouts."""
-    train, held = [], []
+def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
+                  max_seq_len: int | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic by prompt id, so every variant holds out the same rollouts. Sequences whose
+    response starts at or past max_seq_len offer no anchor and are left out of both (a batch
+    of only such rows would have nothing to learn from)."""
+    train, held, no_anchor = [], [], 0
     for i, (t, r) in enumerate(dataset.index):
-        pid = dataset.tables[t].column("prompt_id")[r].as_py()
+        table = dataset.tables[t]
+        if max_seq_len is not None:
+            length = len(table.column("input_ids")[r])
+            if table.column("response_start")[r].as_py() >= min(length, max_seq_len):
+                no_anchor += 1
+                continue
+        pid = table.column("prompt_id")[r].as_py()
         u = int(hashlib.sha256(f"{seed}:heldout:{pid}".encode()).hexdigest()[:8], 16) / 16**8
         (held if u < fraction else train).append(i)
+    if no_anchor:
+        log.info("left out %d sequences whose response starts at or past train.max_seq_len (%d)", no_anchor, max_seq_len)
     if not train:
-        raise ValueError("train.heldout_fraction leaves no training sequences")
+        raise ValueError("train.heldout_fraction leaves no training sequences"
+                         + (f" ({no_anchor} have no response within train.max_seq_len)" if no_anchor else ""))
     return train, held
 
 
@@ -73,17 +86,20 @@ class Trainer:
         self.embed = target.get_input_embeddings().weight.detach()
         self.lm_head = target.get_output_embeddings().weight.detach()
         self.online = dataset.manifest["features"] == "online"
-        self.train_rows, self.heldout_rows = split_heldout(dataset, params.heldout_fraction, seed)
+        self.train_rows, self.heldout_rows = split_heldout(dataset, params.heldout_fraction, seed, params.max_seq_len)
         d2t = build_draft_vocab(dataset, self.train_rows, draft_vocab_size, self.lm_head.shape[0])
         config = DrafterConfig.from_target_config(
             target.config, num_layers=params.num_layers, block_size=params.block_size,
             mask_token_id=target_manifest["mask_token_id"], target_layer_ids=dataset.manifest["layer_ids"],
-            context_layer_norm=params.context_layer_norm, draft_vocab_size=0 if d2t is None else len(d2t))
+            context_layer_norm=params.context_layer_norm, context_feature_scale=params.context_feature_scale,
+            draft_vocab_size=0 if d2t is None else len(d2t))
         torch.manual_seed(seed)
         self.drafter = BlockDrafter(config)
         if d2t is not None:
             self.drafter.d2t.copy_(d2t)
         self.copied = init_from_target(self.drafter, target) if params.init_from_target else []
+        if params.context_feature_scale:
+            self.drafter.feature_scale.copy_(self.feature_scale())
         # target id -> draft id (-1 outside the draft vocabulary)
         self.t2d = None
         if d2t is not None:
@@ -91,6 +107,25 @@ class Trainer:
             self.t2d[d2t] = torch.arange(len(d2t))
         self.draft_coverage = coverage(dataset, self.train_rows, d2t)
         self.gamma = params.gamma or default_gamma(params.block_size)
+
+    @torch.no_grad()
+    def feature_scale(self, max_rows: int = 64) -> torch.Tensor:
+        """1 / RMS of every conditioned feature dim over the first training sequences (fixed
+        rows, so the scale is deterministic and the same on every rank)."""
+        total, count = None, 0
+        for i in self.train_rows[:max_rows]:
+            item = self.ds[i]
+            S = min(len(item["input_ids"]), self.p.max_seq_len)
+            if self.online:
+                ids = item["input_ids"][:S][None].to(self.device)
+                out = self.target(input_ids=ids, output_hidden_states=True, use_cache=False)
+                feats = context_features_from_hidden_states(out.hidden_states, self.drafter.target_layer_ids)[0]
+            else:
+                feats = item["features"][:S]
+            sq = self.drafter.condition_features(feats.float().cpu()[None], scale=False)[0].pow(2).sum(0)
+            total = sq if total is None else total + sq
+            count += S
+        return torch.rsqrt(total / max(count, 1) + 1e-6)
 
     def loss_name(self, step: int) -> str:
         if self.variant == "decay_then_auf":
@@ -208,7 +243,6 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
         if work_dir.exists() and (not stamp.is_file() or read_json(stamp).get("key") != key):
             log.info("checkpoints in %s belong to other params: starting afresh", work_dir)
-            import shutil
             shutil.rmtree(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         write_json(stamp, {"key": key})
@@ -217,7 +251,16 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     start_step = load_checkpoint(engine, work_dir / "checkpoints")
     if start_step:
         log.info("resumed from checkpoint at step %d of %d", start_step, params.steps)
-    live = Live(dir=str(metrics_dir), resume=bool(start_step), save_dvc_exp=False, dvcyaml=None,
+    # DVCLive logs into the work dir and each checkpoint keeps a copy of the log, so a resume
+    # continues the history as of its checkpoint: no rows lost (DVC deletes metrics_dir before
+    # a rerun) or doubled (rows logged after the checkpoint by the killed run). Published whole.
+    live_dir = work_dir / "live"
+    if rank == 0:
+        shutil.rmtree(live_dir, ignore_errors=True)
+        snapshot = work_dir / "checkpoints" / f"step{start_step}" / "live"
+        if start_step and snapshot.is_dir():
+            shutil.copytree(snapshot, live_dir)
+    live = Live(dir=str(live_dir), resume=bool(start_step), save_dvc_exp=False, dvcyaml=None,
                 report=None) if rank == 0 else None
     tokens, t0 = 0, time.perf_counter()
     with progress(total=params.steps, desc=f"train {variant}", unit="step") as bar:
@@ -252,15 +295,13 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
                     live.log_metric(k, v)
                 live.next_step()
             if done % params.checkpoint_every == 0 and done < params.steps:
-                save_checkpoint(engine, work_dir / "checkpoints", done)
+                save_checkpoint(engine, work_dir / "checkpoints", done, snapshot=live_dir if rank == 0 else None)
     engine.eval()
     final = t.evaluate(engine)
     if rank != 0:
         return final
     live.summary.update({k: v for k, v in final.items()})
     live.end()
-    import shutil
-    shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve a resume; the drafter is below
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant,
         "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
@@ -275,6 +316,9 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
         t.drafter.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "ds_config.json", ds_config)
         write_json(tmp / MANIFEST, manifest)
+    with atomic_dir(metrics_dir) as tmp:
+        shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+    shutil.rmtree(work_dir, ignore_errors=True)  # last: a kill before this resumes, never retrains
     log.info("wrote %s: held-out token accuracy %.3f, acceptance length %.3f (offline tau estimate)", out_dir,
              final["heldout/token_accuracy"], final["heldout/acceptance_length"])
     return manifest

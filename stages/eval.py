@@ -3,7 +3,7 @@ from pathlib import Path
 
 from specauf.artifacts import read_manifest, write_json
 from specauf.cli import stage_main
-from specauf.evaluate import check_exactness, evaluate_drafter, plot_rows
+from specauf.evaluate import check_drafter_fits, check_exactness, evaluate_drafter, plot_rows
 from specauf.prompts import load_prompt_set
 from specauf.runtime import setup
 from specauf.target import load_target_for
@@ -16,6 +16,7 @@ def run(params, args):
     target, tokenizer, target_manifest = load_target_for(args.target, args.drafter, "drafter", device,
                                                          params.target.trust_remote_code)
     drafter = BlockDrafter.from_pretrained(args.drafter).to(device).eval()
+    check_drafter_fits(drafter, target, args.drafter)
     too_big = [b for b in params.eval.block_sizes if b > drafter.block_size]
     if too_big:
         raise ValueError(f"eval.block_sizes {too_big} exceed the drafter's trained block size {drafter.block_size}")
@@ -28,7 +29,13 @@ def run(params, args):
     assistant = None
     if params.eval.assistant_model:
         from transformers import AutoModelForCausalLM
-        assistant = AutoModelForCausalLM.from_pretrained(params.eval.assistant_model).to(device).eval()
+        path = params.eval.assistant_model
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"eval.assistant_model: {path} is not a Hugging Face model folder (no config.json)")
+        try:
+            assistant = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"eval.assistant_model: cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     metrics = evaluate_drafter(target, tokenizer, drafter, sets, params.eval, stop_ids=target_manifest["stop_token_ids"],
                                pad_id=target_manifest["pad_token_id"], seed=params.base.seed, assistant=assistant)
     metrics["variant"] = args.variant

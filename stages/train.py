@@ -1,15 +1,20 @@
 """Stage `train`: one drafter per loss variant (DeepSpeed; single CPU process or any launcher)."""
 from specauf.config import LOSS_VARIANTS
 from specauf.cli import stage_main, stage_manifest_extra
-from specauf.runtime import setup
-from specauf.target import load_target_for
-from specauf.train import train_variant
+from specauf.launch import rank_device, relaunch_if_needed
 
 
 def run(params, args):
     if args.variant not in LOSS_VARIANTS:
         raise ValueError(f"--variant: unknown loss variant {args.variant!r}; allowed: {', '.join(LOSS_VARIANTS)}")
-    device = setup(params.base, f"train {args.variant}")
+    # train.processes ranks under launch.launcher; each rank then runs the body below.
+    launch = params.launch.model_copy(update={"processes": params.train.processes})
+    relaunch_if_needed(launch, f"train {args.variant}", {args.target: "target", args.labels: "labels"})
+    from specauf.runtime import setup
+    from specauf.target import load_target_for
+    from specauf.train import train_variant
+
+    device = rank_device(setup(params.base, f"train {args.variant}"))
     target, _, target_manifest = load_target_for(args.target, args.labels, "labels", device, params.target.trust_remote_code)
     extra = stage_manifest_extra(params, "base", "train", target=target_manifest, labels=args.labels)
     train_variant(params.train, args.variant, target=target, target_manifest=target_manifest, labels_dir=args.labels,

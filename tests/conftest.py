@@ -62,3 +62,46 @@ def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# Kill-friendly smoke sizes: enough shards, steps and checkpoints that a stage can be killed
+# between two of them (tests/test_kill.py), still a whole `dvc repro` in about a minute.
+BUILT_SMOKE_EDITS = {("rollouts", "shard_size"): 3, ("labels", "shard_size"): 3, ("train", "steps"): 12,
+                     ("train", "checkpoint_every"): 2, ("train", "log_every"): 2, ("train", "eval_every"): 4}
+BUILT_SMOKE_TRAIN_PROMPTS = 24
+
+
+def built_smoke_params() -> str:
+    """The smoke preset with BUILT_SMOKE_EDITS applied, as params.yaml text."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    for (section, key), value in BUILT_SMOKE_EDITS.items():
+        params[section][key] = value
+    params["prompts"]["train"][0]["count"] = BUILT_SMOKE_TRAIN_PROMPTS
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def git_commit_all(ws: Path, message: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",
+           "GIT_COMMITTER_NAME": "specauf", "GIT_COMMITTER_EMAIL": "specauf@localhost"}
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True, env=env)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=ws, check=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def built_smoke(tmp_path_factory) -> Path:
+    """A smoke workspace (built_smoke_params) after a whole `dvc repro`, committed with its
+    dvc.lock. Read-only: tests copy it (copy_workspace) instead of paying for another repro."""
+    ws = tmp_path_factory.mktemp("built") / "ws"
+    git_dvc_workspace(ws)
+    (ws / "params.yaml").write_text(built_smoke_params())
+    dvc(ws, "repro")
+    git_commit_all(ws, "smoke pipeline built")
+    return ws
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A copy of a workspace with its git repo and DVC cache (a clone would lack the cache)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest

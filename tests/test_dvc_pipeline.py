@@ -10,7 +10,7 @@ from tests.conftest import dvc, git_dvc_workspace
 
 # stage -> stages it reads from; DVC may run independent stages in any order
 UPSTREAM = {"rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
-            "eval": {"train"}, "report": {"eval"}}
+            "eval": {"train"}, "export": {"train"}, "report": {"eval"}}
 
 
 def ran(output: str) -> list[str]:
@@ -58,13 +58,15 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
     ws = git_dvc_workspace(tmp_path / "ws")
     out = dvc(ws, "repro").stdout
     assert ran(out) == sorted(["target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
-                               "eval@decay", "eval@auf", "report"]), out
+                               "eval@decay", "eval@auf", "export@decay", "export@auf", "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
     for variant in ("decay", "auf"):
         assert f"metrics/eval/{variant}.json" in flat
     assert '"tau"' in flat
     assert (ws / "reports/report.md").is_file() and (ws / "reports/acceptance.png").is_file()
+    exported = json.loads((ws / "data/export/auf/config.json").read_text())
+    assert exported["architectures"] == ["DFlashDraftModel"] and (ws / "data/export/auf/model.safetensors").is_file()
     assert "up to date" in dvc(ws, "status").stdout.lower()
 
     edit(ws, "eval", "max_new_tokens", 10)

@@ -102,16 +102,17 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
     expected = {
         "target": {"base", "target"},
         "prompts": {"base", "prompts"},
-        "rollouts": {"base", "rollouts", "target.trust_remote_code"},
-        "labels": {"base", "labels", "target.trust_remote_code"},
-        "train": {"base", "target.trust_remote_code"} | train_keys,
+        "rollouts": {"base", "rollouts", "launch", "target.trust_remote_code"},
+        "labels": {"base", "labels", "launch", "target.trust_remote_code"},
+        "train": {"base", "target.trust_remote_code", "launch.launcher", "launch.hostfile"} | train_keys,
         "eval": {"base", "eval", "target.trust_remote_code"},
+        "export": set(),
         "report": {"train.variants"},
     }
     assert set(dvc) == set(expected)
     for stage, want in expected.items():
         spec = dvc[stage].get("do", dvc[stage])
-        assert set(spec["params"]) == want, stage
+        assert set(spec.get("params", [])) == want, stage
 
 
 def test_cli_check_params():

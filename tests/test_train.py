@@ -453,3 +453,68 @@ def test_two_process_gloo_run_trains_and_rank0_writes(tiny_target, data, tmp_pat
     assert last < 0.8 * first, (first, last)
     drafter = BlockDrafter.from_pretrained(out)
     assert drafter.config.block_size == BASE["block_size"]
+
+
+def test_train_processes_param_relaunches_under_the_launcher(tiny_target, data, tmp_path):
+    """`train.processes: 2` runs the one-line stage command as 2 DeepSpeed ranks (the stage
+    re-executes itself under torchrun): same weights as launching torchrun by hand."""
+    steps = 6
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECAUF_NO_PROGRESS": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    outs = {}
+    for how in ("param", "by_hand"):
+        d = tmp_path / how
+        d.mkdir()
+        params = _params_file(d / "params.yaml", steps=steps, eval_every=steps, checkpoint_every=100,
+                              processes=2 if how == "param" else 1)
+        stage = [str(ROOT / "stages" / "train.py"), "--params", str(params), "--variant", "auf",
+                 "--target", str(tiny_target[0]), "--labels", str(data["offline"]),
+                 "--out", str(d / "drafter"), "--work", str(d / "work"), "--metrics", str(d / "metrics")]
+        launcher = [] if how == "param" else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        proc = subprocess.run([sys.executable, *launcher, *stage], cwd=d, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((d / "drafter" / "manifest.json").read_text())["world_size"] == 2
+        outs[how] = weights(d / "drafter")
+    assert outs["param"].keys() == outs["by_hand"].keys()
+    for k in outs["param"]:
+        assert torch.equal(outs["param"][k], outs["by_hand"][k]), k
+
+
+def test_rows_without_an_anchor_within_max_seq_len_are_left_out(data):
+    """A response starting at or past max_seq_len offers no anchor: such rows never reach a batch."""
+    from specauf.dataset import LabelsDataset
+    from specauf.train import split_heldout
+
+    ds = LabelsDataset(data["offline"])
+    starts = [ds[i]["response_start"] for i in range(len(ds))]
+    cut = sorted(starts)[len(starts) // 2]  # about half the prompts end at or past the cut
+    train_rows, held = split_heldout(ds, 0.25, 0, max_seq_len=cut)
+    kept = sorted(train_rows + held)
+    assert kept == [i for i, s in enumerate(starts) if s < min(len(ds[i]["input_ids"]), cut)]
+    assert 0 < len(kept) < len(ds)
+    all_train, all_held = split_heldout(ds, 0.25, 0)
+    assert set(train_rows) <= set(all_train) and set(held) <= set(all_held)  # same split, fewer rows
+
+
+def test_context_feature_scale_is_the_inverse_rms_per_dim_and_saved(tiny_model, data, tmp_path):
+    """The scale equalises every conditioned feature dim to unit RMS over the fixed first rows,
+    and travels with the drafter (a buffer in model.safetensors)."""
+    from specauf.dataset import LabelsDataset
+    from specauf.drafter import BlockDrafter
+
+    run = train(tiny_model, data["offline"], tmp_path, steps=2, eval_every=2, checkpoint_every=100,
+                context_feature_scale=True, context_layer_norm=True)
+    drafter = BlockDrafter.from_pretrained(run["out"])
+    ds = LabelsDataset(data["offline"])
+    from specauf.train import split_heldout
+
+    rows = split_heldout(ds, BASE["heldout_fraction"], 0, 512)[0][:64]
+    feats = torch.cat([drafter.condition_features(ds[i]["features"][:512].float()[None], scale=False)[0] for i in rows])
+    expected = torch.rsqrt(feats.pow(2).mean(0) + 1e-6)
+    torch.testing.assert_close(drafter.feature_scale, expected, rtol=1e-5, atol=1e-6)
+    scaled = drafter.condition_features(feats[None])[0]
+    torch.testing.assert_close(scaled.pow(2).mean(0), torch.ones(feats.shape[1]), rtol=1e-3, atol=1e-3)
+    assert "feature_scale" in weights(run["out"])

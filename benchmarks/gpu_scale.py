@@ -1,0 +1,104 @@
+"""The whole pipeline at a larger scale in one prepared run, on a machine without DVC.
+
+Runs every stage of `dvc.yaml` in its DAG order with exactly the command DVC would run
+(`python stages/<name>.py ...`, `${item}` expanded over train.variants) plus `--params`, from a
+params file made of a preset and `--set key.path=value` overrides (YAML values). Stage wall times
+go to `<out>/stage_times.json`; metrics, report and the params used are copied to `--out`.
+`--parallel train,export` runs the variants of those stages side by side (on a GPU a small drafter
+leaves most of the device idle); eval always runs one variant at a time, since it times decoding.
+
+    python benchmarks/gpu_scale.py --preset presets/gpu.yaml --set target.source=gguf \\
+        --set train.steps=1200 --out /tmp/gpu-run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def set_key(params: dict, path: str, value: str) -> None:
+    *parents, leaf = path.split(".")
+    node = params
+    for key in parents:
+        if key not in node or not isinstance(node[key], dict):
+            raise SystemExit(f"error: --set {path}: no section {key!r} in the preset")
+        node = node[key]
+    node[leaf] = yaml.safe_load(value)
+
+
+def stage_commands(params: dict, workspace: Path) -> list[tuple[str, list[list[str]]]]:
+    """[(stage, [argv per item])] in dvc.yaml order, as DVC would run them."""
+    stages = yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"]
+    out = []
+    for name, spec in stages.items():
+        if "foreach" in spec:
+            items = params["train"]["variants"]
+            cmds = [spec["do"]["cmd"].replace("${item}", str(item)) for item in items]
+        else:
+            cmds = [spec["cmd"]]
+        argvs = []
+        for cmd in cmds:
+            argv = shlex.split(cmd)
+            if argv[0] == "python":
+                argv[0] = sys.executable
+            argvs.append(argv)
+        out.append((name, argvs))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="presets/gpu.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", required=True, help="folder for metrics, report, params and stage times")
+    ap.add_argument("--parallel", default="train,export", help="stages whose variants run side by side")
+    ap.add_argument("--skip", default="", help="stages not to run (comma-separated)")
+    ap.add_argument("--workspace", default=str(ROOT), help="pipeline folder holding dvc.yaml (default: this repo)")
+    args = ap.parse_args()
+    workspace = Path(args.workspace).resolve()
+    params = yaml.safe_load(Path(args.preset).read_text())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        set_key(params, key, value)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    parallel, skip = set(args.parallel.split(",")), set(filter(None, args.skip.split(",")))
+    times: dict[str, float] = {}
+    for name, argvs in stage_commands(params, workspace):
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        print(f"== stage {name}: {len(argvs)} command(s)", flush=True)
+        batches = [argvs] if name in parallel else [[a] for a in argvs]
+        for batch in batches:
+            procs = [subprocess.Popen([*a, "--params", str(params_file)], cwd=workspace) for a in batch]
+            codes = [p.wait() for p in procs]
+            if any(codes):
+                times[name] = round(time.perf_counter() - t0, 1)
+                (out / "stage_times.json").write_text(json.dumps(times, indent=1))
+                raise SystemExit(f"error: stage {name} failed (exit codes {codes})")
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"== stage {name}: {times[name]} s", flush=True)
+        (out / "stage_times.json").write_text(json.dumps(times, indent=1))
+    for rel in ("reports/report.md", "metrics"):
+        src = workspace / rel
+        if src.is_dir():
+            shutil.copytree(src, out / rel, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, out / Path(rel).name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Export a trained drafter in the DFlash Hugging Face layout that serving engines load.
+
+Why a separate layout: our drafter folder (`model_type: specauf_dflash`, `BlockDrafter`) only loads
+where spec-auf is installed. Serving engines recognise a DFlash drafter by `architectures:
+["DFlashDraftModel"]` over a Qwen3 config (the layout of z-lab's published drafters, e.g.
+z-lab/Qwen3-8B-DFlash-b16), read `block_size`, `num_target_layers` and `dflash_config`
+{`mask_token_id`, `target_layer_ids`}, and load unprefixed weights `fc`, `hidden_norm`,
+`layers.N.*`, `norm`; the embedding table and lm_head come from the target. Our module names
+already are the reference's, so the weights are copied bit for bit. tests/fixtures/dflash_layout.json
+records the layout and where it was read from.
+
+Three things of ours have no counterpart in the reference model and are handled here:
+
+- a draft vocabulary (`d2t`, train.draft_vocab_size > 0): written as vLLM's draft-vocabulary
+  convention, `draft_vocab_size` in the config, `d2t` as offsets (target id = draft id + d2t)
+  and `lm_head.weight` = the target's lm_head rows of the draft vocabulary, so vLLM drafts over
+  exactly the vocabulary we trained. That needs the target (`--target`). SGLang and the reference
+  transformers code ignore these two tensors and draft over the full vocabulary with the target's
+  lm_head: still lossless, possibly a little less acceptance.
+- `feature_scale` (train.context_feature_scale, a per-dimension scale of the features before `fc`):
+  folded into the projection, fc.weight * feature_scale (column-wise), the same linear map.
+- `context_layer_norm` (a parameter-free RMS norm of each feature layer before `fc`): no loader
+  has it. With one feature layer it changes nothing (the RMSNorm after `fc` is scale-invariant);
+  with more, the engines run a drafter that differs from the evaluated one (outputs stay exact,
+  acceptance drops). The export says so loudly, records it (`reference_equivalent: false`), and
+  `strict=True` refuses it. Train with `train.context_layer_norm: false` for a drafter to serve.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_manifest, sha256_file,
+                               versions, write_json)
+
+log = logging.getLogger("specauf")
+
+ARCHITECTURE = "DFlashDraftModel"
+MODEL_TYPE = "qwen3"  # the reference's config class is Qwen3Config; engines parse the config as one
+WEIGHTS = "model.safetensors"
+
+
+def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None) -> dict:
+    """config.json of the DFlash layout for a DrafterConfig (no weights needed).
+
+    RoPE is written both ways: `rope_theta`/`rope_scaling` (transformers 4 readers) and
+    `rope_parameters` (transformers 5 readers); they agree."""
+    n = config.num_hidden_layers
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    rope_parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": float(config.rope_theta)}
+    out = {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "block_size": int(config.block_size),
+        "num_target_layers": int(config.num_target_layers),
+        "dflash_config": {"mask_token_id": int(config.mask_token_id),
+                          "target_layer_ids": [int(i) for i in config.target_layer_ids]},
+        "vocab_size": int(config.vocab_size),
+        "hidden_size": int(config.hidden_size),
+        "intermediate_size": int(config.intermediate_size),
+        "num_hidden_layers": int(n),
+        "num_attention_heads": int(config.num_attention_heads),
+        "num_key_value_heads": int(config.num_key_value_heads),
+        "head_dim": int(config.head_dim),
+        "hidden_act": config.hidden_act,
+        "max_position_embeddings": int(config.max_position_embeddings),
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "rope_theta": float(config.rope_theta),
+        "rope_scaling": scaling,
+        "rope_parameters": rope_parameters,
+        "attention_bias": bool(config.attention_bias),
+        "attention_dropout": float(config.attention_dropout),
+        "initializer_range": float(config.initializer_range),
+        # Every drafter layer attends bidirectionally within its block: full attention, no window
+        # (SGLang and vLLM treat full-attention DFlash layers as non-causal).
+        "layer_types": ["full_attention"] * n,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": int(n),
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    }
+    if draft_vocab_size:
+        out["draft_vocab_size"] = int(draft_vocab_size)
+    if getattr(config, "context_layer_norm", False):
+        out["context_layer_norm"] = True  # ours; no loader reads it (see module docstring)
+    if dtype:
+        out["dtype"] = out["torch_dtype"] = dtype
+    return out
+
+
+def _target_lm_head(target_dir: Path, trust_remote_code: bool) -> torch.Tensor:
+    """The target's output embedding (lm_head) as stored, read straight from its safetensors.
+
+    The tensor's name comes from the model class itself (built on the meta device, no memory), so
+    tied embeddings (`model.embed_tokens.weight`) and any naming work without loading 16 GB."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head]
+    index = target_dir / "model.safetensors.index.json"
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    for name in names:
+        file = target_dir / (where.get(name, "") if where else WEIGHTS)
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+    raise ArtifactError(f"{target_dir}: no lm_head weight ({' or '.join(names)}) in its safetensors")
+
+
+def reference_tensors(state: dict[str, torch.Tensor], lm_head: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Our state dict -> the DFlash layout: same names and bytes, except that `feature_scale` is
+    folded into `fc` (fc(x * s) = (W diag s) x) and `d2t` (target ids) becomes vLLM's offsets and
+    brings the draft vocabulary's lm_head rows."""
+    out = {k: v.contiguous() for k, v in state.items() if k not in ("d2t", "feature_scale")}
+    if "feature_scale" in state:
+        w = state["fc.weight"]
+        out["fc.weight"] = (w.float() * state["feature_scale"].float()[None, :]).to(w.dtype).contiguous()
+    if "d2t" in state:
+        d2t = state["d2t"].to(torch.long)
+        if lm_head is None:
+            raise ValueError("the drafter has a draft vocabulary: pass --target TARGET_DIR (its lm_head rows are exported)")
+        if int(d2t.max()) >= lm_head.shape[0]:
+            raise ArtifactError(f"draft vocabulary id {int(d2t.max())} outside the target's lm_head ({lm_head.shape[0]} rows)")
+        out["d2t"] = d2t - torch.arange(len(d2t), dtype=torch.long)
+        out["lm_head.weight"] = lm_head[d2t].contiguous()
+    return out
+
+
+def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = False,
+                   manifest_extra: dict | None = None) -> dict:
+    """Write drafter_dir (a `train` output) to out_dir in the DFlash layout; return the manifest.
+
+    With target_dir, the target must be the one the drafter was trained with (fingerprint)."""
+    from safetensors.torch import load_file, save_file
+
+    from specauf.drafter import DrafterConfig
+    from specauf.target import check_fingerprint, read_target_manifest
+
+    drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
+    dm = read_manifest(drafter_dir, kind="drafter")
+    weights = drafter_dir / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: missing (rerun the train stage)")
+    config = DrafterConfig.from_pretrained(drafter_dir)
+    if config.mask_token_id is None:
+        raise ArtifactError(f"{drafter_dir / 'config.json'}: no dflash_config.mask_token_id")
+    state = load_file(str(weights))
+    target_fp = dm.get("target_fingerprint")
+    if "d2t" in state and target_dir is None:
+        raise ValueError(f"{drafter_dir}: has a {len(state['d2t'])}-token draft vocabulary (train.draft_vocab_size): "
+                         "pass --target TARGET_DIR, the exported drafter carries its rows of the target's lm_head")
+    differences = []
+    n_features = len(config.target_layer_ids)
+    if config.context_layer_norm and n_features > 1:
+        differences.append(
+            f"context_layer_norm: trained with a per-layer RMS norm of its {n_features} feature layers "
+            "before fc, which SGLang/vLLM/the reference do not apply: served acceptance will be lower "
+            "than evaluated (outputs stay exact); retrain with train.context_layer_norm: false")
+        if strict:
+            raise ValueError(f"{drafter_dir}: not exportable exactly: {differences[0]}")
+        log.warning("export %s: %s", drafter_dir, differences[0])
+    lm_head = None
+    if target_dir is not None:
+        tm = read_target_manifest(target_dir)
+        check_fingerprint(target_fp, tm, f"the drafter in {drafter_dir}")
+        if "d2t" in state:
+            lm_head = _target_lm_head(Path(target_dir), bool(tm.get("trust_remote_code", False)))
+            if tuple(lm_head.shape) != (config.vocab_size, config.hidden_size):
+                raise ArtifactError(f"{target_dir}: lm_head is {tuple(lm_head.shape)}, the drafter expects "
+                                    f"({config.vocab_size}, {config.hidden_size})")
+    tensors = reference_tensors(state, lm_head)
+    dtype = str(state["fc.weight"].dtype).removeprefix("torch.")
+    draft_vocab = len(state["d2t"]) if "d2t" in state else 0
+    cfg = reference_config(config, draft_vocab, dtype)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, 0o644)  # readable by whoever serves it, like every other artifact
+        write_json(tmp / "config.json", cfg)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "kind": "export", "format": "dflash",
+            "architecture": ARCHITECTURE, "variant": dm.get("variant"),
+            "block_size": cfg["block_size"], "draft_vocab_size": draft_vocab,
+            "reference_equivalent": not differences, "differences": differences,
+            "folded": ["feature_scale into fc.weight"] if "feature_scale" in state else [],
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in sorted(tensors.items())},
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            "drafter_manifest_sha256": sha256_file(drafter_dir / MANIFEST),
+            "target_fingerprint": target_fp, "versions": versions(),
+            **(manifest_extra or {}),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    log.info("wrote %s: %s, %d tensors, block size %d%s", out_dir, ARCHITECTURE, len(tensors), cfg["block_size"],
+             f", draft vocabulary {draft_vocab}" if draft_vocab else "")
+    return manifest
