@@ -18,8 +18,8 @@ from common import (goal_line, interleave, load_bench_target, median, print_head
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=16, help="prompts (first ShareGPT prompts that fit)")
-    ap.add_argument("--batch-size", type=int, default=16, help="batch size of the batched generation")
+    ap.add_argument("--n", type=int, default=32, help="prompts (first ShareGPT prompts that fit)")
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size of the batched generation (default: the stage's rollouts.batch_size)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-prompt-tokens", type=int, default=128, help="skip longer prompts (after the chat template)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs A then B)")

@@ -55,6 +55,53 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, generators: list[torc
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]).to(logits.device)
 
 
+# Prompts prefilled together: the prefill is compute-bound on a CPU, so padding every prompt of a
+# batch to the longest one wastes up to half of it (ShareGPT prompts of 33-101 tokens: 3232
+# padded vs 1660 real tokens); groups of similar length keep batching's gain without the waste.
+PREFILL_GROUP = 8
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[DynamicCache, torch.Tensor]:
+    """KV cache of the whole batch, left-padded to its longest prompt, and each row's next-token
+    logits. Rows are prefilled in groups of similar length, then their caches are left-padded to
+    the batch width and stacked; the batch attention mask hides every pad slot."""
+    from specauf.decode import cache_kwarg
+
+    n, width = len(prompts), max(len(p) for p in prompts)
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    layers: list[tuple[list, list]] = []
+    logits = [None] * n
+    rows_done: list[int] = []
+    for start in range(0, n, PREFILL_GROUP):
+        group = order[start: start + PREFILL_GROUP]
+        w = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), w), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), w), dtype=torch.long)
+        for j, i in enumerate(group):
+            ids[j, w - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[j, w - len(prompts[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache()
+        # logits_to_keep=1: only the last position's logits are needed, not the LM head over
+        # every prompt token (a seventh of the prefill on SmolLM2's 49k vocabulary).
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
+        for j, i in enumerate(group):
+            logits[i] = out.logits[j, -1]
+        for li, layer in enumerate(cache.layers):
+            if len(layers) <= li:
+                layers.append(([], []))
+            pad = width - w
+            layers[li][0].append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
+            layers[li][1].append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+        rows_done.extend(group)
+    back = torch.tensor(sorted(range(n), key=lambda r: rows_done[r]), device=device)  # batch row -> stacked row
+    merged = DynamicCache()
+    for li, (keys, values) in enumerate(layers):
+        merged.update(torch.cat(keys)[back], torch.cat(values)[back], li)
+    return merged, torch.stack(logits)
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
                    pad_id: int, sampling: Sampling = Sampling(),
@@ -67,22 +114,15 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop
     device = next(model.parameters()).device
     n = len(prompts)
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask = mask.to(device)
+    cache, logits = prefill(model, prompts, pad_id, device)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
     from specauf.decode import cache_kwarg
 
-    cache = DynamicCache()
     kw = {cache_kwarg(model): cache, "use_cache": True}
-    # Only the last position's logits are needed: skipping the LM head over the whole padded
-    # prompt saves about a seventh of the prefill on a small-vocabulary-heavy target like SmolLM2.
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **kw)
-    logits = out.logits[:, -1]
-    next_pos = positions[:, -1] + 1
 
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     responses: list[list[int]] = [[] for _ in range(n)]

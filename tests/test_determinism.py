@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import built_smoke_params, dvc, git_dvc_workspace
+from tests.conftest import dvc
 
 BYTE_EXACT = ("data/target", "data/prompts", "data/rollouts", "data/labels", "data/drafters/decay")
 TIMINGS = ("tokens_per_second",)  # wall-clock throughput: the only logged figure allowed to differ
@@ -29,12 +30,16 @@ def train_log(ws: Path, variant: str) -> dict[str, str]:
 
 
 def test_two_workspaces_same_params_same_bytes_and_losses(built_smoke, tmp_path, monkeypatch):
-    ws = git_dvc_workspace(tmp_path / "again")
-    (ws / "params.yaml").write_text(built_smoke_params())
-    assert (ws / "params.yaml").read_bytes() == (built_smoke / "params.yaml").read_bytes()
+    # a git clone: the same code and params.yaml, another path, no data and no DVC cache, so
+    # every stage really runs again (--force: not even DVC's run cache may restore an output)
+    ws = tmp_path / "again"
+    subprocess.run(["git", "clone", "-q", str(built_smoke), str(ws)], check=True)
+    assert not (ws / "data/target").exists() and not (ws / ".dvc/cache").exists()
     # the GPU exactness switch (torch.use_deterministic_algorithms) changes no bit on CPU
     monkeypatch.setenv("SPECAUF_DETERMINISTIC", "1")
-    dvc(ws, "repro", "train@decay")
+    out = dvc(ws, "repro", "--force", "train@decay").stdout
+    for stage in ("target", "prompts", "rollouts", "labels", "train@decay"):
+        assert f"Running stage '{stage}'" in out, out
 
     for top in BYTE_EXACT:  # every shard, manifest, weight file, tokenizer file
         first, second = hashes(built_smoke, top), hashes(ws, top)
@@ -43,11 +48,12 @@ def test_two_workspaces_same_params_same_bytes_and_losses(built_smoke, tmp_path,
         manifest = (ws / "data" / name / "manifest.json").read_text()
         assert str(ws) not in manifest and str(built_smoke) not in manifest
 
-    # DVC agrees: it records the same output hashes (so a downstream stage sees the same inputs)
+    # DVC agrees: the same dependency and output hashes (train's metrics hold tokens_per_second)
     lock1, lock2 = (yaml.safe_load((w / "dvc.lock").read_text())["stages"] for w in (built_smoke, ws))
     for stage in ("target", "prompts", "rollouts", "labels", "train@decay"):
         data1, data2 = ([o for o in lock[stage]["outs"] if o["path"].startswith("data/")] for lock in (lock1, lock2))
-        assert data1 and data2 == data1, stage  # (train metrics hold tokens_per_second: below)
+        assert data1 and data2 == data1, stage
+        assert lock2[stage]["deps"] == lock1[stage]["deps"] and lock2[stage]["params"] == lock1[stage]["params"], stage
 
     log1, log2 = train_log(built_smoke, "decay"), train_log(ws, "decay")
     assert "loss.tsv" in log1 and len(log1["loss.tsv"].splitlines()) > 2

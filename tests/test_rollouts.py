@@ -6,7 +6,7 @@ import torch
 
 from specauf.artifacts import read_manifest
 from specauf.config import RolloutsParams
-from specauf.generation import Sampling, encode_chat, generate_batch
+from specauf.generation import PREFILL_GROUP, Sampling, encode_chat, generate_batch, prefill
 from specauf import rollouts as rollouts_mod
 from specauf.rollouts import load_rollouts, run_rollouts
 from tests.conftest import prompt_rows
@@ -20,8 +20,8 @@ def test_batched_greedy_equals_unbatched_and_hf_generate(tmp_path, arch):
     path = build_tiny_target(tmp_path / arch, arch)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(7)]
-    assert len({len(p) for p in prompts}) > 3  # real padding happens
+    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(19)]  # unsorted, 3 prefill groups
+    assert len({len(p) for p in prompts}) > 3 and len(prompts) > 2 * PREFILL_GROUP  # real padding, merged groups
     stop = [tok.eos_token_id]
     batched = generate_batch(model, prompts, max_new_tokens=20, stop_ids=stop, pad_id=tok.pad_token_id)
     for p, (resp, finish) in zip(prompts, batched):
@@ -127,3 +127,30 @@ def test_real_embedded_target_generates(tmp_path):
     ids = encode_chat(tok, ["What is the capital of France? Answer in one sentence."])
     (resp, finish), = generate_batch(model, [ids], max_new_tokens=16, stop_ids=m["stop_token_ids"], pad_id=m["pad_token_id"])
     assert "Paris" in tok.decode(resp)
+
+
+def test_grouped_prefill_equals_one_padded_batch(tiny_model):
+    """The stacked cache of length groups holds the same keys/values at every real position as
+    one forward of the whole left-padded batch (pad slots differ and are masked), and the same
+    next-token logits."""
+    from transformers import DynamicCache
+
+    model, tok, _ = tiny_model
+    prompts = [encode_chat(tok, r["turns"]) for r in prompt_rows(2 * PREFILL_GROUP + 3, seed=5)]
+    n, width = len(prompts), max(map(len, prompts))
+    ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    with torch.inference_mode():
+        ref_cache = DynamicCache()
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=ref_cache, use_cache=True)
+        cache, logits = prefill(model, prompts, 0, torch.device("cpu"))
+    torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), ref.logits[:, -1].argmax(-1))
+    real = mask.bool()[:, None, :, None]
+    for got, want in zip(cache.layers, ref_cache.layers):
+        assert got.keys.shape == want.keys.shape
+        torch.testing.assert_close(got.keys * real, want.keys * real, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.values * real, want.values * real, rtol=1e-4, atol=1e-5)
