@@ -1,12 +1,12 @@
 """Rollout throughput: our batched greedy generation vs batch-1 `model.generate` on the same prompts.
 
 A = `specauf.generation.generate_batch` over the prompts sorted by length, in batches of
---batch-size (what the rollouts stage runs); B = transformers `model.generate(do_sample=False)`
+--batch-size (what the rollouts stage runs; default its `rollouts.batch_size`, 32); B = transformers `model.generate(do_sample=False)`
 one prompt at a time. Both stop at the target's stop tokens and at --max-new-tokens, both are
 timed end to end (prefill included), interleaved A, B, A, B over --repeats rounds, 1 torch thread.
 tokens/s = generated tokens / seconds. The greedy outputs of A and B are compared token by token.
 
-    .venv/bin/python benchmarks/rollouts.py            # ~3 min on 2 cores
+    .venv/bin/python benchmarks/rollouts.py            # ~5 min on 2 cores
 """
 from __future__ import annotations
 

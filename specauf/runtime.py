@@ -23,6 +23,11 @@ def setup_logging(stage: str) -> logging.Logger:
     # transformers and deepspeed are chatty at INFO; their warnings still show.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already: it read those variables too early
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would bury a one-line error
     return log
 
 

@@ -34,6 +34,48 @@ def tiny_model(tiny_target):
     return model, tok, manifest
 
 
+RANK_ENV = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+@pytest.fixture(autouse=True)
+def no_rank_env_leak():
+    """An in-process training run makes this process "rank 0 of 1" through os.environ, with a
+    MASTER_PORT its own process group still listens on; a stage started later as a subprocess
+    (dvc repro) would inherit that and fail to bind the port. After every test the variables
+    are as the session found them (module fixtures set them too, so not just per test)."""
+    yield
+    for k, v in RANK_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tests time nothing, but 2 torch threads beside another busy process run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def die_after(monkeypatch, owner, name: str, calls: int) -> None:
+    """Make `owner.name` raise KeyboardInterrupt (a kill, as far as the stage can tell) on call
+    number calls + 1: the first `calls` calls run for real."""
+    real, done = getattr(owner, name), []
+
+    def dying(*a, **k):
+        if len(done) == calls:
+            raise KeyboardInterrupt("killed")
+        done.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, dying)
+
+
 def prompt_rows(n: int, seed: int = 0) -> list[dict]:
     """Prompts of varied lengths (so batches need padding)."""
     import random

@@ -9,7 +9,7 @@ from specauf.config import RolloutsParams
 from specauf.generation import PREFILL_GROUP, Sampling, encode_chat, generate_batch, prefill
 from specauf import rollouts as rollouts_mod
 from specauf.rollouts import load_rollouts, run_rollouts
-from tests.conftest import prompt_rows
+from tests.conftest import die_after, prompt_rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -76,19 +76,10 @@ def test_resume_after_kill_and_same_bytes(tiny_model, tmp_path, monkeypatch):
     assert [s["sha256"] for s in clean["shards"]] == [s["sha256"] for s in again["shards"]]
 
     real = rollouts_mod.generate_shard
-    calls = []
-
-    def dies_on_third(*a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(rollouts_mod, "generate_shard", dies_on_third)
+    die_after(monkeypatch, rollouts_mod, "generate_shard", 2)
     with pytest.raises(KeyboardInterrupt):
         _run(model, tok, manifest, tmp_path, "killed", params, rows)
     assert not (tmp_path / "killed").exists()  # no partial output taken for a finished one
-    monkeypatch.setattr(rollouts_mod, "generate_shard", real)
     regenerated = []
     monkeypatch.setattr(rollouts_mod, "generate_shard", lambda *a, **k: regenerated.append(1) or real(*a, **k))
     _run(model, tok, manifest, tmp_path, "killed", params, rows)

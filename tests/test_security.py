@@ -18,7 +18,8 @@ def test_sources_found():
 
 @pytest.mark.parametrize("pattern,why", [
     (r"torch\.load\((?![^)]*weights_only=True)", "torch.load without weights_only=True"),
-    (r"pickle\.loads?\(|import pickle|cloudpickle|joblib\.load", "pickle"),
+    # unpickling is the hazard (catching pickle.UnpicklingError is how a refused load is reported)
+    (r"pickle\.(loads?|Unpickler)\b|cloudpickle|joblib\.load|\bdill\b|pd\.read_pickle", "unpickling"),
     (r"trust_remote_code\s*=\s*True", "trust_remote_code hard-coded on"),
     (r"shell\s*=\s*True|os\.system\(|os\.popen\(", "a shell"),
     (r"(?<![.\w])(eval|exec)\(", "eval/exec"),

@@ -17,7 +17,7 @@ from specauf.config import LaunchParams, ParamsError, load_params
 from specauf.launch import launcher_argv, relaunch_if_needed
 from specauf.prompts import write_prompt_sets
 from specauf.serving import count_disagreements, normalise
-from tests.conftest import ROOT, prompt_rows
+from tests.conftest import ROOT, die_after, prompt_rows
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -69,15 +69,8 @@ def test_two_processes_write_the_bytes_of_one_and_resume(tiny_target, tmp_path, 
                str(tmp_path / "r1"), "--out", str(tmp_path / "l1"), "--work", str(tmp_path / "w-l1")])
 
     # A one-process run killed after two of five shards ...
-    real, calls = rollouts_mod.generate_shard, []
-
-    def dies_on_third(*a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(rollouts_mod, "generate_shard", dies_on_third)
+    real = rollouts_mod.generate_shard
+    die_after(monkeypatch, rollouts_mod, "generate_shard", 2)
     work = tmp_path / "w-r2"
     with pytest.raises(KeyboardInterrupt):
         stage_main("rollouts", rollouts.run, rollouts.add_args, argv=["--params", str(one), *common, "--prompts",

@@ -38,12 +38,7 @@ BASE = dict(variants=["auf"], block_size=4, draft_vocab_size=0, anchors_per_seq=
             checkpoint_every=8, log_every=1, num_layers=1, init_from_target=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
