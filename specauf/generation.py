@@ -71,7 +71,6 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Dynam
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     layers: list[tuple[list, list]] = []
     logits = [None] * n
-    rows_done: list[int] = []
     for start in range(0, n, PREFILL_GROUP):
         group = order[start: start + PREFILL_GROUP]
         w = max(len(prompts[i]) for i in group)
@@ -94,8 +93,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Dynam
             pad = width - w
             layers[li][0].append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
             layers[li][1].append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
-        rows_done.extend(group)
-    back = torch.tensor(sorted(range(n), key=lambda r: rows_done[r]), device=device)  # batch row -> stacked row
+    back = torch.tensor(order, device=device).argsort()  # batch row -> its row in the stacked (length-sorted) cache
     merged = DynamicCache()
     for li, (keys, values) in enumerate(layers):
         merged.update(torch.cat(keys)[back], torch.cat(values)[back], li)

@@ -141,9 +141,6 @@ class RankGroup:
         dist.all_reduce(t)
         return t.item()
 
-    def device(self, device):
-        return rank_device(device)
-
     def close(self) -> None:
         if self._pg is not None:
             import torch.distributed as dist

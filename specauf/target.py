@@ -48,7 +48,7 @@ def _check_causal(config, where: str) -> None:
         raise TargetError(f"{where}: encoder-decoder models cannot be targets")
 
 
-def _check_drafter_fits(config, where: str, model=None) -> None:
+def _check_supported(config, where: str, model=None) -> None:
     """Refuse, before any compute, an architecture the drafter cannot use (GPT-2's learned
     positions, BERT's encoder, no `layers` list): the rollouts and labels would be wasted."""
     from specauf.drafter import check_target_supported
@@ -95,7 +95,7 @@ def _load_source(params: TargetParams, seed: int):
     except Exception as e:  # transformers raises many types for unknown or remote-code models
         raise TargetError(f"{key}: cannot read the config of {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     _check_causal(config, key)
-    _check_drafter_fits(config, key)
+    _check_supported(config, key)
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
@@ -145,7 +145,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
         raise TargetError(f"target: the tokenizer of {described} has no chat template")
     config = model.config
     _check_causal(config, "target")
-    _check_drafter_fits(config, "target", model)
+    _check_supported(config, "target", model)
     vocab = model.get_input_embeddings().weight.shape[0]
     mask_id, mask_reason = choose_mask_token(tok, vocab, params.mask_token_id)
     if tok.pad_token_id is None:

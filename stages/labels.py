@@ -4,7 +4,7 @@ With launch.processes > 1 this script re-executes itself under the launcher (spe
 each rank labels its share of the rollouts shards.
 """
 from specauf.cli import stage_main, stage_manifest_extra
-from specauf.launch import RankGroup, relaunch_if_needed
+from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 
 
 def run(params, args):
@@ -16,7 +16,7 @@ def run(params, args):
 
     group = RankGroup()
     try:
-        device = group.device(setup(params.base, "labels"))
+        device = rank_device(setup(params.base, "labels"))
         model, _, target = load_target_for(args.target, args.rollouts, "rollouts", device, params.target.trust_remote_code)
         extra = stage_manifest_extra(params, "base", "labels", target=target, rollouts=args.rollouts)
         run_labels(model, args.rollouts, params.labels, out_dir=args.out, work_dir=args.work,

@@ -4,7 +4,7 @@ With launch.processes > 1 this script re-executes itself under the launcher (spe
 each rank answers its share of the shards; backend `vllm` always runs as one process.
 """
 from specauf.cli import stage_main, stage_manifest_extra
-from specauf.launch import RankGroup, relaunch_if_needed
+from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 from specauf.serving import require_backend
 
 
@@ -23,7 +23,7 @@ def run(params, args):
         if group.world > 1 and params.rollouts.backend != "transformers":
             raise ValueError(f"rollouts.backend={params.rollouts.backend} runs as one process: "
                              "start the stage without a launcher")
-        device = group.device(setup(params.base, "rollouts"))
+        device = rank_device(setup(params.base, "rollouts"))
         prompts = load_prompt_set(args.prompts, "train")
         if params.rollouts.backend == "vllm":
             from specauf.serving import start_vllm
