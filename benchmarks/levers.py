@@ -4,17 +4,29 @@ Runs the real train stage code (`specauf.train.train_variant`) on `data/labels` 
 params plus one override per run, and prints held-out token accuracy and teacher-forced
 acceptance length (the offline tau estimate) against wall time. 1 torch thread.
 
-    python benchmarks/levers.py --steps 150 --runs default,random_init,no_ctx_norm
+    python benchmarks/levers.py --steps 300 --runs default,vocab_4096,block_4_anchors_64
+
+A run is a dict of `train.*` overrides, plus three keys that are not params:
+- `variant`: the loss variant (default: --variant);
+- `context_window` (a DIAGNOSTIC, not a pipeline option): each block sees only the features of
+  the last W positions before its anchor instead of all of them, to test whether learning where
+  to attend is what holds a drafter back;
+- `init_final_norm`: start the drafter's final `norm` from the target's final norm (so its logits
+  have the target's scale from step 0); "zero_residual" also zero-initialises every layer's
+  o_proj and down_proj, so the drafter starts as the identity on its input embeddings.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+import specauf.blocks
+import specauf.train
 from specauf.config import load_params
 from specauf.runtime import setup_logging
 from specauf.target import load_target
@@ -22,19 +34,74 @@ from specauf.train import train_variant
 
 RUNS = {
     "default": {},
+    "auf": {"variant": "auf"},
+    "curriculum": {"variant": "decay_then_auf"},
+    "init_from_target": {"init_from_target": True},
     "random_init": {"init_from_target": False},
     "no_ctx_norm": {"context_layer_norm": False},
-    "full_vocab": {"draft_vocab_size": 0},
-    "lr_3e-3": {"lr": 3e-3},
-    "lr_3e-4": {"lr": 3e-4},
-    "anchors_16": {"anchors_per_seq": 16},
-    "anchors_128": {"anchors_per_seq": 128},
-    "two_layers": {"num_layers": 2},
-    "block_16": {"block_size": 16},
+    "init_final_norm": {"init_final_norm": "copy"},
+    "init_final_norm_zero_residual": {"init_final_norm": "zero_residual"},
+    "ctx_layer_norm": {"context_layer_norm": True},
     "feature_scale": {"context_feature_scale": True},
     "feature_scale_lr_3e-3": {"context_feature_scale": True, "lr": 3e-3},
-    "feature_scale_no_ctx_norm": {"context_feature_scale": True, "context_layer_norm": False},
+    "lr_3e-3": {"lr": 3e-3},
+    "lr_3e-4": {"lr": 3e-4},
+    "anchors_64_one_seq": {"anchors_per_seq": 64, "micro_batch_size": 1},
+    "vocab_4096": {"draft_vocab_size": 4096},
+    "full_vocab": {"draft_vocab_size": 0},
+    "two_layers": {"num_layers": 2},
+    "block_4_anchors_64": {"block_size": 4, "anchors_per_seq": 64},
+    "block_16": {"block_size": 16},
+    "context_window_1": {"context_window": 1},
+    "context_window_8": {"context_window": 8},
 }
+EXTRA = ("variant", "context_window", "init_final_norm")
+
+
+@contextlib.contextmanager
+def context_window(window: int | None):
+    """Hide context features more than `window` positions before each block's anchor."""
+    if not window:
+        yield
+        return
+    full = specauf.blocks.block_attention_mask
+
+    def windowed(anchors, block_size, context_len):
+        mask = full(anchors, block_size, context_len)
+        too_far = torch.arange(context_len)[None, :] < (anchors.long()[:, None] - window)
+        mask[:, :context_len] &= ~too_far.repeat_interleave(block_size, dim=0)
+        return mask
+
+    specauf.blocks.block_attention_mask = windowed
+    try:
+        yield
+    finally:
+        specauf.blocks.block_attention_mask = full
+
+
+@contextlib.contextmanager
+def final_norm_init(how: str | None):
+    if not how:
+        yield
+        return
+    if how not in ("copy", "zero_residual"):
+        raise ValueError(f"init_final_norm: {how!r} (copy or zero_residual)")
+    base_init = specauf.train.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        base_init(self, *args, **kwargs)
+        with torch.no_grad():
+            self.drafter.norm.weight.copy_(self.target.get_decoder().norm.weight)
+            if how == "zero_residual":
+                for layer in self.drafter.layers:
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
+
+    specauf.train.Trainer.__init__ = init
+    try:
+        yield
+    finally:
+        specauf.train.Trainer.__init__ = base_init
 
 
 def main():
@@ -43,8 +110,9 @@ def main():
     ap.add_argument("--labels", default="data/labels")
     ap.add_argument("--target", default="data/target")
     ap.add_argument("--variant", default="decay")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--runs", default="default,random_init")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--evals", type=int, default=3, help="held-out evaluations per run (the last at the end)")
+    ap.add_argument("--runs", default="default,auf")
     ap.add_argument("--out", default="benchmarks/.cache/levers")
     args = ap.parse_args()
     setup_logging("levers")
@@ -53,23 +121,32 @@ def main():
     target, _, manifest = load_target(args.target)
     rows = []
     for name in args.runs.split(","):
-        over = {"steps": args.steps, "eval_every": args.steps, "checkpoint_every": 10**6, **RUNS[name]}
-        if "warmup_steps" not in RUNS[name]:
+        if name not in RUNS:
+            raise SystemExit(f"error: --runs: unknown run {name!r} (known: {', '.join(RUNS)})")
+        run = RUNS[name]
+        over = {"steps": args.steps, "eval_every": max(1, args.steps // args.evals), "checkpoint_every": 10**6,
+                **{k: v for k, v in run.items() if k not in EXTRA}}
+        if "warmup_steps" not in run:
             over["warmup_steps"] = min(params.train.warmup_steps, args.steps // 10)
         p = params.train.model_copy(update=over)
+        variant = run.get("variant", args.variant)
         t0 = time.perf_counter()
-        m = train_variant(p, args.variant, target=target, target_manifest=manifest, labels_dir=args.labels,
-                          out_dir=Path(args.out) / name, work_dir=Path(args.out) / f"{name}.work",
-                          metrics_dir=Path(args.out) / f"{name}.metrics", seed=params.base.seed,
-                          device=torch.device("cpu"), manifest_extra={})
+        with context_window(run.get("context_window")), final_norm_init(run.get("init_final_norm")):
+            m = train_variant(p, variant, target=target, target_manifest=manifest, labels_dir=args.labels,
+                              out_dir=Path(args.out) / name, work_dir=Path(args.out) / f"{name}.work",
+                              metrics_dir=Path(args.out) / f"{name}.metrics", seed=params.base.seed,
+                              device=torch.device("cpu"), manifest_extra={})
         minutes = (time.perf_counter() - t0) / 60
         h = m["heldout"]
-        rows.append((name, json.dumps(RUNS[name]), args.steps, minutes, h["heldout/token_accuracy"], h["heldout/acceptance_length"]))
-        print(f"| {name} | {json.dumps(RUNS[name])} | {args.steps} | {minutes:.1f} | {h['heldout/token_accuracy']:.3f} | {h['heldout/acceptance_length']:.3f} |", flush=True)
-    print(f"\n{args.variant} loss, block {params.train.block_size} unless overridden, 1 thread")
-    print("| run | override | steps | minutes | held-out token acc | held-out acceptance length |\n|---|---|---|---|---|---|")
+        rows.append((name, json.dumps(run), variant, args.steps, minutes, h["heldout/token_accuracy"],
+                     h["heldout/acceptance_length"]))
+        print(f"| {name} | `{json.dumps(run)}` | {variant} | {args.steps} | {minutes:.1f} | "
+              f"{h['heldout/token_accuracy']:.3f} | {h['heldout/acceptance_length']:.3f} |", flush=True)
+    print(f"\n{args.labels}, block {params.train.block_size} unless overridden, 1 thread")
+    print("| run | override | loss | steps | minutes | held-out token acc | held-out acceptance length |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | `{r[1]}` | {r[2]} | {r[3]:.1f} | {r[4]:.3f} | {r[5]:.3f} |")
+        print(f"| {r[0]} | `{r[1]}` | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.3f} | {r[6]:.3f} |")
 
 
 if __name__ == "__main__":
