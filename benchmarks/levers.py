@@ -51,6 +51,7 @@ RUNS = {
     "full_vocab": {"draft_vocab_size": 0},
     "two_layers": {"num_layers": 2},
     "block_4_anchors_64": {"block_size": 4, "anchors_per_seq": 64},
+    "block_4_anchors_64_auf": {"variant": "auf", "block_size": 4, "anchors_per_seq": 64},
     "block_16": {"block_size": 16},
     "context_window_1": {"context_window": 1},
     "context_window_8": {"context_window": 8},
