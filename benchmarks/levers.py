@@ -22,6 +22,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -59,50 +60,36 @@ RUNS = {
 EXTRA = ("variant", "context_window", "init_final_norm")
 
 
-@contextlib.contextmanager
-def context_window(window: int | None):
-    """Hide context features more than `window` positions before each block's anchor."""
-    if not window:
-        yield
-        return
-    full = specauf.blocks.block_attention_mask
+def patches(run: dict) -> contextlib.ExitStack:
+    """The run's non-param changes to the train code, undone when the run ends."""
+    stack = contextlib.ExitStack()
+    window, how = run.get("context_window"), run.get("init_final_norm")
+    if window:  # hide context features more than `window` positions before each block's anchor
+        full = specauf.blocks.block_attention_mask
 
-    def windowed(anchors, block_size, context_len):
-        mask = full(anchors, block_size, context_len)
-        too_far = torch.arange(context_len)[None, :] < (anchors.long()[:, None] - window)
-        mask[:, :context_len] &= ~too_far.repeat_interleave(block_size, dim=0)
-        return mask
+        def windowed(anchors, block_size, context_len):
+            mask = full(anchors, block_size, context_len)
+            too_far = torch.arange(context_len)[None, :] < (anchors.long()[:, None] - window)
+            mask[:, :context_len] &= ~too_far.repeat_interleave(block_size, dim=0)
+            return mask
 
-    specauf.blocks.block_attention_mask = windowed
-    try:
-        yield
-    finally:
-        specauf.blocks.block_attention_mask = full
+        stack.enter_context(mock.patch.object(specauf.blocks, "block_attention_mask", windowed))
+    if how:
+        if how not in ("copy", "zero_residual"):
+            raise ValueError(f"init_final_norm: {how!r} (copy or zero_residual)")
+        base_init = specauf.train.Trainer.__init__
 
+        def init(self, *args, **kwargs):
+            base_init(self, *args, **kwargs)
+            with torch.no_grad():
+                self.drafter.norm.weight.copy_(self.target.get_decoder().norm.weight)
+                if how == "zero_residual":
+                    for layer in self.drafter.layers:
+                        layer.self_attn.o_proj.weight.zero_()
+                        layer.mlp.down_proj.weight.zero_()
 
-@contextlib.contextmanager
-def final_norm_init(how: str | None):
-    if not how:
-        yield
-        return
-    if how not in ("copy", "zero_residual"):
-        raise ValueError(f"init_final_norm: {how!r} (copy or zero_residual)")
-    base_init = specauf.train.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        base_init(self, *args, **kwargs)
-        with torch.no_grad():
-            self.drafter.norm.weight.copy_(self.target.get_decoder().norm.weight)
-            if how == "zero_residual":
-                for layer in self.drafter.layers:
-                    layer.self_attn.o_proj.weight.zero_()
-                    layer.mlp.down_proj.weight.zero_()
-
-    specauf.train.Trainer.__init__ = init
-    try:
-        yield
-    finally:
-        specauf.train.Trainer.__init__ = base_init
+        stack.enter_context(mock.patch.object(specauf.train.Trainer, "__init__", init))
+    return stack
 
 
 def main():
@@ -132,7 +119,7 @@ def main():
         p = params.train.model_copy(update=over)
         variant = run.get("variant", args.variant)
         t0 = time.perf_counter()
-        with context_window(run.get("context_window")), final_norm_init(run.get("init_final_norm")):
+        with patches(run):
             m = train_variant(p, variant, target=target, target_manifest=manifest, labels_dir=args.labels,
                               out_dir=Path(args.out) / name, work_dir=Path(args.out) / f"{name}.work",
                               metrics_dir=Path(args.out) / f"{name}.metrics", seed=params.base.seed,

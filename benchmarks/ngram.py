@@ -38,18 +38,17 @@ def top(counter: Counter | None) -> int | None:
 
 
 @torch.no_grad()
-def drafter_accuracy(params, labels_dir: str, target_dir: str, drafter_dir: str, held: list[int]) -> tuple[float, float]:
+def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_dir: str,
+                     held: list[int]) -> tuple[float, float]:
     """Accuracy of the drafter's greedy guess at block positions 1 and 2 over every held-out
     anchor, with the true prefix (position 2 scored whether or not position 1 was right)."""
     from specauf.drafter import BlockDrafter
-    from specauf.target import load_target
     from specauf.train import Trainer
 
-    target, _, manifest = load_target(target_dir)
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     train_params = params.train.model_copy(update={"block_size": drafter.block_size,
                                                    "draft_vocab_size": drafter.config.draft_vocab_size})
-    t = Trainer(train_params, "full", target, manifest, LabelsDataset(labels_dir), params.base.seed,
+    t = Trainer(train_params, "full", target, manifest, ds, params.base.seed,
                 torch.device("cpu"), train_params.draft_vocab_size)
     if getattr(drafter, "d2t", None) is not None and not torch.equal(drafter.d2t, t.drafter.d2t):
         raise SystemExit(f"error: --drafter {drafter_dir}: its draft vocabulary is not the one these labels give")
@@ -101,8 +100,12 @@ def main():
     print(f"| bigram: most frequent label after the anchor token | block position 1 | {hit_bi / max(n, 1):.3f} |")
     print(f"| trigram (bigram backoff): after the token before the anchor and the anchor | block position 1 | {hit_tri / max(n, 1):.3f} |")
     print(f"| skip-bigram: two after the anchor token | block position 2 | {hit_skip / max(n_skip, 1):.3f} |")
+    if args.drafter:
+        from specauf.target import load_target
+
+        target, _, manifest = load_target(args.target)
     for d in args.drafter:
-        acc1, acc2 = drafter_accuracy(p, args.labels, args.target, d, held)
+        acc1, acc2 = drafter_accuracy(p, ds, target, manifest, d, held)
         print(f"| drafter {d}: greedy guess, teacher-forced | block position 1 | {acc1:.3f} |")
         print(f"| drafter {d}: greedy guess, teacher-forced | block position 2 | {acc2:.3f} |")
 
