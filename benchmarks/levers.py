@@ -56,6 +56,9 @@ RUNS = {
     "block_16": {"block_size": 16},
     "context_window_1": {"context_window": 1},
     "context_window_8": {"context_window": 8},
+    "bf16": {"precision": "bf16"},
+    "bf16_auf": {"variant": "auf", "precision": "bf16"},
+    "bf16_auf_4_seqs": {"variant": "auf", "precision": "bf16", "micro_batch_size": 4},
 }
 EXTRA = ("variant", "context_window", "init_final_norm")
 

@@ -1,4 +1,4 @@
-"""Training step speed: the DeepSpeed engine vs a plain torch AdamW loop, and AUF vs decay loss.
+"""Training step speed: the DeepSpeed engine vs a plain torch AdamW loop, AUF vs decay loss, bf16 vs fp32.
 
 Data: a small REAL labels directory (not random features): --n ShareGPT prompts answered by the
 real target with `run_rollouts` (RolloutsParams defaults: greedy, <= 160 new tokens) and labelled
@@ -6,14 +6,16 @@ by `run_labels` (LabelsParams defaults: offline float16 features of 5 target lay
 built once (~1 min) and cached under benchmarks/.cache/train-labels.
 
 A `Trainer` with `TrainParams()` defaults (1 drafter layer initialised from the target, block 8,
-draft vocabulary 8192, 64 anchors per sequence, micro batch 4, fp32, ZeRO 0) makes the batches
+draft vocabulary 8192, 64 anchors per sequence, micro batch 4, ZeRO 0; fp32 but where named) makes the batches
 exactly as the train stage does (`step_rows` + `make_batch`), before timing. Three identical
 copies of the drafter then train side by side, one step each per round on the same batch:
 
 - deepspeed/decay: `specauf.distributed.init_engine` + `deepspeed_config`, decay loss;
 - plain/decay: torch.optim.AdamW (same lr, betas, eps, weight decay), clip_grad_norm_ and a
   warmup-cosine LambdaLR, decay loss;
-- deepspeed/auf: as the first, AUF loss.
+- deepspeed/auf: as the first, AUF loss;
+- deepspeed/decay/bf16: as the first with `precision: bf16` (fp32 masters, bf16 matmuls): what
+  `precision: auto` picks on a CPU with native bf16 (AVX512-BF16/AMX).
 
 A step = `Trainer.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
 positions (the stage's tokens_per_second). Interleaved over --rounds after one warmup round,
@@ -77,7 +79,7 @@ def main() -> None:
     print_header("Training: DeepSpeed engine vs plain AdamW; AUF vs decay loss")
     labels_dir, how = build_labels(model, tok, manifest, args.n)
     ds = LabelsDataset(labels_dir)
-    p = TrainParams()
+    p = TrainParams(precision="fp32")
     device = torch.device("cpu")
     t = Trainer(p, "decay", model, manifest, ds, seed=0, device=device, draft_vocab_size=p.draft_vocab_size)
     batches = [t.make_batch(t.step_rows(s, 0, 1), s, p.anchors_per_seq) for s in range(args.batches)]
@@ -143,6 +145,8 @@ def main() -> None:
     contenders["deepspeed/decay"] = ds_step(eng_decay, "decay")
     contenders["plain/decay"] = plain_step(plain, "decay")
     contenders["deepspeed/auf"] = ds_step(eng_auf, "auf")
+    eng_bf16 = init_engine(copy.deepcopy(base), deepspeed_config(p.model_copy(update={"precision": "bf16"})), device)
+    contenders["deepspeed/decay/bf16"] = ds_step(eng_bf16, "decay")
 
     names = list(contenders)
     runs = interleave(contenders, repeats=args.rounds, warmup=1)
@@ -156,6 +160,8 @@ def main() -> None:
     auf_slow = ratio(med["deepspeed/auf"], med["deepspeed/decay"]) - 1
     print(f"- DeepSpeed / plain throughput (ratio of median step times, same batches): {ds_rel:.3f}")
     print(f"- AUF vs decay step time (DeepSpeed, ratio of medians): {100 * auf_slow:+.2f}%")
+    print(f"- bf16 / fp32 throughput (DeepSpeed, decay, ratio of median step times): "
+          f"{ratio(med['deepspeed/decay'], med['deepspeed/decay/bf16']):.2f}x")
     print(goal_line("deepspeed/plain", ds_rel, ">=", 0.9))
     print(goal_line("auf step slowdown", auf_slow, "<=", 0.05))
 

@@ -66,7 +66,9 @@ class TargetParams(Section):
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the materialised safetensors weights (fp32 on CPU: bf16 is ~10x slower there)."""
+    """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
+    of 4 tokens differently from 4 one-token steps (up to 0.375 in a logit, argmax changed, on
+    SmolLM2), which breaks the greedy exactness gate; without native bf16 it is ~10x slower."""
     mask_token_id: int | None = Field(None, ge=0)
     """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first
     embedding row past the tokenizer, else the last added special token the chat template never
@@ -154,6 +156,11 @@ class RolloutsParams(Section):
     batching + PagedAttention; GPU, Linux, `pip install vllm`; always one process: launch.processes
     then applies to `labels` only).
     Same prompt token ids and Arrow schema; greedy outputs of two engines need not agree bit for bit."""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """Precision the `transformers` backend generates in (auto = bf16 where the hardware has it
+    natively, as train.precision). bf16 generates faster on such a CPU, but its greedy text can
+    leave the fp32 target's at near-ties; the labels stage always scores with the target as
+    materialised, so train with label_source `acceptance` to learn what the verifier accepts."""
     crosscheck_prompts: int = Field(4, ge=0)
     """backend `vllm`, greedy: also answer this many first prompts with `transformers` and warn with
     the count of rows that differ (0 = skip)."""
@@ -262,8 +269,11 @@ class TrainParams(Section):
     """Gradient norm clip (0 = off)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Training precision (bf16 on GPU; fp32 on CPU where bf16 is ~10x slower)."""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """Training precision. bf16 keeps fp32 master weights (the saved drafter is fp32) and runs
+    the drafter's matmuls in bf16: 2.3x the steps per second of fp32 on a CPU with native bf16
+    (AVX512-BF16/AMX), about 10x FEWER on one without (AVX2). auto = bf16 on a GPU that supports
+    it and on such a CPU, else fp32; the drafter's manifest records what ran."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
     eval_every: int = Field(100, ge=1)

@@ -67,7 +67,8 @@ class DrafterProposer(Proposer):
             raise ValueError("the drafter config has no mask_token_id")
         self.drafter = drafter
         self.embed = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
+        lm_head = target.get_output_embeddings().weight
+        self.head, self.vocab_size = drafter.draft_head(lm_head), lm_head.shape[0]
         self.layer_ids = drafter.target_layer_ids
         self.mask_id = drafter.mask_token_id
         self.max_guesses = drafter.block_size - 1
@@ -97,7 +98,7 @@ class DrafterProposer(Proposer):
             past_key_values=self.cache, use_cache=True)
         self.cache.crop(p)
         # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
-        return self.drafter.target_logits(hidden[0, 1:].to(self.lm_head.weight.dtype), self.lm_head.weight)
+        return self.drafter.target_logits(hidden[0, 1:], self.head, self.vocab_size)
 
 
 class OracleProposer(Proposer):

@@ -20,6 +20,8 @@ log = logging.getLogger("specauf")
 
 
 def deepspeed_config(p: TrainParams) -> dict:
+    if p.precision == "auto":
+        raise ValueError("train.precision 'auto' must be resolved first (specauf.runtime.pick_precision)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     return {
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
@@ -39,6 +41,32 @@ def deepspeed_config(p: TrainParams) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def restore_master_weights(engine) -> None:
+    """Give a bf16 engine's module back its fp32 master weights, in place.
+
+    A bf16 engine trains fp32 masters in the optimizer and hands the module their bf16
+    roundings; saving the module as it is would throw away the masters' low bits (and make
+    the drafter bf16 on machines where bf16 is slow).
+    """
+    if not engine.bfloat16_enabled():
+        return
+    opt = engine.optimizer
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # ZeRO 0: the unfused optimizer
+        master = {id(p): m for g, mg in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(g, mg)}
+    else:  # ZeRO 1-3 optimizers map each param to its (gathered) fp32 partition
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = {id(p): safe_get_full_fp32_param(p) for p in engine.module.parameters()}
+    missing = [n for n, p in engine.module.named_parameters() if master.get(id(p)) is None]
+    if missing:
+        raise RuntimeError(f"no fp32 master weights for {missing[:3]} in {type(opt).__name__}")
+    params = list(engine.module.parameters())
+    engine.module.float()
+    with torch.no_grad():
+        for p, old in zip(engine.module.parameters(), params):
+            p.copy_(master[id(old)])
 
 
 def _free_port() -> int:

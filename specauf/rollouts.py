@@ -7,6 +7,7 @@ rows, batches and per-row generators do not depend on N, the bytes equal a one-p
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -19,7 +20,7 @@ from specauf.artifacts import MANIFEST, read_manifest, sha256_file, verify_shard
 from specauf.config import RolloutsParams
 from specauf.generation import Sampling, encode_chat, generate_batch
 from specauf.launch import RankGroup, collect_entries, open_work
-from specauf.runtime import progress
+from specauf.runtime import pick_precision, progress
 from specauf.serving import VllmEngine
 
 log = logging.getLogger("specauf")
@@ -98,6 +99,11 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
                  group: RankGroup | None = None) -> dict | None:
     """Answer every prompt into shards; rank 0 returns the manifest, other ranks None."""
     group = group or RankGroup()
+    if not isinstance(model, VllmEngine):
+        weights = next(model.parameters())
+        if pick_precision(params.precision, weights.device) == "bf16" and weights.dtype != torch.bfloat16:
+            model = copy.deepcopy(model).to(torch.bfloat16)  # a copy: the caller's target stays as it was
+        manifest_extra = {**manifest_extra, "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
     if not rows:
         raise ValueError("rollouts: no training prompt fits rollouts.max_prompt_tokens "

@@ -46,6 +46,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """x86 AVX512-BF16 / AMX-BF16 or Arm BF16 in /proc/cpuinfo (not Linux: assume not)."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """Resolve train.precision `auto`: bf16 where the hardware computes it natively."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def setup(base, stage: str) -> torch.device:
     """Apply `base` params: thread count, seeds, device; return the device."""
     setup_logging(stage)

@@ -22,9 +22,9 @@ from specauf.blocks import build_blocks, collate_blocks, sample_anchors
 from specauf.config import TrainParams
 from specauf.dataset import LabelsDataset
 from specauf.drafter import BlockDrafter, DrafterConfig, context_features_from_hidden_states, init_from_target
-from specauf.distributed import deepspeed_config, init_engine, load_checkpoint, save_checkpoint
+from specauf.distributed import deepspeed_config, init_engine, load_checkpoint, restore_master_weights, save_checkpoint
 from specauf.losses import compute_loss, default_gamma
-from specauf.runtime import progress
+from specauf.runtime import pick_precision, progress
 
 log = logging.getLogger("specauf")
 
@@ -100,6 +100,8 @@ class Trainer:
         self.copied = init_from_target(self.drafter, target) if params.init_from_target else []
         if params.context_feature_scale:
             self.drafter.feature_scale.copy_(self.feature_scale())
+        # the lm_head rows the drafter scores, gathered once, per compute dtype
+        self.draft_head = {torch.float32: self.drafter.draft_head(self.lm_head).float().to(device)}
         # target id -> draft id (-1 outside the draft vocabulary)
         self.t2d = None
         if d2t is not None:
@@ -197,7 +199,9 @@ class Trainer:
         N = hidden.shape[0]
         B = self.p.block_size
         hidden = hidden.view(N, -1, B, hidden.shape[-1])[:, :, 1:].reshape(-1, B - 1, hidden.shape[-1])
-        logits = self.drafter.draft_logits(hidden.float(), self.lm_head.to(dev).float())
+        if dtype not in self.draft_head:  # bf16 training scores in bf16 as well (the CE stays fp32)
+            self.draft_head[dtype] = self.draft_head[torch.float32].to(dtype)
+        logits = self.drafter.draft_logits(hidden, self.draft_head[dtype]).float()
         return logits, batch["labels"].to(dev), batch["validity"].to(dev)
 
     @torch.no_grad()
@@ -227,15 +231,16 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
                   metrics_dir, seed: int, device: torch.device, manifest_extra: dict) -> dict:
     from dvclive import Live
 
+    params = params.model_copy(update={"precision": pick_precision(params.precision, device)})
     dataset = LabelsDataset(labels_dir)
     t = Trainer(params, variant, target, target_manifest, dataset, seed, device, params.draft_vocab_size)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log.info("read %s: %d sequences (%d train, %d held out), %s features, layers %s", labels_dir, len(dataset),
              len(t.train_rows), len(t.heldout_rows), dataset.manifest["features"], dataset.manifest["layer_ids"])
-    log.info("variant %s: block %d, %d drafter layers (%s), draft vocab %s (label coverage %.2f%%), gamma %.2f",
+    log.info("variant %s: block %d, %d drafter layers (%s), draft vocab %s (label coverage %.2f%%), gamma %.2f, %s",
              variant, params.block_size, params.num_layers, "init from target" if t.copied else "random init",
              len(t.drafter.d2t) if params.draft_vocab_size and hasattr(t.drafter, "d2t") else "full",
-             100 * t.draft_coverage, t.gamma)
+             100 * t.draft_coverage, t.gamma, params.precision)
     work_dir = Path(work_dir)
     key = hash_obj({"params": params.model_dump(), "variant": variant, "seed": seed, "world": world, **manifest_extra})
     stamp = work_dir / "work.json"
@@ -297,6 +302,7 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
             if done % params.checkpoint_every == 0 and done < params.steps:
                 save_checkpoint(engine, work_dir / "checkpoints", done, snapshot=live_dir if rank == 0 else None)
     engine.eval()
+    restore_master_weights(engine)  # the final figures describe the saved (fp32) drafter
     final = t.evaluate(engine)
     if rank != 0:
         return final
@@ -306,7 +312,7 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
         "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant,
         "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
         "block_size": params.block_size, "gamma": t.gamma, "steps": params.steps, "world_size": world,
-        "init_from_target": bool(t.copied), "draft_vocab_size": params.draft_vocab_size,
+        "init_from_target": bool(t.copied), "precision": params.precision, "draft_vocab_size": params.draft_vocab_size,
         "draft_label_coverage": t.draft_coverage, "heldout": final,
         "train_sequences": len(t.train_rows), "heldout_sequences": len(t.heldout_rows),
         "mask_token_id": t.drafter.mask_token_id, "target_layer_ids": t.drafter.target_layer_ids,

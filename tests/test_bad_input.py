@@ -343,7 +343,7 @@ def test_zero_warmup_steps_means_no_warmup():
     from specauf.distributed import deepspeed_config
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = WarmupCosineLR(opt, **deepspeed_config(TrainParams(warmup_steps=0, steps=10, lr=1e-3))["scheduler"]["params"])
+    sched = WarmupCosineLR(opt, **deepspeed_config(TrainParams(warmup_steps=0, steps=10, lr=1e-3, precision="fp32"))["scheduler"]["params"])
     sched.step()
     assert opt.param_groups[0]["lr"] == 1e-3  # the first scheduled step already runs at the full rate
 

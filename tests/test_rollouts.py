@@ -1,6 +1,8 @@
 """Rollouts: batched greedy == unbatched, resume after a kill, same bytes twice."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,23 @@ def test_grouped_prefill_equals_one_padded_batch(tiny_model):
         assert got.keys.shape == want.keys.shape
         torch.testing.assert_close(got.keys * real, want.keys * real, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.values * real, want.values * real, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_precision_generates_with_a_bf16_copy(tiny_model, tmp_path):
+    """rollouts.precision bf16: the responses are a bf16 copy's greedy text (batched exactly as in
+    fp32), the manifest says so, and the caller's target is left in fp32."""
+    model, tok, manifest = tiny_model
+    params = RolloutsParams(max_new_tokens=8, batch_size=4, shard_size=8, max_prompt_tokens=64, precision="bf16")
+    rows = prompt_rows(8)
+    m = _run(model, tok, manifest, tmp_path, "bf16", params, rows)
+    assert m["generation_dtype"] == "bfloat16" and next(model.parameters()).dtype == torch.float32
+    assert _run(model, tok, manifest, tmp_path, "fp32", params.model_copy(update={"precision": "fp32"}),
+                rows)["generation_dtype"] == "float32"
+    _, tables = load_rollouts(tmp_path / "bf16")
+    got = {r["prompt_id"]: r["response_ids"] for t in tables for r in t.to_pylist()}
+    encoded, _ = rollouts_mod.encode_prompts(tok, rows, params)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for row in encoded:
+        want, _ = generate_batch(bf16, [row["prompt_ids"]], max_new_tokens=8, stop_ids=manifest["stop_token_ids"],
+                                 pad_id=0, sampling=Sampling())[0]
+        assert got[row["prompt_id"]] == want, row["prompt_id"]

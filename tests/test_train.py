@@ -35,7 +35,7 @@ OUT_FILES = {"config.json", "model.safetensors", "ds_config.json", "manifest.jso
 # The base run: every test that compares final weights uses exactly these params.
 BASE = dict(variants=["auf"], block_size=4, draft_vocab_size=0, anchors_per_seq=8, micro_batch_size=2,
             steps=24, lr=3e-3, warmup_steps=2, min_lr_ratio=0.1, heldout_fraction=0.25, eval_every=12,
-            checkpoint_every=8, log_every=1, num_layers=1, init_from_target=True)
+            checkpoint_every=8, log_every=1, num_layers=1, init_from_target=True, precision="fp32")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -273,6 +273,58 @@ def test_same_seed_same_losses_and_bytes(base_run, tiny_model, data, tmp_path):
     assert (again["out"] / "model.safetensors").read_bytes() == (base_run["out"] / "model.safetensors").read_bytes()
 
 
+# --------------------------------------------------------------------------- bf16
+
+
+def test_bf16_trains_saves_fp32_masters_and_resumes_exactly(tiny_model, data, tmp_path, monkeypatch):
+    """bf16 (what `auto` picks on a CPU with native bf16): the loss falls, the saved drafter holds
+    the optimizer's fp32 master weights (not their bf16 roundings), and a kill-and-resume ends
+    byte-identical to an uninterrupted run (tolerance 0)."""
+    with pytest.MonkeyPatch.context() as mp:
+        cap = Capture(mp)
+        whole = train(tiny_model, data["offline"], tmp_path / "whole", precision="bf16")
+    engine = cap.engines[0]
+    assert engine.bfloat16_enabled() and whole["manifest"]["precision"] == "bf16"
+    assert json.loads((whole["out"] / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    loss = [v for _, v in logged(whole["metrics"], "loss")]
+    assert sum(loss[-5:]) < 0.8 * sum(loss[:5]), loss
+    saved = weights(whole["out"])
+    masters = [m for g in engine.optimizer.fp32_groups for m in g]
+    named = [n for n, _ in engine.module.named_parameters()]
+    assert len(masters) == len(named) and all(saved[n].dtype == torch.float32 for n in named)
+    for n, m in zip(named, masters):
+        assert torch.equal(saved[n], m), n
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)  # restoring them mattered
+
+    real_loss, calls = train_mod.compute_loss, []
+
+    def dies(*a, **k):  # step 10 of 24 fails, after the checkpoint of step 8
+        calls.append(a[0])
+        if len(calls) == 11:
+            raise RuntimeError("killed")
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(train_mod, "compute_loss", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_model, data["offline"], tmp_path / "resumed", precision="bf16")
+    monkeypatch.setattr(train_mod, "compute_loss", real_loss)
+    resumed = train(tiny_model, data["offline"], tmp_path / "resumed", precision="bf16")
+    assert (resumed["out"] / "model.safetensors").read_bytes() == (whole["out"] / "model.safetensors").read_bytes()
+    assert resumed["manifest"]["heldout"] == whole["manifest"]["heldout"]
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    from specauf import runtime
+
+    assert runtime.pick_precision("fp32", CPU) == "fp32" and runtime.pick_precision("bf16", CPU) == "bf16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+        assert runtime.pick_precision("auto", CPU) == want
+    assert TrainParams().precision == "fp32"  # the library default; params.yaml asks for auto
+    with pytest.raises(ValueError, match="precision"):
+        TrainParams(precision="fp16")
+
+
 # --------------------------------------------------------------------------- variants
 
 
@@ -359,7 +411,7 @@ def test_draft_vocabulary(tiny_model, data, tmp_path):
     assert drafter.config.draft_vocab_size == size and drafter.d2t.tolist() == want
     lm_head = model.get_output_embeddings().weight.detach()
     hidden = torch.randn(3, 5, lm_head.shape[1])
-    logits = drafter.target_logits(hidden, lm_head)
+    logits = drafter.target_logits(hidden, drafter.draft_head(lm_head), lm_head.shape[0])
     assert logits.shape == (3, 5, lm_head.shape[0])
     assert torch.isneginf(logits[..., ~inside]).all() and torch.isfinite(logits[..., inside]).all()
     assert torch.allclose(logits[..., inside], hidden @ lm_head[want].T)
