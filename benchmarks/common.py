@@ -159,9 +159,11 @@ def machine_info() -> dict:
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         load = "n/a"
+    from specauf.runtime import cpu_has_native_bf16
+
     return {
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "load_avg_1_5_15": load,
     }
 
@@ -181,7 +183,8 @@ def print_header(title: str) -> None:
     print(f"## {title}\n")
     print(f"- command: `{command_line()}`")
     print(f"- date: {m['date']}")
-    print(f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, python {m['python']}")
+    print(f"- machine: {m['cpu']}, {m['cores']} cores, native bf16 {'yes' if m['native_bf16'] else 'no'}; "
+          f"torch {m['torch']}, python {m['python']}")
     print(f"- torch threads: {m['torch_threads']}; load average at start (1/5/15 min): {m['load_avg_1_5_15']}")
     print(flush=True)
 
