@@ -59,6 +59,8 @@ RUNS = {
     "bf16": {"precision": "bf16"},
     "bf16_auf": {"variant": "auf", "precision": "bf16"},
     "bf16_auf_4_seqs": {"variant": "auf", "precision": "bf16", "micro_batch_size": 4},
+    "auf_anchors_64": {"variant": "auf", "anchors_per_seq": 64},
+    "auf_lr_2e-3": {"variant": "auf", "lr": 2e-3},
 }
 EXTRA = ("variant", "context_window", "init_final_norm")
 

@@ -67,8 +67,9 @@ class TargetParams(Section):
     """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
-    of 4 tokens differently from 4 one-token steps (up to 0.375 in a logit, argmax changed, on
-    SmolLM2), which breaks the greedy exactness gate; without native bf16 it is ~10x slower."""
+    of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
+    changed at 1 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
+    exactness gate; on a CPU without native bf16 it is also ~10x slower."""
     mask_token_id: int | None = Field(None, ge=0)
     """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first
     embedding row past the tokenizer, else the last added special token the chat template never
@@ -271,9 +272,9 @@ class TrainParams(Section):
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     """Training precision. bf16 keeps fp32 master weights (the saved drafter is fp32) and runs
-    the drafter's matmuls in bf16: 2.3x the steps per second of fp32 on a CPU with native bf16
-    (AVX512-BF16/AMX), about 10x FEWER on one without (AVX2). auto = bf16 on a GPU that supports
-    it and on such a CPU, else fp32; the drafter's manifest records what ran."""
+    the drafter's matmuls in bf16: 1.74x the steps per second of fp32 on a CPU with native bf16
+    (AVX512-BF16/AMX; `benchmarks/train.py`), about 10x FEWER on one without (AVX2). auto = bf16
+    on a GPU that supports it and on such a CPU, else fp32; the drafter's manifest records it."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
     eval_every: int = Field(100, ge=1)
