@@ -28,7 +28,7 @@ from specauf.drafter import BlockDrafter
 from specauf.labels import run_labels
 from specauf.rollouts import run_rollouts
 from specauf.train import Trainer, train_variant
-from tests.conftest import ROOT, prompt_rows
+from tests.conftest import ROOT, die_after, prompt_rows
 
 CPU = torch.device("cpu")
 OUT_FILES = {"config.json", "model.safetensors", "ds_config.json", "manifest.json"}
@@ -196,21 +196,17 @@ class Payload:
         self.__dict__.update(state)
 
 
+def killed_in_step_10(tiny_model, data, root: Path, **overrides) -> None:
+    """A BASE run (24 steps, checkpoints every 8) killed in step 10, after the checkpoint of step 8."""
+    with pytest.MonkeyPatch.context() as mp:
+        die_after(mp, train_mod, "compute_loss", 10)
+        with pytest.raises(KeyboardInterrupt, match="killed"):
+            train(tiny_model, data["offline"], root, **overrides)
+
+
 def test_kill_and_resume_gives_identical_weights(base_run, tiny_model, data, tmp_path, monkeypatch):
     """Exact: torch.equal on every tensor and byte-identical model.safetensors (tolerance 0)."""
-    real_loss = train_mod.compute_loss
-    calls = []
-
-    def dies(*a, **k):  # step 10 of 24 fails, after the checkpoint of step 8
-        calls.append(a[0])
-        if len(calls) == 11:
-            raise RuntimeError("killed")
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(train_mod, "compute_loss", dies)
-    with pytest.raises(RuntimeError, match="killed"):
-        train(tiny_model, data["offline"], tmp_path)
-    monkeypatch.setattr(train_mod, "compute_loss", real_loss)
+    killed_in_step_10(tiny_model, data, tmp_path)
     ckpt = tmp_path / "work" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step8" and (ckpt / "step8").is_dir()
     assert not (tmp_path / "out").exists()
@@ -276,7 +272,7 @@ def test_same_seed_same_losses_and_bytes(base_run, tiny_model, data, tmp_path):
 # --------------------------------------------------------------------------- bf16
 
 
-def test_bf16_trains_saves_fp32_masters_and_resumes_exactly(tiny_model, data, tmp_path, monkeypatch):
+def test_bf16_trains_saves_fp32_masters_and_resumes_exactly(tiny_model, data, tmp_path):
     """bf16 (what `auto` picks on a CPU with native bf16): the loss falls, the saved drafter holds
     the optimizer's fp32 master weights (not their bf16 roundings), and a kill-and-resume ends
     byte-identical to an uninterrupted run (tolerance 0)."""
@@ -296,18 +292,7 @@ def test_bf16_trains_saves_fp32_masters_and_resumes_exactly(tiny_model, data, tm
         assert torch.equal(saved[n], m), n
     assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)  # restoring them mattered
 
-    real_loss, calls = train_mod.compute_loss, []
-
-    def dies(*a, **k):  # step 10 of 24 fails, after the checkpoint of step 8
-        calls.append(a[0])
-        if len(calls) == 11:
-            raise RuntimeError("killed")
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(train_mod, "compute_loss", dies)
-    with pytest.raises(RuntimeError, match="killed"):
-        train(tiny_model, data["offline"], tmp_path / "resumed", precision="bf16")
-    monkeypatch.setattr(train_mod, "compute_loss", real_loss)
+    killed_in_step_10(tiny_model, data, tmp_path / "resumed", precision="bf16")
     resumed = train(tiny_model, data["offline"], tmp_path / "resumed", precision="bf16")
     assert (resumed["out"] / "model.safetensors").read_bytes() == (whole["out"] / "model.safetensors").read_bytes()
     assert resumed["manifest"]["heldout"] == whole["manifest"]["heldout"]
