@@ -7,7 +7,7 @@ built once (~1 min) and cached under benchmarks/.cache/train-labels.
 
 A `Trainer` with `TrainParams()` defaults (1 drafter layer initialised from the target, block 8,
 draft vocabulary 8192, 64 anchors per sequence, micro batch 4, ZeRO 0; fp32 but where named) makes the batches
-exactly as the train stage does (`step_rows` + `make_batch`), before timing. Three identical
+exactly as the train stage does (`step_rows` + `make_batch`), before timing. Four identical
 copies of the drafter then train side by side, one step each per round on the same batch:
 
 - deepspeed/decay: `specauf.distributed.init_engine` + `deepspeed_config`, decay loss;

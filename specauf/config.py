@@ -68,7 +68,7 @@ class TargetParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
     of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
-    changed at 1 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
+    changed at 2 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
     exactness gate; on a CPU without native bf16 it is also ~10x slower."""
     mask_token_id: int | None = Field(None, ge=0)
     """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first

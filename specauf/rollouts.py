@@ -100,10 +100,9 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
     """Answer every prompt into shards; rank 0 returns the manifest, other ranks None."""
     group = group or RankGroup()
     if not isinstance(model, VllmEngine):
-        weights = next(model.parameters())
-        if pick_precision(params.precision, weights.device) == "bf16" and weights.dtype != torch.bfloat16:
+        if pick_precision(params.precision, model.device) == "bf16" and model.dtype != torch.bfloat16:
             model = copy.deepcopy(model).to(torch.bfloat16)  # a copy: the caller's target stays as it was
-        manifest_extra = {**manifest_extra, "generation_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        manifest_extra = {**manifest_extra, "generation_dtype": str(model.dtype).removeprefix("torch.")}
     rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
     if not rows:
         raise ValueError("rollouts: no training prompt fits rollouts.max_prompt_tokens "

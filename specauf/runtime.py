@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def pick_device(device: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """x86 AVX512-BF16 / AMX-BF16 or Arm BF16 in /proc/cpuinfo (not Linux: assume not)."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
