@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8], help="inference block sizes of our drafters")
     ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens for the peer (0 = skip)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--linear-kernels", choices=["auto", "stock"], default="auto",
+                    help="the target's linear kernels for every contender, as eval.linear_kernels (default auto)")
     ap.add_argument("--target", default=None)
     args = ap.parse_args()
     if not args.drafter and not args.random_drafter:
@@ -47,7 +49,8 @@ def main() -> None:
     from specauf.config import EvalParams
     from specauf.decode import DrafterProposer, speculative_generate
     from specauf.drafter import BlockDrafter, DrafterConfig, default_target_layer_ids
-    from specauf.evaluate import _hf_generate_time
+    from specauf.evaluate import _hf_generate_time, decode_row_counts
+    from specauf.linear_kernels import tune_linears
     from specauf.generation import encode_chat
     from specauf.prompts import load_prompt_set
     from specauf.target import check_fingerprint
@@ -86,7 +89,16 @@ def main() -> None:
           flush=True)
 
     decode = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=stops)
-    eval_params = EvalParams(max_new_tokens=args.max_new_tokens)
+    eval_params = EvalParams(max_new_tokens=args.max_new_tokens, block_sizes=args.block_sizes,
+                             prompt_lookup_num_tokens=args.prompt_lookup, linear_kernels=args.linear_kernels)
+    tuned = tune_linears(model, decode_row_counts(eval_params), args.linear_kernels)
+    if tuned:
+        pairs = [k for p in tuned["plan"].values() for k in p.values()]
+        print(f"linear kernels: auto, {sum(k != 'linear' for k in pairs)} of {len(pairs)} shape/row pairs off F.linear; "
+              "at rows 1/2/4: " + "; ".join(f"{shape} " + "/".join(p[r] for r in (1, 2, 4) if r in p)
+                                            for shape, p in tuned["plan"].items()) + "\n")
+    else:
+        print(f"linear kernels: {args.linear_kernels}\n")
     contenders = {"plain": lambda ids: speculative_generate(model, ids, block_size=1, **decode)}
     for name, dr in drafters.items():
         proposer = DrafterProposer(dr, model)

@@ -9,6 +9,8 @@ after one warmup), 1 torch thread, medians:
 - fp32 m=K / bf16 m=K: one forward of K tokens after a --context-token prompt (first ShareGPT
   prompts, chat template; the K tokens are the prompt's continuation ids), then the cache is
   cropped back, so every call sees the same cache. bf16 = a bf16 copy of the target.
+- tuned m=K: an fp32 copy with the eval stage's calibrated linear kernels
+  (`specauf.linear_kernels`, `eval.linear_kernels: auto`), calibrated here for rows --sizes.
 
 Exactness check (--blocks blocks of --block tokens taken from the prompts): the logits of a block
 scored in one pass vs the same positions scored one token at a time, per dtype: max |diff| and
@@ -40,6 +42,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     from specauf.decode import cache_kwarg, crop_cache
+    from specauf.linear_kernels import tune_linears
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     print_header("Verify cost: the target scoring a block of m tokens vs one token, fp32 and bf16")
@@ -50,7 +53,11 @@ def main() -> None:
         if len(ids) >= need + args.blocks * args.block:
             break
     ids = torch.tensor(ids)
-    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    models = {"fp32": model, "tuned": copy.deepcopy(model), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    plan = tune_linears(models["tuned"], args.sizes, "auto")["plan"]
+    print("calibrated plan (rows -> kernel, F.linear where not listed):")
+    for shape, by_rows in plan.items():
+        print(f"  {shape}: " + ", ".join(f"{r}->{k}" for r, k in by_rows.items() if k != "linear"))
     kw = cache_kwarg(model)
 
     def prefilled(m, n):
@@ -76,7 +83,7 @@ def main() -> None:
                 n = f"{name} m={k}"
                 rows.append([n, 1000 * med[n], ratio(med[n], base), ratio(med[n], med["fp32 m=1"])])
         print(f"{tdir}: {args.context_tokens} cached tokens, {args.repeats} interleaved rounds, medians\n")
-        print_table(["forward", "median ms", "x one step (same dtype)", "x fp32 one step"], rows)
+        print_table(["forward", "median ms", "x one step (same model)", "x fp32 one step"], rows)
 
         # exactness: a block in one pass vs one token at a time, from the same cache state
         checks = []

@@ -303,7 +303,7 @@ class EvalParams(Section):
     """Prompts decoded per evaluation set (the first ones by id)."""
     max_new_tokens: int = Field(64, ge=1)
     """Tokens generated per prompt."""
-    block_sizes: list[int] = [4, 8]
+    block_sizes: list[int] = [2, 4, 8]
     """Inference block sizes to measure (each <= the trained block size); 1 = plain decoding."""
     temperature: float = Field(0.0, ge=0.0)
     """0 = greedy verification (exactness gate on); > 0 = lossless speculative sampling."""
@@ -319,6 +319,11 @@ class EvalParams(Section):
     """Peer: transformers prompt-lookup decoding with this many tokens (0 = skip)."""
     assistant_model: str | None = None
     """Peer: a local HF folder of a small draft model for transformers assisted generation (None = skip)."""
+    linear_kernels: Literal["auto", "stock"] = "auto"
+    """auto: on a CPU, time candidate matmul kernels for each of the target's linear shapes at every
+    decode row count (plain steps, verify blocks, prompt lookup's) and use the fastest, for every
+    contender alike (MKL's 2-8 row GEMMs can cost far more than one row's); stock: torch's F.linear.
+    Ignored on CUDA."""
 
     @model_validator(mode="after")
     def _block_sizes(self):

@@ -19,6 +19,7 @@ import torch
 from specauf.config import EvalParams
 from specauf.decode import DrafterProposer, speculative_generate, summarize
 from specauf.generation import encode_chat
+from specauf.linear_kernels import tune_linears, uninstall
 from specauf.runtime import progress
 
 log = logging.getLogger("specauf")
@@ -76,9 +77,30 @@ def _hf_generate_time(target, ids: list[int], params: EvalParams, stop_ids: list
     return max(total - first, 1e-9), max(len(out) - 1, 1), out
 
 
+def decode_row_counts(params: EvalParams) -> list[int]:
+    """Every row count a decode-time target forward sees: plain steps (1), our verify blocks (up to
+    the largest block size; fewer near max_new_tokens) and prompt lookup's (up to its tokens + 1)."""
+    top = max(max(params.block_sizes), params.prompt_lookup_num_tokens + 1 if params.prompt_lookup_num_tokens else 1)
+    return list(range(1, top + 1))
+
+
 def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,
                      stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
-    """Decode every prompt plainly, with the drafter at each block size, and with the peers."""
+    """Decode every prompt plainly, with the drafter at each block size, and with the peers, all on
+    the same target linear kernels (`eval.linear_kernels`), which the metrics record."""
+    tuned = tune_linears(target, decode_row_counts(params), params.linear_kernels)
+    try:
+        metrics = _decode_all(target, tokenizer, drafter, eval_sets, params, stop_ids=stop_ids, pad_id=pad_id,
+                              seed=seed, assistant=assistant)
+    finally:
+        if tuned:
+            uninstall(target)
+    metrics["linear_kernels"] = {"mode": params.linear_kernels, **(tuned or {"plan": None})}
+    return metrics
+
+
+def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,
+                stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
     device = next(target.parameters()).device
     proposer = DrafterProposer(drafter, target)
     sizes = sorted(set(params.block_sizes) - {1})

@@ -305,15 +305,29 @@ def render_markdown(data: dict) -> str:
         m, st = ev.get("machine") or {}, ev.get("settings") or {}
         rows.append([v, _exactness(ev), str(m.get("device", "–")), str(m.get("torch_threads", "–")),
                      str(m.get("cpu_count", "–")), str(m.get("processor", "–")),
-                     str(st.get("temperature", "–")), str(st.get("max_new_tokens", "–")), str(st.get("repeats", "–"))])
+                     str(st.get("temperature", "–")), str(st.get("max_new_tokens", "–")), str(st.get("repeats", "–")),
+                     _kernels(ev.get("linear_kernels"))])
     L += _table(["variant", "exactness gate", "device", "torch threads", "CPUs", "processor", "temperature",
-                 "max new tokens", "timed repeats"], rows)
+                 "max new tokens", "timed repeats", "target linear kernels"], rows)
     platforms = sorted({str((d["eval"].get("machine") or {}).get("platform")) for d in data.values()
                         if (d["eval"].get("machine") or {}).get("platform")})
     if platforms:
         L += [f"Platform: {'; '.join(platforms)}.", ""]
     L += ["![acceptance by block position](acceptance.png)", ""]
     return "\n".join(L)
+
+
+def _kernels(k) -> str:
+    """eval.linear_kernels as run: the calibrated (shape, rows) pairs that left F.linear."""
+    if not isinstance(k, dict):
+        return "–"
+    plan = k.get("plan")
+    if not isinstance(plan, dict):
+        return str(k.get("mode", "–"))
+    pairs = [(shape, r) for shape, by_rows in plan.items() if isinstance(by_rows, dict)
+             for r, kernel in by_rows.items() if kernel != "linear"]
+    total = sum(len(by_rows) for by_rows in plan.values() if isinstance(by_rows, dict))
+    return f"{k.get('mode', 'auto')}: {len(pairs)} of {total} shape/row pairs off F.linear"
 
 
 # ------------------------------------------------------------------------------ figure

@@ -44,6 +44,12 @@ def test_metrics_accounting_and_peers(setup):
     assert set(m["peers"]) == {"hf_plain", "hf_prompt_lookup"}
     assert m["peers"]["hf_plain"]["speedup_vs_hf_plain"] == 1.0
     assert m["machine"]["torch_threads"] == torch.get_num_threads()
+    # every contender ran on one calibrated kernel plan, for rows 1..4 (our blocks), 1..4 (lookup 3 + 1)
+    kernels = m["linear_kernels"]
+    assert kernels["mode"] == "auto" and kernels["plan"]
+    assert all(set(by_rows) == {1, 2, 3, 4} for by_rows in kernels["plan"].values())
+    assert not any("_specauf_kernels" in mod.__dict__ for mod in setup[0].modules())  # target restored
+    assert run(setup, linear_kernels="stock", prompt_lookup_num_tokens=0)["linear_kernels"] == {"mode": "stock", "plan": None}
     acceptance, emitted = plot_rows(m)
     assert {r["block_size"] for r in acceptance} == {"b2", "b4"} and emitted
 

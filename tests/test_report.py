@@ -36,7 +36,9 @@ def _eval(taus: dict, speedup: float, peer: float | None = 1.2, plain_tps: float
     return {"overall": section("overall"), "sets": {n: section(n) for n in SETS}, "peers": peers,
             "exactness": {"checked": True, "mismatches": []},
             "machine": {"torch_threads": 2, "device": "cpu", "cpu_count": 2, "processor": "x86_64", "platform": "Linux-test"},
-            "settings": {"block_sizes": [2, 4], "temperature": 0.0, "max_new_tokens": 32, "repeats": 1}}
+            "settings": {"block_sizes": [2, 4], "temperature": 0.0, "max_new_tokens": 32, "repeats": 1},
+            "linear_kernels": {"mode": "auto", "plan": {"8x4": {"1": "linear", "2": "weight_major"},
+                                                        "4x8": {"1": "onednn", "2": "linear"}}}}
 
 
 def _train(acc: float, offline_tau: float, nested: bool = False) -> dict:
@@ -162,6 +164,7 @@ def test_report_tables_and_png(holding, tmp_path):
     assert "over plain decoding: **met** (2.40x: auf, inference block size 4)" in text
     assert "over the best peer: **met** (2.40x vs prompt lookup 1.50x = 1.60x" in text
     assert "passed (identical to plain greedy)" in text and "| cpu | 2 | 2 | x86_64 |" in text
+    assert "| 0.0 | 32 | 1 | auto: 2 of 4 shape/row pairs off F.linear |" in text
     png = (out / "acceptance.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
     # rerun gives the same markdown (nothing time-dependent in it)
