@@ -62,6 +62,8 @@ RUNS = {
     "auf_anchors_64": {"variant": "auf", "anchors_per_seq": 64},
     "auf_lr_2e-3": {"variant": "auf", "lr": 2e-3},
     "auf_wd_0.1": {"variant": "auf", "weight_decay": 0.1},
+    "auf_wd_0.3": {"variant": "auf", "weight_decay": 0.3},
+    "decay_wd_0.1": {"variant": "decay", "weight_decay": 0.1},
     "auf_two_layers": {"variant": "auf", "num_layers": 2},
 }
 EXTRA = ("variant", "context_window", "init_final_norm")
