@@ -322,8 +322,8 @@ class EvalParams(Section):
     linear_kernels: Literal["auto", "stock"] = "auto"
     """auto: on a CPU, time candidate matmul kernels for each of the target's linear shapes at every
     decode row count (plain steps, verify blocks, prompt lookup's) and use the fastest, for every
-    contender alike (MKL's 2-8 row GEMMs can cost far more than one row's); stock: torch's F.linear.
-    Ignored on CUDA."""
+    contender alike (MKL's 2-8 row GEMMs can cost far more than one row's; a kernel that stores a
+    transposed weight copy competes only where memory allows); stock: torch's F.linear. Ignored on CUDA."""
 
     @model_validator(mode="after")
     def _block_sizes(self):

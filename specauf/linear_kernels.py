@@ -151,15 +151,38 @@ def uninstall(model) -> None:
             del module.forward, module._specauf_kernels, module._specauf_weight_t
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none: no guard then)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def tune_linears(model, rows: list[int], mode: str) -> dict | None:
     """Apply `eval.linear_kernels` to a decode-time target: calibrate and install on a CPU in
-    mode `auto`, nothing otherwise (CUDA's small-row GEMMs are already about one pass)."""
+    mode `auto`, nothing otherwise (CUDA's small-row GEMMs are already about one pass).
+
+    `pretransposed` keeps a second copy of each weight it serves; it is left out of the running
+    when that copy would not fit twice over in the memory now available (a large target on a CPU).
+    """
     if mode == "stock" or next(model.parameters()).device.type != "cpu":
         return None
     if mode != "auto":
         raise ValueError(f"eval.linear_kernels: {mode!r} is not one of auto, stock")
     t0 = time.perf_counter()
-    result = calibrate(model, rows)
+    kernels = available_kernels()
+    weight_bytes = sum(m.weight.numel() * 4 for group in _linears(model).values() for m in group)
+    free = available_memory_bytes()
+    if free is not None and 2 * weight_bytes > free:
+        kernels.remove("pretransposed")
+        log.info("linear kernels: %.1f GB of linear weights, %.1f GB available: not calibrating `pretransposed` "
+                 "(it stores a transposed copy)", weight_bytes / 1e9, free / 1e9)
+    result = calibrate(model, rows, kernels=kernels)
     n = install(model, result["plan"])
     pairs = [k for p in result["plan"].values() for k in p.values()]
     log.info("linear kernels calibrated in %.1f s for rows %d-%d: %d of %d shape/row pairs off F.linear, %d layers "

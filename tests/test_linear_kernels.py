@@ -105,3 +105,22 @@ def test_tune_linears_modes(target):
         assert any("_specauf_kernels" in m.__dict__ for m in target.modules()) == bool(rerouted)
     finally:
         lk.uninstall(target)
+
+
+def test_tune_linears_skips_the_weight_copy_when_memory_is_short(target, monkeypatch):
+    """`pretransposed` doubles the weights it serves: not a candidate when that would not fit."""
+    weight_bytes = sum(m.weight.numel() * 4 for group in lk._linears(target).values() for m in group)
+    monkeypatch.setattr(lk, "available_memory_bytes", lambda: 2 * weight_bytes - 1)
+    result = lk.tune_linears(target, [1, 2], "auto")
+    try:
+        assert all("pretransposed" not in t for by_rows in result["ms"].values() for t in by_rows.values())
+        assert not any(m.__dict__.get("_specauf_weight_t") is not None for m in target.modules())
+    finally:
+        lk.uninstall(target)
+    monkeypatch.setattr(lk, "available_memory_bytes", lambda: 2 * weight_bytes)
+    result = lk.tune_linears(target, [1], "auto")
+    lk.uninstall(target)
+    assert all("pretransposed" in t for by_rows in result["ms"].values() for t in by_rows.values())
+    monkeypatch.undo()
+    free = lk.available_memory_bytes()  # the real reading of /proc/meminfo
+    assert free is None or free > weight_bytes
