@@ -50,7 +50,7 @@ def main() -> None:
     from specauf.decode import DrafterProposer, speculative_generate
     from specauf.drafter import BlockDrafter, DrafterConfig, default_target_layer_ids
     from specauf.evaluate import _hf_generate_time, decode_row_counts
-    from specauf.linear_kernels import tune_linears
+    from specauf.linear_kernels import describe_plan, tune_linears
     from specauf.generation import encode_chat
     from specauf.prompts import load_prompt_set
     from specauf.target import check_fingerprint
@@ -93,8 +93,7 @@ def main() -> None:
                              prompt_lookup_num_tokens=args.prompt_lookup, linear_kernels=args.linear_kernels)
     tuned = tune_linears(model, decode_row_counts(eval_params), args.linear_kernels)
     if tuned:
-        pairs = [k for p in tuned["plan"].values() for k in p.values()]
-        print(f"linear kernels: auto, {sum(k != 'linear' for k in pairs)} of {len(pairs)} shape/row pairs off F.linear; "
+        print(f"linear kernels: auto, {describe_plan(tuned['plan'])}; "
               "at rows 1/2/4: " + "; ".join(f"{shape} " + "/".join(p[r] for r in (1, 2, 4) if r in p)
                                             for shape, p in tuned["plan"].items()) + "\n")
     else:

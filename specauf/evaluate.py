@@ -80,8 +80,7 @@ def _hf_generate_time(target, ids: list[int], params: EvalParams, stop_ids: list
 def decode_row_counts(params: EvalParams) -> list[int]:
     """Every row count a decode-time target forward sees: plain steps (1), our verify blocks (up to
     the largest block size; fewer near max_new_tokens) and prompt lookup's (up to its tokens + 1)."""
-    top = max(max(params.block_sizes), params.prompt_lookup_num_tokens + 1 if params.prompt_lookup_num_tokens else 1)
-    return list(range(1, top + 1))
+    return list(range(1, max(*params.block_sizes, params.prompt_lookup_num_tokens + 1) + 1))
 
 
 def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,

@@ -151,6 +151,12 @@ def uninstall(model) -> None:
             del module.forward, module._specauf_kernels, module._specauf_weight_t
 
 
+def describe_plan(plan: dict[str, dict[int, str]]) -> str:
+    """'N of M shape/row pairs off F.linear': how much of a calibrated plan reroutes anything."""
+    kernels = [k for by_rows in plan.values() for k in by_rows.values()]
+    return f"{sum(k != 'linear' for k in kernels)} of {len(kernels)} shape/row pairs off F.linear"
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none: no guard then)."""
     try:
@@ -176,7 +182,7 @@ def tune_linears(model, rows: list[int], mode: str) -> dict | None:
         raise ValueError(f"eval.linear_kernels: {mode!r} is not one of auto, stock")
     t0 = time.perf_counter()
     kernels = available_kernels()
-    weight_bytes = sum(m.weight.numel() * 4 for group in _linears(model).values() for m in group)
+    weight_bytes = sum(m.weight.nbytes for group in _linears(model).values() for m in group)
     free = available_memory_bytes()
     if free is not None and 2 * weight_bytes > free:
         kernels.remove("pretransposed")
@@ -184,8 +190,6 @@ def tune_linears(model, rows: list[int], mode: str) -> dict | None:
                  "(it stores a transposed copy)", weight_bytes / 1e9, free / 1e9)
     result = calibrate(model, rows, kernels=kernels)
     n = install(model, result["plan"])
-    pairs = [k for p in result["plan"].values() for k in p.values()]
-    log.info("linear kernels calibrated in %.1f s for rows %d-%d: %d of %d shape/row pairs off F.linear, %d layers "
-             "rerouted (the plan is in the metrics)", time.perf_counter() - t0, min(rows), max(rows),
-             sum(k != "linear" for k in pairs), len(pairs), n)
+    log.info("linear kernels calibrated in %.1f s for rows %d-%d: %s, %d layers rerouted (the plan is in the "
+             "metrics)", time.perf_counter() - t0, min(rows), max(rows), describe_plan(result["plan"]), n)
     return result

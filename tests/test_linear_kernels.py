@@ -43,6 +43,8 @@ def test_every_kernel_computes_f_linear(kernel, bias):
 def test_calibrate_covers_every_shape_and_row_count(target):
     result = lk.calibrate(target, [1, 2, 4], repeats=1)
     assert set(result["plan"]) == shapes_of(target)
+    rerouted = sum(k != "linear" for by_rows in result["plan"].values() for k in by_rows.values())
+    assert lk.describe_plan(result["plan"]) == f"{rerouted} of {3 * len(shapes_of(target))} shape/row pairs off F.linear"
     for key, by_rows in result["plan"].items():
         assert set(by_rows) == {1, 2, 4}
         assert set(by_rows.values()) <= set(lk.available_kernels())
@@ -109,7 +111,7 @@ def test_tune_linears_modes(target):
 
 def test_tune_linears_skips_the_weight_copy_when_memory_is_short(target, monkeypatch):
     """`pretransposed` doubles the weights it serves: not a candidate when that would not fit."""
-    weight_bytes = sum(m.weight.numel() * 4 for group in lk._linears(target).values() for m in group)
+    weight_bytes = sum(m.weight.nbytes for group in lk._linears(target).values() for m in group)
     monkeypatch.setattr(lk, "available_memory_bytes", lambda: 2 * weight_bytes - 1)
     result = lk.tune_linears(target, [1, 2], "auto")
     try:
