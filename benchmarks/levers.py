@@ -65,6 +65,10 @@ RUNS = {
     "auf_wd_0.3": {"variant": "auf", "weight_decay": 0.3},
     "decay_wd_0.1": {"variant": "decay", "weight_decay": 0.1},
     "auf_two_layers": {"variant": "auf", "num_layers": 2},
+    # these need labels with the target's top-k (labels.top_k > 0): --labels/--params pointing at them
+    "auf_distill_0.5": {"variant": "auf", "distill_weight": 0.5},
+    "auf_distill_0.9": {"variant": "auf", "distill_weight": 0.9},
+    "decay_distill_0.5": {"variant": "decay", "distill_weight": 0.5},
 }
 EXTRA = ("variant", "context_window", "init_final_norm")
 

@@ -80,7 +80,7 @@ def collate_blocks(items: list[dict], block_size: int, mask_token_id: int) -> di
 
     Returns block_input_ids (N, A*B), block_position_ids (N, A*B), context_position_ids (N, C),
     attention_mask (N, 1, A*B, C + A*B), labels and validity (N*A, B-1) in block order, and
-    context_features (N, C, n*H) when given.
+    context_features (N, C, n*H) and soft_ids/soft_probs (N*A, B-1, k) when given.
     """
     N, B = len(items), block_size
     A = max(len(it["anchors"]) for it in items)
@@ -106,6 +106,13 @@ def collate_blocks(items: list[dict], block_size: int, mask_token_id: int) -> di
         "attention_mask": mask[:, None], "labels": labels.view(N * A, B - 1),
         "validity": validity.view(N * A, B - 1),
     }
+    if all("soft_ids" in it for it in items):  # the target's top-k per label; padding blocks get p = 0
+        k = items[0]["soft_ids"].shape[-1]
+        soft_ids = torch.zeros((N, A, B - 1, k), dtype=torch.long, device=device)
+        soft_probs = torch.zeros((N, A, B - 1, k), dtype=torch.float32, device=device)
+        for n, it in enumerate(items):
+            soft_ids[n, : len(it["anchors"])], soft_probs[n, : len(it["anchors"])] = it["soft_ids"], it["soft_probs"]
+        out["soft_ids"], out["soft_probs"] = soft_ids.view(N * A, B - 1, k), soft_probs.view(N * A, B - 1, k)
     if all("context_features" in it for it in items):
         feats = items[0]["context_features"]
         padded = feats.new_zeros((N, C, feats.shape[-1]))

@@ -226,6 +226,8 @@ class TrainParams(Section):
     """Train against the response tokens or the target's acceptance labels (its argmax)."""
     soft_auf_temperature: float = Field(1.0, ge=0.0)
     """Temperature of soft_auf's acceptance probabilities (0 = hard AUF support)."""
+    distill_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """EXTENSION beyond the paper: weight of the CE against the target's top-k distribution (needs labels.top_k > 0), blended with the one-hot CE under every loss variant (0 = off)."""
     curriculum_switch: float = Field(0.3, ge=0.0, le=1.0)
     """decay_then_auf: fraction of steps trained with `decay` before switching to `auf`."""
     num_layers: int = Field(1, ge=1)

@@ -5,6 +5,11 @@ monotone validity mask (N,K), and is a weighted mean of per-position cross-entro
 loss = sum(w * CE) / sum(w). They differ only in w. AUF's point: a block's guesses after the
 first failure are never used at verification, so training on them spends capacity on tokens
 that cannot raise the acceptance length. All weights are detached; gradient flows through CE.
+
+Distillation (an EXTENSION, `train.distill_weight`) changes only the CE, never the weights: it
+blends the one-hot CE with the CE against the target's stored top-k distribution, a denser
+signal per position for a drafter that has little data. The AUF support still comes from the
+one-hot labels, since greedy verification accepts exactly those.
 """
 from __future__ import annotations
 
@@ -42,6 +47,27 @@ def per_position_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     N, K, V = logits.shape
     return F.cross_entropy(logits.float().reshape(N * K, V), labels.reshape(N * K),
                            reduction="none").view(N, K)
+
+
+def distill_ce(logits: torch.Tensor, soft_ids: torch.Tensor, soft_probs: torch.Tensor) -> torch.Tensor:
+    """(N,K) cross-entropy against a sparse target distribution: -sum_j p_j log q(id_j).
+
+    soft_ids/soft_probs (N,K,k): ids in the logits' vocabulary, probabilities summing to 1 (or
+    to 0 where nothing of the target's top-k is in the vocabulary: that position adds 0).
+    """
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, soft_ids)
+    return -(soft_probs.to(logq.dtype) * logq).sum(-1)
+
+
+def blended_ce(logits: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+               distill_weight: float = 0.0) -> torch.Tensor:
+    """(1 - a) * one-hot CE + a * CE against the target's top-k (a = distill_weight)."""
+    ce = per_position_ce(logits, labels)
+    if not distill_weight:
+        return ce
+    if soft is None:
+        raise ValueError("distill_weight > 0 needs the target's top-k distribution (labels.top_k > 0)")
+    return (1.0 - distill_weight) * ce + distill_weight * distill_ce(logits, *soft)
 
 
 def weighted_mean(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -82,33 +108,37 @@ def soft_auf_weights(logits: torch.Tensor, labels: torch.Tensor, validity: torch
     return prefix * validity.float()
 
 
-def full_loss(logits, labels, validity):
+def _ce(ce, logits, labels):
+    return per_position_ce(logits, labels) if ce is None else ce
+
+
+def full_loss(logits, labels, validity, ce=None):
     """Uniform CE over every valid position."""
-    return weighted_mean(per_position_ce(logits, labels), validity.float())
+    return weighted_mean(_ce(ce, logits, labels), validity.float())
 
 
-def decay_loss(logits, labels, validity, gamma):
+def decay_loss(logits, labels, validity, gamma, ce=None):
     """DFlash recipe: CE weighted by exp(-(k-1)/gamma) over valid positions."""
     w = decay_weights(labels.shape[1], gamma, logits.device)[None, :] * validity.float()
-    return weighted_mean(per_position_ce(logits, labels), w)
+    return weighted_mean(_ce(ce, logits, labels), w)
 
 
-def auf_loss(logits, labels, validity):
+def auf_loss(logits, labels, validity, ce=None):
     """Accept-Until-Fail: CE on the accepted prefix and the first failing position only."""
-    return weighted_mean(per_position_ce(logits, labels), auf_support(logits, labels, validity).float())
+    return weighted_mean(_ce(ce, logits, labels), auf_support(logits, labels, validity).float())
 
 
-def auf_decay_loss(logits, labels, validity, gamma):
+def auf_decay_loss(logits, labels, validity, gamma, ce=None):
     """AUF support times the decay weights (the paper finds the decay "inert" on top of AUF)."""
     w = decay_weights(labels.shape[1], gamma, logits.device)[None, :]
-    return weighted_mean(per_position_ce(logits, labels), auf_support(logits, labels, validity).float() * w)
+    return weighted_mean(_ce(ce, logits, labels), auf_support(logits, labels, validity).float() * w)
 
 
-def soft_auf_loss(logits, labels, validity, temperature=0.0):
+def soft_auf_loss(logits, labels, validity, temperature=0.0, ce=None):
     """EXTENSION beyond the AUF paper: weight position k by the detached probability that every
     earlier position is accepted at the verification temperature. Equals `auf_loss` at T=0."""
     w = soft_auf_weights(logits, labels, validity, temperature)
-    return weighted_mean(per_position_ce(logits, labels), w)
+    return weighted_mean(_ce(ce, logits, labels), w)
 
 
 @torch.no_grad()
@@ -141,10 +171,12 @@ def diagnostics(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tens
 
 
 def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
-                 gamma: float | None = None, temperature: float = 0.0):
+                 gamma: float | None = None, temperature: float = 0.0,
+                 soft: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0):
     """Dispatch by name ("auf+decay" is accepted for "auf_decay"); returns (loss, diagnostics).
 
-    gamma defaults to `default_gamma(K + 1)`; temperature is used by soft_auf only.
+    gamma defaults to `default_gamma(K + 1)`; temperature is used by soft_auf only; soft and
+    distill_weight blend in the target's top-k distribution (`blended_ce`).
     """
     name = "auf_decay" if name == "auf+decay" else name
     if name not in LOSS_NAMES:
@@ -154,14 +186,15 @@ def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity
     gamma = default_gamma(K + 1) if gamma is None else gamma
     if not (gamma > 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma must be a positive finite number, got {gamma}")
+    ce = blended_ce(logits, labels, soft, distill_weight)
     if name == "full":
-        loss = full_loss(logits, labels, validity)
+        loss = full_loss(logits, labels, validity, ce=ce)
     elif name == "decay":
-        loss = decay_loss(logits, labels, validity, gamma)
+        loss = decay_loss(logits, labels, validity, gamma, ce=ce)
     elif name == "auf":
-        loss = auf_loss(logits, labels, validity)
+        loss = auf_loss(logits, labels, validity, ce=ce)
     elif name == "auf_decay":
-        loss = auf_decay_loss(logits, labels, validity, gamma)
+        loss = auf_decay_loss(logits, labels, validity, gamma, ce=ce)
     else:
-        loss = soft_auf_loss(logits, labels, validity, temperature)
+        loss = soft_auf_loss(logits, labels, validity, temperature, ce=ce)
     return loss, diagnostics(logits, labels, validity)

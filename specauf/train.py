@@ -108,6 +108,9 @@ class Trainer:
             self.t2d = torch.full((self.lm_head.shape[0],), -1, dtype=torch.long)
             self.t2d[d2t] = torch.arange(len(d2t))
         self.draft_coverage = coverage(dataset, self.train_rows, d2t)
+        if params.distill_weight and not dataset.manifest.get("top_k"):
+            raise ValueError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
+                             f"which {dataset.dir} does not hold: set labels.top_k > 0")
         self.gamma = params.gamma or default_gamma(params.block_size)
 
     @torch.no_grad()
@@ -162,6 +165,10 @@ class Trainer:
             block = build_blocks(item["input_ids"][:S], start, S, anchors, self.p.block_size,
                                  self.drafter.mask_token_id, label_ids=labels_src)
             block.update(anchors=anchors, context_len=S)
+            if self.p.distill_weight:  # top-k rows are per response position: row p - start
+                rows_k = item["topk_ids"].shape[0]
+                at = (anchors[:, None] + torch.arange(1, self.p.block_size) - start).clamp(0, rows_k - 1)
+                block["soft_ids"], block["soft_probs"] = item["topk_ids"][at].long(), item["topk_probs"][at].float()
             if self.online:
                 block["input_ids_full"] = item["input_ids"][:S]
             else:
@@ -177,6 +184,11 @@ class Trainer:
             inside = (draft_labels >= 0).long().cummin(dim=1).values.bool()
             batch["validity"] = batch["validity"] & inside
             batch["labels"] = draft_labels.clamp(min=0)
+        if "soft_ids" in batch:  # keep the top-k mass inside the draft vocabulary, renormalised
+            ids = batch["soft_ids"] if self.t2d is None else self.t2d[batch["soft_ids"]]
+            probs = torch.where(ids >= 0, batch["soft_probs"], 0.0)
+            batch["soft_ids"] = ids.clamp(min=0)
+            batch["soft_probs"] = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
         return batch
 
     @torch.no_grad()
@@ -276,8 +288,10 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
                 sub = step * params.grad_accum + micro
                 batch = t.make_batch(t.step_rows(sub, rank, world), seed * 7919 + sub * world + rank, params.anchors_per_seq)
                 logits, labels, validity = t.forward(engine, batch)
+                soft = (batch["soft_ids"].to(device), batch["soft_probs"].to(device)) if "soft_ids" in batch else None
                 loss, diag = compute_loss(name, logits, labels, validity, gamma=t.gamma,
-                                          temperature=params.soft_auf_temperature)
+                                          temperature=params.soft_auf_temperature, soft=soft,
+                                          distill_weight=params.distill_weight)
                 engine.backward(loss)
                 engine.step()
                 tokens += int(validity.sum())
@@ -313,7 +327,7 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
         "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
         "block_size": params.block_size, "gamma": t.gamma, "steps": params.steps, "world_size": world,
         "init_from_target": bool(t.copied), "precision": params.precision, "draft_vocab_size": params.draft_vocab_size,
-        "draft_label_coverage": t.draft_coverage, "heldout": final,
+        "distill_weight": params.distill_weight, "draft_label_coverage": t.draft_coverage, "heldout": final,
         "train_sequences": len(t.train_rows), "heldout_sequences": len(t.heldout_rows),
         "mask_token_id": t.drafter.mask_token_id, "target_layer_ids": t.drafter.target_layer_ids,
         **manifest_extra,

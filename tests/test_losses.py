@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from specauf.losses import (
-    auf_support, compute_loss, decay_weights, default_gamma, diagnostics, per_position_ce,
-    soft_auf_weights,
+    auf_support, blended_ce, compute_loss, decay_weights, default_gamma, diagnostics, distill_ce,
+    per_position_ce, soft_auf_weights,
 )
 
 V = 7
@@ -117,6 +117,42 @@ def test_auf_gradient_is_zero_after_the_first_failure():
     logits.grad = None
     compute_loss("decay", logits, labels[None], validity[None])[0].backward()
     assert torch.all(logits.grad[0, 4:].abs().sum(-1) > 0)
+
+
+def test_distillation_blends_the_ce_and_leaves_the_weights_alone():
+    gen = torch.Generator().manual_seed(11)
+    cases = [make_case(k, gen=gen) for k in ["all_correct", "middle", "invalid_tail", "random", "first_wrong"]]
+    logits, labels, validity = (torch.stack(t) for t in zip(*cases))
+    N, K, _ = logits.shape
+    # a sparse target distribution over 3 ids per position (ids may repeat the label)
+    soft_ids = torch.randint(0, V, (N, K, 3), generator=gen)
+    soft_probs = torch.softmax(torch.randn(N, K, 3, generator=gen), -1)
+    logq = torch.log_softmax(logits, -1)
+    by_hand = torch.zeros(N, K)
+    for n in range(N):
+        for k in range(K):
+            by_hand[n, k] = -sum(float(soft_probs[n, k, j]) * float(logq[n, k, soft_ids[n, k, j]]) for j in range(3))
+    assert torch.allclose(distill_ce(logits, soft_ids, soft_probs), by_hand, atol=1e-6)
+    # a one-hot target distribution on the label is the plain CE, whatever the blend
+    one_hot = (labels[..., None], torch.ones(N, K, 1))
+    assert torch.allclose(blended_ce(logits, labels, one_hot, 0.7), per_position_ce(logits, labels), atol=1e-6)
+    # weight 0 is the plain loss bit for bit; weight a blends the CE under unchanged AUF weights
+    soft = (soft_ids, soft_probs)
+    m = brute_support(logits, labels, validity).float()
+    ce = 0.6 * per_position_ce(logits, labels) + 0.4 * by_hand
+    for name in ["auf", "decay"]:
+        assert torch.equal(compute_loss(name, logits, labels, validity, soft=soft, distill_weight=0.0)[0],
+                           compute_loss(name, logits, labels, validity)[0])
+    loss, _ = compute_loss("auf", logits, labels, validity, soft=soft, distill_weight=0.4)
+    assert torch.allclose(loss, (m * ce).sum() / m.sum(), atol=1e-6)
+    # AUF with distillation still sends no gradient past the first failure
+    x = logits[1:2].clone().requires_grad_(True)  # "middle": failure at k index 3
+    compute_loss("auf", x, labels[1:2], validity[1:2], soft=(soft_ids[1:2], soft_probs[1:2]),
+                 distill_weight=0.5)[0].backward()
+    per_pos = x.grad[0].abs().sum(-1)
+    assert torch.all(per_pos[4:] == 0) and torch.all(per_pos[:4] > 0)
+    with pytest.raises(ValueError, match="labels.top_k"):
+        compute_loss("auf", logits, labels, validity, distill_weight=0.5)
 
 
 def test_soft_auf_at_temperature_zero_equals_auf():

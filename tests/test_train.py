@@ -403,6 +403,38 @@ def test_draft_vocabulary(tiny_model, data, tmp_path):
     assert inside[logits.argmax(-1)].all()
 
 
+def test_distillation_reads_the_targets_top_k_of_each_label(tiny_model, data, tmp_path):
+    model, _, manifest = tiny_model
+    params = LabelsParams(features="offline", layer_ids=[0, 2], feature_dtype="float16", batch_size=6, shard_size=6,
+                          top_k=4)
+    run_labels(model, data["root"] / "rollouts", params, out_dir=tmp_path / "topk", work_dir=tmp_path / "topk-work",
+               pad_id=0, manifest_extra={"target_fingerprint": manifest["fingerprint"]})
+    ds = LabelsDataset(tmp_path / "topk")
+    p = TrainParams(**{**BASE, "distill_weight": 0.5, "steps": 2, "eval_every": 100})
+    full, small = Trainer(p, "auf", model, manifest, ds, 0, CPU, 0), Trainer(p, "auf", model, manifest, ds, 0, CPU, 10)
+    for s in range(4):
+        rows = full.step_rows(s, 0, 1)
+        a, b = full.make_batch(rows, 100 + s, 8), small.make_batch(rows, 100 + s, 8)
+        v = a["validity"]
+        assert a["soft_ids"].shape == (*a["labels"].shape, 4) and v.any()
+        # the stored top-k of position a+k: its top-1 is that position's acceptance label, probs renormalised
+        assert torch.equal(a["soft_ids"][..., 0][v], a["labels"][v])
+        assert (a["soft_probs"][v].diff(dim=-1) <= 0).all()
+        assert torch.allclose(a["soft_probs"].sum(-1)[v], torch.ones(int(v.sum())))
+        # in a draft vocabulary the mass outside it is dropped and the rest renormalised
+        inside = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        inside[small.drafter.d2t] = True
+        keep = inside[a["soft_ids"]] & v[..., None]
+        want = torch.where(keep, a["soft_probs"], 0.0)
+        want = want / want.sum(-1, keepdim=True).clamp_min(1e-12)
+        assert torch.equal(small.drafter.d2t[b["soft_ids"]][keep], a["soft_ids"][keep])
+        assert torch.allclose(torch.where(v[..., None], b["soft_probs"], 0.0), want, atol=1e-6)
+    run = train(tiny_model, tmp_path / "topk", tmp_path / "run", distill_weight=0.5, steps=2, eval_every=100)
+    assert run["manifest"]["distill_weight"] == 0.5
+    with pytest.raises(ValueError, match=r"train.distill_weight = 0.5 .*labels.top_k > 0"):
+        Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, 0)
+
+
 # --------------------------------------------------------------------------- online features
 
 
