@@ -83,6 +83,9 @@ class Trainer:
     def __init__(self, params: TrainParams, variant: str, target, target_manifest: dict, dataset: LabelsDataset,
                  seed: int, device: torch.device, draft_vocab_size: int):
         self.p, self.variant, self.target, self.ds, self.seed, self.device = params, variant, target, dataset, seed, device
+        if params.distill_weight and not dataset.manifest.get("top_k"):
+            raise ValueError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
+                             f"which {dataset.dir} does not hold: set labels.top_k > 0")
         self.embed = target.get_input_embeddings().weight.detach()
         self.lm_head = target.get_output_embeddings().weight.detach()
         self.online = dataset.manifest["features"] == "online"
@@ -108,9 +111,6 @@ class Trainer:
             self.t2d = torch.full((self.lm_head.shape[0],), -1, dtype=torch.long)
             self.t2d[d2t] = torch.arange(len(d2t))
         self.draft_coverage = coverage(dataset, self.train_rows, d2t)
-        if params.distill_weight and not dataset.manifest.get("top_k"):
-            raise ValueError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
-                             f"which {dataset.dir} does not hold: set labels.top_k > 0")
         self.gamma = params.gamma or default_gamma(params.block_size)
 
     @torch.no_grad()
