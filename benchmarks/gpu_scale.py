@@ -1,7 +1,8 @@
 """The whole pipeline at a larger scale in one prepared run, on a machine without DVC.
 
 Runs every stage of `dvc.yaml` in its DAG order with exactly the command DVC would run
-(`python stages/<name>.py ...`, `${item}` expanded over train.variants) plus `--params`, from a
+(`python stages/<name>.py`, one per train.variants item with DVC_STAGE=`<stage>@<item>` set as DVC
+sets it) plus `--params`, from a
 params file made of a preset and `--set key.path=value` overrides (YAML values). Stage wall times
 go to `<out>/stage_times.json`; metrics, report and the params used are copied to `--out`.
 `--parallel train,export` runs the variants of those stages side by side (on a GPU a small drafter
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -36,23 +38,16 @@ def set_key(params: dict, path: str, value: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def stage_commands(params: dict, workspace: Path) -> list[tuple[str, list[list[str]]]]:
-    """[(stage, [argv per item])] in dvc.yaml order, as DVC would run them."""
+def stage_commands(params: dict, workspace: Path) -> list[tuple[str, list[tuple[dict, list[str]]]]]:
+    """[(stage, [(env, argv) per item])] in dvc.yaml order, as DVC would run them."""
     stages = yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"]
     out = []
     for name, spec in stages.items():
-        if "foreach" in spec:
-            items = params["train"]["variants"]
-            cmds = [spec["do"]["cmd"].replace("${item}", str(item)) for item in items]
-        else:
-            cmds = [spec["cmd"]]
-        argvs = []
-        for cmd in cmds:
-            argv = shlex.split(cmd)
-            if argv[0] == "python":
-                argv[0] = sys.executable
-            argvs.append(argv)
-        out.append((name, argvs))
+        argv = shlex.split(spec.get("do", spec)["cmd"])
+        if argv[0] == "python":
+            argv[0] = sys.executable
+        items = params["train"]["variants"] if "foreach" in spec else [None]
+        out.append((name, [({"DVC_STAGE": name if item is None else f"{name}@{item}"}, argv) for item in items]))
     return out
 
 
@@ -77,13 +72,14 @@ def main() -> None:
     parallel, skip = set(args.parallel.split(",")), set(filter(None, args.skip.split(",")))
     times: dict[str, float] = {}
     for name, argvs in stage_commands(params, workspace):
-        if name in skip:
+        if name in skip or name == "inputs":  # no DVC here: nothing reads the input hashes
             continue
         t0 = time.perf_counter()
         print(f"== stage {name}: {len(argvs)} command(s)", flush=True)
         batches = [argvs] if name in parallel else [[a] for a in argvs]
         for batch in batches:
-            procs = [subprocess.Popen([*a, "--params", str(params_file)], cwd=workspace) for a in batch]
+            procs = [subprocess.Popen([*a, "--params", str(params_file)], cwd=workspace, env={**os.environ, **env})
+                     for env, a in batch]
             codes = [p.wait() for p in procs]
             if any(codes):
                 times[name] = round(time.perf_counter() - t0, 1)

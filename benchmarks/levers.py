@@ -28,7 +28,7 @@ import torch
 
 import specauf.blocks
 import specauf.train
-from specauf.config import load_params
+from specauf.params_file import load_params
 from specauf.runtime import setup_logging
 from specauf.target import load_target
 from specauf.train import train_variant

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from specauf.config import load_params
+from specauf.params_file import load_params
 from specauf.dataset import LabelsDataset
 from specauf.train import split_heldout
 

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SPECAUF_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 PY=${PYTHON:-python3}
 
 install() {
@@ -33,13 +34,15 @@ case "$cmd" in
   install) install ;;
   pipeline)
     install
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     [ -d .git ] || { echo "error: run from a git clone (DVC needs git)" >&2; exit 2; }
+    # Validate before DVC starts: DVC deletes a stage's outputs before the stage can refuse its params.
+    specauf check-params params.yaml >/dev/null || exit 2
     dvc repro "$@"
     ;;
   test)
     install
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     set +e
     python -m pytest "$@"
     rc=$?

@@ -21,12 +21,14 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from specauf.errors import UserError
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 log = logging.getLogger("specauf")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A missing, corrupted or mismatched artifact; the message names the file at fault."""
 
 
@@ -57,8 +59,16 @@ def versions() -> dict[str, str]:
     return {
         "specauf": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "transformers": transformers.__version__, "pyarrow": pa.__version__,
-        "numpy": numpy.__version__, "platform": platform.platform(),
+        "numpy": numpy.__version__, "platform": host_platform(),
     }
+
+
+def host_platform() -> str:
+    """OS, architecture and C library (e.g. `Linux-x86_64-glibc2.36`): what can change bytes.
+    Not the kernel release, which `platform.platform()` includes: it changes with every host
+    update and would make a rebuild on another machine differ in its manifests alone."""
+    libc, version = platform.libc_ver()
+    return "-".join(x for x in (platform.system(), platform.machine(), f"{libc}{version}" if libc else "") if x)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,14 +130,57 @@ def read_json(path: str | Path) -> Any:
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def loading(path: str | Path) -> Iterator[None]:
+    """A truncated, random-byte or unparsable model file met while loading `path` becomes one
+    line naming it (the loaders raise OSError, ValueError or safetensors' own error)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ArtifactError(f"{path}: cannot be loaded, a file is damaged or missing ({type(e).__name__}: {first}); "
+                            "rebuild it with `dvc repro` (or `dvc checkout`)") from None
+
+
+def check_replaceable(final: str | Path, kind: str, force: bool = False) -> None:
+    """Refuse to replace `final` unless it is absent, empty, or an earlier output of the same kind
+    (its manifest.json says so): a mistyped output path must never cost a user's folder."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if not final.is_dir() or final.is_symlink():
+        raise ArtifactError(f"{final}: exists and is not a directory; refusing to replace it")
+    if not any(final.iterdir()):
+        return
+    try:
+        found = json.loads((final / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found == kind:
+        return
+    if force:
+        log.warning("%s: replacing a folder that is not a spec-auf %s output (--force)", final, kind)
+        return
+    what = f"a {found!r} output" if found else "not a spec-auf output (no manifest.json)"
+    raise ArtifactError(f"{final}: is {what}, not an earlier {kind!r} output; refusing to replace it "
+                        "(choose another path, or move its files away yourself)")
+
+
+@contextmanager
+def atomic_dir(final: str | Path, kind: str, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it replaces `final` whole.
 
+    `final` may only be absent, empty or an earlier output of the same `kind` (check_replaceable);
+    the writer must put a manifest.json of that kind into the directory it is given.
     A killed writer leaves its `.<name>.*.tmp` (and maybe `.<name>.old`) behind; each output has
     one writer, so the next one removes them: a parent directory that is itself a stage's input
     (metrics/train for the report) must not keep a dead run's half-written copy.
     """
     final = Path(final)
+    check_replaceable(final, kind, force)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in [*final.parent.glob(f".{glob.escape(final.name)}.*.tmp"), final.with_name(f".{final.name}.old")]:
         if stale.is_dir() and not stale.is_symlink():
@@ -229,14 +282,7 @@ class ShardedWork:
     def __init__(self, work_dir: str | Path, key: dict):
         self.dir = Path(work_dir)
         self.key = hash_obj(key)
-        stamp = self.dir / "work.json"
-        if self.dir.exists():
-            old = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
-            if old != self.key:
-                log.info("work dir %s belongs to other inputs/params: starting afresh", self.dir)
-                shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(stamp, {"key": self.key})
+        claim_work_dir(self.dir, self.key)
 
     @classmethod
     def join(cls, work_dir: str | Path) -> "ShardedWork":
@@ -265,7 +311,7 @@ class ShardedWork:
 
     def finish(self, out_dir: str | Path, entries: list[dict], manifest: dict,
                extra_files: dict[str, bytes] | None = None) -> dict:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, manifest["kind"]) as tmp:
             for e in entries:
                 os.link(self.dir / e["file"], tmp / e["file"]) if _same_fs(self.dir, tmp) else \
                     shutil.copy2(self.dir / e["file"], tmp / e["file"])
@@ -275,6 +321,29 @@ class ShardedWork:
             write_json(tmp / MANIFEST, manifest)
         shutil.rmtree(self.dir, ignore_errors=True)
         return manifest
+
+
+def claim_work_dir(work_dir: str | Path, key: str) -> bool:
+    """Make `work_dir` the resumable scratch space of the work identified by `key`.
+
+    Returns True when it holds that work already (resume). A work dir of other work (another
+    key in its work.json) is wiped; a non-empty folder without a work.json was not made by the
+    pipeline and is refused, never deleted."""
+    work_dir = Path(work_dir)
+    stamp = work_dir / "work.json"
+    if work_dir.exists():
+        if not stamp.is_file() and any(work_dir.iterdir()):
+            raise ArtifactError(f"{work_dir}: holds files but no work.json, so the pipeline did not make it; "
+                                "refusing to use or delete it (move it away)")
+        old = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+        if old == key:
+            return True
+        if old is not None:
+            log.info("work dir %s belongs to other inputs/params: starting afresh", work_dir)
+            shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"key": key})
+    return False
 
 
 def _same_fs(a: Path, b: Path) -> bool:

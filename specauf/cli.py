@@ -1,64 +1,19 @@
-"""Command line: the `specauf` tool and the shared runner behind every `stages/<name>.py`."""
+"""Command line: the `specauf` tool (stages/<name>.py run through specauf.stage instead)."""
 from __future__ import annotations
 
 import argparse
-import errno
-import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from specauf.artifacts import ArtifactError, hash_obj, versions
-from specauf.config import ParamsError, Params, full_params_yaml, load_params, params_doc, section_dict
+from specauf.config import Params
+from specauf.errors import UserError
+from specauf.params_file import check_pipeline_params, load_params, params_doc
+from specauf.stage import one_line_errors
 
-log = logging.getLogger("specauf")
-USER_ERRORS = (ParamsError, ArtifactError, ValueError, FileNotFoundError)
-
-
-def stage_main(name: str, run, add_args=None, argv=None) -> None:
-    """Parse `--params` and stage paths, load and validate params, run, turn user errors into one line.
-
-    Bad input exits with status 2 and a single `error: ...` line naming the culprit; outputs are
-    only ever replaced whole (see artifacts.atomic_dir), so a failed stage destroys nothing.
-    """
-    from specauf.runtime import setup_logging
-
-    parser = argparse.ArgumentParser(prog=f"stages/{name}.py")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    if add_args:
-        add_args(parser)
-    args = parser.parse_args(argv)
-    setup_logging(name)
-    try:
-        params = load_params(args.params)
-        run(params, args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: disk full writing {e.filename or 'stage output'}: nothing finished was replaced", file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
-def stage_manifest_extra(params: Params, *sections: str, target: dict | None = None, **inputs: str) -> dict:
-    """What every manifest records about its making: params hash (of the sections read), versions,
-    the target fingerprint, and the sha256 of each input's manifest (`rollouts=dir` ->
-    `rollouts_manifest_sha256`)."""
-    from specauf.artifacts import sha256_file
-
-    extra = {"params_hash": hash_obj(section_dict(params, *sections)), "versions": versions()}
-    if target is not None:
-        extra["target_fingerprint"] = target["fingerprint"]
-    for name, directory in inputs.items():
-        extra[f"{name}_manifest_sha256"] = sha256_file(Path(directory) / "manifest.json")
-    return extra
-
-
-PROJECT_FILES = ["dvc.yaml", "stages", "specauf", "pyproject.toml", ".dvcignore"]
+PROJECT_FILES = ["dvc.yaml", "stages", "specauf", "scripts", "pyproject.toml", ".dvcignore"]
 
 
 def new_workspace(dest: Path, preset: str) -> None:
@@ -66,10 +21,10 @@ def new_workspace(dest: Path, preset: str) -> None:
     root = Path(__file__).resolve().parent.parent
     preset_file = root / "presets" / f"{preset}.yaml"
     if not preset_file.is_file():
-        raise ValueError(f"--preset: no preset {preset!r} (have: {', '.join(p.stem for p in (root / 'presets').glob('*.yaml'))})")
+        raise UserError(f"--preset: no preset {preset!r} (have: {', '.join(p.stem for p in (root / 'presets').glob('*.yaml'))})")
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
-        raise ValueError(f"{dest}: directory is not empty")
+        raise UserError(f"{dest}: directory is not empty")
     for name in PROJECT_FILES:
         src = root / name
         if src.is_dir():
@@ -77,7 +32,7 @@ def new_workspace(dest: Path, preset: str) -> None:
         elif src.exists():
             shutil.copy2(src, dest / name)
     shutil.copy2(preset_file, dest / "params.yaml")
-    (dest / ".gitignore").write_text("__pycache__/\n/data/.work/\n")
+    shutil.copy2(root / ".gitignore", dest / ".gitignore")  # /data/ among them: no artifact reaches git
     bin_dir = str(Path(sys.executable).parent)  # the venv's dvc and python, also when PATH lacks them
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",
            "GIT_COMMITTER_NAME": "specauf", "GIT_COMMITTER_EMAIL": "specauf@localhost"}
@@ -89,11 +44,14 @@ def new_workspace(dest: Path, preset: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="specauf", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("check-params", help="validate a params file and print the sections")
+    p = sub.add_parser("check-params", help="validate a params file as `dvc repro` will use it (run before it: "
+                       "DVC deletes a stage's outputs before the stage can refuse its params)")
     p.add_argument("params", nargs="?", default="params.yaml")
+    p.add_argument("--dvc-yaml", default=None, help="pipeline whose tracked keys must be present (default: dvc.yaml beside the params file)")
     p = sub.add_parser("params-doc", help="print docs/params.md (generated from the field docstrings)")
     p.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the generated text")
-    p = sub.add_parser("fill-params", help="rewrite a params file with every key spelled out (DVC needs them all)")
+    p = sub.add_parser("fill-params", help="add every missing key with its default to a params file (DVC needs them "
+                       "all); comments and order stay, the old file is kept as FILE.bak")
     p.add_argument("params")
     p = sub.add_parser("new", help="create a git+DVC workspace with a params preset (e.g. smoke)")
     p.add_argument("dest", type=Path)
@@ -103,10 +61,14 @@ def main(argv=None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--target", type=Path, help="its target folder (needed for a draft vocabulary; checks the fingerprint)")
     p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the target's own model code run to read its lm_head (only for a target you trust)")
+    p.add_argument("--force", action="store_true", help="replace OUT even if it is not an earlier export")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.cmd == "check-params":
-            params = load_params(args.params)
+            dvc_yaml = Path(args.dvc_yaml) if args.dvc_yaml else Path(args.params).resolve().parent / "dvc.yaml"
+            params = check_pipeline_params(args.params, dvc_yaml) if dvc_yaml.is_file() else load_params(args.params)
             print(f"{args.params}: ok ({', '.join(Params.model_fields)})")
             print(f"train variants: {', '.join(params.train.variants)}")
         elif args.cmd == "params-doc":
@@ -118,11 +80,11 @@ def main(argv=None) -> None:
             else:
                 sys.stdout.write(text)
         elif args.cmd == "fill-params":
-            path = Path(args.params)
-            header = "".join(l for l in path.read_text().splitlines(keepends=True) if l.startswith("#"))
-            text = full_params_yaml(load_params(path), header)
-            Path(path).write_text(text)
-            print(f"{path}: every key written")
+            from specauf.params_file import fill_params_file
+
+            added = fill_params_file(args.params)
+            print(f"{args.params}: {len(added)} missing keys written" + (f" ({', '.join(added[:6])}{' ...' if len(added) > 6 else ''}); "
+                  f"the previous file is {args.params}.bak" if added else ""))
         elif args.cmd == "new":
             new_workspace(args.dest, args.preset)
             print(f"created {args.dest}: cd there and run `dvc repro`")
@@ -131,12 +93,10 @@ def main(argv=None) -> None:
             from specauf.runtime import setup_logging
 
             setup_logging("export")  # its warning (a drafter the engines run differently) must show
-            m = export_drafter(args.drafter, args.out, args.target, strict=args.strict)
+            m = export_drafter(args.drafter, args.out, args.target, strict=args.strict,
+                               trust_remote_code=args.trust_remote_code, force=args.force)
             print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors"
                   + ("" if m["reference_equivalent"] else "; NOT reference-equivalent, see `differences` in its manifest.json"))
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

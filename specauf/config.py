@@ -6,21 +6,23 @@ out-of-range values are rejected before any compute with one line naming the key
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "soft_auf", "decay_then_auf")
+from specauf.errors import UserError
+
+LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf", "decay_then_auf")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """A bad params file or value; its message is the one line the user sees."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # strict: `steps: true` is not 1 step, `lr: "1e-3"` is not a number; no .inf or .nan anywhere.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class BaseParams(Section):
@@ -200,9 +202,7 @@ class LabelsParams(Section):
     verify_temperature: float = Field(1.0, gt=0.0)
     """Temperature of the stored top-k probabilities (for acceptance at temperature > 0)."""
     batch_size: int = Field(8, ge=1)
-    """Sequences per teacher-forced forward pass."""
-    shard_size: int = Field(128, ge=1)
-    """Sequences per Arrow shard: the unit of resume after a kill."""
+    """Sequences per teacher-forced forward pass (labels shards follow the rollouts shards)."""
 
     @model_validator(mode="after")
     def _ids(self):
@@ -217,13 +217,17 @@ class LabelsParams(Section):
 class TrainParams(Section):
     variants: list[str] = ["decay", "auf"]
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
-    auf, auf_decay, soft_auf (extension beyond the paper), decay_then_auf (labelled curriculum)."""
+    auf, auf_decay, dpace and auf_dpace (D-PACE, the DFlash default of vLLM speculators), soft_auf
+    (extension beyond the paper), decay_then_auf (labelled curriculum)."""
     block_size: int = Field(8, ge=2, le=64)
     """Block length B: anchor + B-1 masked guesses (paper: 16)."""
     gamma: float | None = Field(None, gt=0.0)
     """Decay constant of `decay`/`auf_decay` weights exp(-(k-1)/gamma); None = paper default for B."""
     label_source: Literal["response", "acceptance"] = "acceptance"
     """Train against the response tokens or the target's acceptance labels (its argmax)."""
+    dpace_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """D-PACE confidence smoothing alpha of `dpace`/`auf_dpace` (q~ = (1 - alpha) q + alpha; 0.5 is
+    speculators' default; 1 = every valid position's weight counts the valid positions after it)."""
     soft_auf_temperature: float = Field(1.0, ge=0.0)
     """Temperature of soft_auf's acceptance probabilities (0 = hard AUF support)."""
     distill_weight: float = Field(0.0, ge=0.0, le=1.0)
@@ -331,6 +335,8 @@ class EvalParams(Section):
     def _block_sizes(self):
         if not self.block_sizes or any(b < 1 for b in self.block_sizes):
             raise ValueError("block_sizes must be a non-empty list of sizes >= 1")
+        if self.sets is not None and not self.sets:
+            raise ValueError("sets: an empty list evaluates nothing (null = every set)")
         return self
 
 
@@ -357,88 +363,20 @@ class Params(Section):
         too_big = [b for b in self.eval.block_sizes if b > self.train.block_size]
         if too_big:
             raise ValueError(f"eval.block_sizes {too_big} exceed train.block_size {self.train.block_size}")
+        if sum(s.count for s in self.prompts.train) == 0:
+            raise ValueError("prompts.train: no training prompts (every source has count 0)")
+        if not self.prompts.eval:
+            raise ValueError("prompts.eval: no evaluation set (name at least one)")
+        empty = [n for n, sources in self.prompts.eval.items() if sum(s.count for s in sources) == 0]
+        if empty:
+            raise ValueError(f"prompts.eval.{empty[0]}: no prompts (its sources' counts add up to 0)")
+        unknown = [s for s in self.eval.sets or [] if s not in self.prompts.eval]
+        if unknown:
+            raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} in prompts.eval "
+                             f"(have: {', '.join(sorted(self.prompts.eval))})")
         return self
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    where = f"{source}: {loc}: " if loc else f"{source}: "
-    got = "" if first["type"] in ("extra_forbidden", "missing") else f" (got {first.get('input')!r})"
-    if isinstance(first.get("input"), dict):
-        got = ""
-    return f"{where}{msg}{got}"
-
-
-def parse_params(data: Any, source: str = "params") -> Params:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return Params.model_validate(data)
-    except ValidationError as e:
-        raise ParamsError(_format_error(e, source)) from None
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}:{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
-    return parse_params(data, str(path))
 
 
 def section_dict(params: Params, *sections: str) -> dict:
     """The sections a stage reads, as plain data (for the params hash in its manifest)."""
     return {s: json.loads(getattr(params, s).model_dump_json()) for s in sections}
-
-
-def params_doc() -> str:
-    """Markdown for docs/params.md, generated from the field docstrings."""
-    lines = ["# params.yaml reference", "",
-             "Generated from the docstrings in `specauf/config.py` by `specauf params-doc`;",
-             "a test fails when this file is out of date.", ""]
-
-    def walk(model: type[Section], prefix: str):
-        rows = []
-        nested = []
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            key = f"{prefix}{name}"
-            if isinstance(ann, type) and issubclass(ann, Section) and name != "random" or ann is RandomTargetParams:
-                nested.append((key, ann, field.description))
-                continue
-            default = field.default if field.default is not None else "null"
-            if isinstance(default, BaseModel):
-                default = default.model_dump()
-            if isinstance(default, (list, dict)):
-                default = json.dumps(json.loads(json.dumps(default, default=lambda o: o.model_dump())))
-            typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            doc = (field.description or "").replace("\n", " ")
-            rows.append(f"| `{key}` | `{typ}` | `{default}` | {doc} |")
-        if rows:
-            lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for key, ann, doc in nested:
-            lines.extend([f"## `{key}`", "", (doc or "").replace("\n", " "), ""])
-            walk(ann, key + ".")
-
-    walk(Params, "")
-    lines.extend(["## Prompt source entries (`prompts.train[]`, `prompts.eval.<name>[]`)", ""])
-    walk(PromptSource, "")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def full_params_yaml(params: Params, header: str = "") -> str:
-    """Every key spelled out: DVC tracks params by key and rejects keys missing from the file."""
-    data = json.loads(params.model_dump_json())
-    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
-    return header + body

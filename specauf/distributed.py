@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from specauf.errors import UserError
 from specauf.config import TrainParams
 
 log = logging.getLogger("specauf")
@@ -145,7 +146,7 @@ def load_checkpoint(engine, directory: Path) -> int:
         return 0
     tag = (directory / "latest").read_text().strip()
     if not (directory / tag).is_dir():
-        raise FileNotFoundError(f"{directory / 'latest'} names checkpoint {tag!r}, which is missing; "
+        raise UserError(f"{directory / 'latest'} names checkpoint {tag!r}, which is missing; "
                                 f"delete {directory} to train from scratch")
     try:
         _, client = engine.load_checkpoint(str(directory), tag=tag)
@@ -161,5 +162,5 @@ def load_checkpoint(engine, directory: Path) -> int:
         raise ArtifactError(f"{directory / tag}: checkpoint unreadable ({type(e).__name__}: {why}; it holds: {held}); "
                             f"delete {directory} to train from scratch") from None
     if client is None:
-        raise FileNotFoundError(f"{directory / tag}: checkpoint could not be loaded")
+        raise UserError(f"{directory / tag}: checkpoint could not be loaded")
     return int(client["step"])

@@ -21,6 +21,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
+from specauf.errors import UserError
+
 
 def default_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
     """Spread n feature layers from the 2nd to the 3rd-last target layer (reference rule).
@@ -112,7 +114,7 @@ def check_target_supported(target_config, model=None) -> None:
     if missing:
         arch = type(model).__name__ if model is not None else (
             getattr(target_config, "architectures", None) or [type(target_config).__name__])[0]
-        raise ValueError(f"{arch} (model type {target_config.model_type!r}) cannot host the drafter: it lacks "
+        raise UserError(f"{arch} (model type {target_config.model_type!r}) cannot host the drafter: it lacks "
                          + "; ".join(missing) + " (supported: decoder-only RoPE + RMSNorm models such as "
                          "Llama, Qwen2, Qwen3, Mistral)")
 
@@ -495,7 +497,7 @@ def init_from_target(drafter: BlockDrafter, target_model) -> list[str]:
     t_layers, t_norm = _decoder_layers(target_model)
     n = len(drafter.layers)
     if n > len(t_layers):
-        raise ValueError(f"train.num_layers: {n} drafter layers cannot start from the target's top layers: "
+        raise UserError(f"train.num_layers: {n} drafter layers cannot start from the target's top layers: "
                          f"it has only {len(t_layers)} (lower it or set train.init_from_target: false)")
     pairs = [(f"layers.{j}.", t_layers[len(t_layers) - n + j]) for j in range(n)]
     pairs.append(("norm.", t_norm))

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from specauf.errors import UserError
 from specauf.config import EvalParams
 from specauf.decode import DrafterProposer, speculative_generate, summarize
 from specauf.generation import encode_chat
@@ -38,16 +39,16 @@ def check_drafter_fits(drafter, target, where: str) -> None:
     vocab = target.get_output_embeddings().weight.shape[0]
     layers = target.config.get_text_config().num_hidden_layers
     if c.hidden_size != hidden:
-        raise ValueError(f"{where}: drafter hidden size {c.hidden_size} does not match the target's {hidden} "
+        raise UserError(f"{where}: drafter hidden size {c.hidden_size} does not match the target's {hidden} "
                          "(trained for another target?)")
     if c.vocab_size != vocab:
-        raise ValueError(f"{where}: drafter vocabulary {c.vocab_size} does not match the target's {vocab} "
+        raise UserError(f"{where}: drafter vocabulary {c.vocab_size} does not match the target's {vocab} "
                          "(trained for another target?)")
     bad = [i for i in c.target_layer_ids if not 0 <= i < layers]
     if bad:
-        raise ValueError(f"{where}: drafter reads target layer {bad[0]}, the target has {layers} layers")
+        raise UserError(f"{where}: drafter reads target layer {bad[0]}, the target has {layers} layers")
     if c.mask_token_id is None or not 0 <= c.mask_token_id < vocab:
-        raise ValueError(f"{where}: drafter mask token id {c.mask_token_id} is outside the target's vocabulary ({vocab})")
+        raise UserError(f"{where}: drafter mask token id {c.mask_token_id} is outside the target's vocabulary ({vocab})")
 
 
 def _median_run(fn, repeats: int):
@@ -107,6 +108,7 @@ def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], pa
     pooled: dict[str, list] = {"plain": [], **{f"b{b}": [] for b in sizes}}
     peers: dict[str, list[tuple[float, int]]] = {}
     mismatches: list[str] = []
+    prompt_rows: list[dict] = []  # per prompt, for intervals over prompts (specauf/evidence.py)
     total = sum(len(rows) for rows in eval_sets.values())
     gen = lambda: torch.Generator(device=device).manual_seed(seed)
     decode = dict(max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids, temperature=params.temperature,
@@ -118,10 +120,14 @@ def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], pa
                 ids = encode_chat(tokenizer, row["turns"][:1])
                 plain = _median_run(lambda: speculative_generate(target, ids, block_size=1, generator=gen(), **decode), params.repeats)
                 results["plain"].append(plain)
+                prompt_rows.append({"set": name, "prompt_id": row["prompt_id"],
+                                    "plain": {"tokens": plain.decode_tokens, "time_s": plain.decode_time_s}})
                 for b in sizes:
                     spec = _median_run(lambda: speculative_generate(target, ids, proposer=proposer, block_size=b,
                                                                     generator=gen(), **decode), params.repeats)
                     results[f"b{b}"].append(spec)
+                    prompt_rows[-1][f"b{b}"] = {"emitted": spec.decode_tokens, "cycles": spec.num_cycles,
+                                                "time_s": spec.decode_time_s}
                     if params.temperature == 0 and spec.token_ids != plain.token_ids:
                         mismatches.append(f"{name}/{row['prompt_id']} (block {b})")
                 if params.prompt_lookup_num_tokens or assistant is not None:
@@ -148,7 +154,7 @@ def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], pa
     best_peer = max((v["speedup_vs_hf_plain"] for k, v in peer_metrics.items() if k != "hf_plain"), default=None)
     best_ours = max((overall[f"b{b}"]["speedup"] for b in sizes), default=None)
     return {
-        "overall": overall, "sets": per_set, "peers": peer_metrics,
+        "overall": overall, "sets": per_set, "peers": peer_metrics, "prompts": prompt_rows,
         "best": {"ours_speedup": best_ours, "best_peer_speedup": best_peer,
                  "ours_over_best_peer": best_ours / best_peer if best_ours and best_peer else None},
         "exactness": {"checked": params.temperature == 0, "mismatches": mismatches},

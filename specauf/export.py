@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_manifest, sha256_file,
+from specauf.errors import UserError
+from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, loading, read_manifest, sha256_file,
                                versions, write_json)
 
 log = logging.getLogger("specauf")
@@ -128,7 +129,7 @@ def reference_tensors(state: dict[str, torch.Tensor], lm_head: torch.Tensor | No
     if "d2t" in state:
         d2t = state["d2t"].to(torch.long)
         if lm_head is None:
-            raise ValueError("the drafter has a draft vocabulary: pass --target TARGET_DIR (its lm_head rows are exported)")
+            raise UserError("the drafter has a draft vocabulary: pass --target TARGET_DIR (its lm_head rows are exported)")
         if int(d2t.max()) >= lm_head.shape[0]:
             raise ArtifactError(f"draft vocabulary id {int(d2t.max())} outside the target's lm_head ({lm_head.shape[0]} rows)")
         out["d2t"] = d2t - torch.arange(len(d2t), dtype=torch.long)
@@ -136,28 +137,33 @@ def reference_tensors(state: dict[str, torch.Tensor], lm_head: torch.Tensor | No
     return out
 
 
-def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = False,
-                   manifest_extra: dict | None = None) -> dict:
+def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = False, trust_remote_code: bool = False,
+                   force: bool = False, manifest_extra: dict | None = None) -> dict:
     """Write drafter_dir (a `train` output) to out_dir in the DFlash layout; return the manifest.
 
-    With target_dir, the target must be the one the drafter was trained with (fingerprint)."""
+    With target_dir, the target must be the one the drafter was trained with (fingerprint).
+    `trust_remote_code` comes from target.trust_remote_code or the CLI flag, never from an
+    artifact: a manifest is data anyone can edit. out_dir must be absent, empty or an earlier
+    export (`force` overrides that, for a folder you mean to lose)."""
     from safetensors.torch import load_file, save_file
 
     from specauf.drafter import DrafterConfig
     from specauf.target import check_fingerprint, read_target_manifest
 
     drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
+    check_replaceable(out_dir, "export", force)  # before any work: a wrong OUT costs nothing
     dm = read_manifest(drafter_dir, kind="drafter")
     weights = drafter_dir / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{weights}: missing (rerun the train stage)")
-    config = DrafterConfig.from_pretrained(drafter_dir)
+    with loading(drafter_dir):
+        config = DrafterConfig.from_pretrained(drafter_dir)
+        state = load_file(str(weights))
     if config.mask_token_id is None:
         raise ArtifactError(f"{drafter_dir / 'config.json'}: no dflash_config.mask_token_id")
-    state = load_file(str(weights))
     target_fp = dm.get("target_fingerprint")
     if "d2t" in state and target_dir is None:
-        raise ValueError(f"{drafter_dir}: has a {len(state['d2t'])}-token draft vocabulary (train.draft_vocab_size): "
+        raise UserError(f"{drafter_dir}: has a {len(state['d2t'])}-token draft vocabulary (train.draft_vocab_size): "
                          "pass --target TARGET_DIR, the exported drafter carries its rows of the target's lm_head")
     differences = []
     n_features = len(config.target_layer_ids)
@@ -167,14 +173,14 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = Fals
             "before fc, which SGLang/vLLM/the reference do not apply: served acceptance will be lower "
             "than evaluated (outputs stay exact); retrain with train.context_layer_norm: false")
         if strict:
-            raise ValueError(f"{drafter_dir}: not exportable exactly: {differences[0]}")
+            raise UserError(f"{drafter_dir}: not exportable exactly: {differences[0]}")
         log.warning("export %s: %s", drafter_dir, differences[0])
     lm_head = None
     if target_dir is not None:
         tm = read_target_manifest(target_dir)
         check_fingerprint(target_fp, tm, f"the drafter in {drafter_dir}")
         if "d2t" in state:
-            lm_head = _target_lm_head(Path(target_dir), bool(tm.get("trust_remote_code", False)))
+            lm_head = _target_lm_head(Path(target_dir), trust_remote_code)
             if tuple(lm_head.shape) != (config.vocab_size, config.hidden_size):
                 raise ArtifactError(f"{target_dir}: lm_head is {tuple(lm_head.shape)}, the drafter expects "
                                     f"({config.vocab_size}, {config.hidden_size})")
@@ -182,7 +188,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = Fals
     dtype = str(state["fc.weight"].dtype).removeprefix("torch.")
     draft_vocab = len(state["d2t"]) if "d2t" in state else 0
     cfg = reference_config(config, draft_vocab, dtype)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS, 0o644)  # readable by whoever serves it, like every other artifact
         write_json(tmp / "config.json", cfg)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from specauf.errors import UserError
 from specauf.artifacts import read_manifest, verify_shards, iter_shards
 from specauf.config import LabelsParams
 from specauf.launch import RankGroup, collect_entries, open_work
@@ -37,7 +38,7 @@ def resolve_layer_ids(params: LabelsParams, num_target_layers: int) -> list[int]
     ids = params.layer_ids if params.layer_ids is not None else default_target_layer_ids(num_target_layers, params.num_feature_layers)
     for i in ids:
         if i >= num_target_layers:
-            raise ValueError(f"labels.layer_ids: layer {i} is beyond the target's depth ({num_target_layers} layers, ids 0..{num_target_layers - 1})")
+            raise UserError(f"labels.layer_ids: layer {i} is beyond the target's depth ({num_target_layers} layers, ids 0..{num_target_layers - 1})")
     return list(ids)
 
 

@@ -19,6 +19,7 @@ import socket
 import sys
 from pathlib import Path
 
+from specauf.errors import UserError
 from specauf.config import LaunchParams
 
 log = logging.getLogger("specauf")
@@ -69,7 +70,7 @@ def relaunch_if_needed(launch: LaunchParams, stage: str, inputs: dict[str, str] 
     if launch.processes == 1 or under_launcher():
         return
     if launch.hostfile is not None and not Path(launch.hostfile).is_file():
-        raise FileNotFoundError(f"launch.hostfile: {launch.hostfile} does not exist")
+        raise UserError(f"launch.hostfile: {launch.hostfile} does not exist")
     from specauf.artifacts import read_manifest
 
     for directory, kind in (inputs or {}).items():
@@ -90,7 +91,7 @@ def rank_device(device):
     if device.type != "cuda" or world == 1:
         return device
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"launch.processes: local rank {local_rank} has no GPU "
+        raise UserError(f"launch.processes: local rank {local_rank} has no GPU "
                          f"({torch.cuda.device_count()} visible); use at most one process per GPU")
     dev = torch.device("cuda", local_rank)
     torch.cuda.set_device(dev)

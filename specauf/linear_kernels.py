@@ -26,6 +26,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from specauf.errors import UserError
+
 log = logging.getLogger("specauf")
 
 
@@ -179,7 +181,7 @@ def tune_linears(model, rows: list[int], mode: str) -> dict | None:
     if mode == "stock" or next(model.parameters()).device.type != "cpu":
         return None
     if mode != "auto":
-        raise ValueError(f"eval.linear_kernels: {mode!r} is not one of auto, stock")
+        raise UserError(f"eval.linear_kernels: {mode!r} is not one of auto, stock")
     t0 = time.perf_counter()
     kernels = available_kernels()
     weight_bytes = sum(m.weight.nbytes for group in _linears(model).values() for m in group)

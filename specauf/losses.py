@@ -1,4 +1,4 @@
-"""Block losses (METHOD.md section 3): full, decay, auf, auf_decay, and soft_auf (an extension).
+"""Block losses (docs/method.md): full, decay, auf, auf_decay, dpace, auf_dpace, and soft_auf (an extension).
 
 Every loss takes logits (N,K,V) for block positions k = 1..K (K = B-1), labels (N,K) and a
 monotone validity mask (N,K), and is a weighted mean of per-position cross-entropy:
@@ -18,10 +18,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from specauf.errors import UserError
+
 # (block size, gamma) pairs from the DFlash recipe; other sizes interpolate linearly between
 # them and extrapolate with the slope of the nearest segment, never below 1.0.
 _GAMMA_POINTS = [(8, 4.0), (10, 5.0), (16, 7.0)]
-LOSS_NAMES = ("full", "decay", "auf", "auf_decay", "soft_auf")
+# D-PACE's confidence smoothing: speculators' default (`dpace_alpha`, 0.5), read in its losses module.
+DPACE_ALPHA = 0.5
 
 
 def default_gamma(block_size: int) -> float:
@@ -60,13 +63,14 @@ def distill_ce(logits: torch.Tensor, soft_ids: torch.Tensor, soft_probs: torch.T
 
 
 def blended_ce(logits: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
-               distill_weight: float = 0.0) -> torch.Tensor:
-    """(1 - a) * one-hot CE + a * CE against the target's top-k (a = distill_weight)."""
-    ce = per_position_ce(logits, labels)
+               distill_weight: float = 0.0, ce: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - a) * one-hot CE + a * CE against the target's top-k (a = distill_weight); `ce` is
+    the one-hot CE when the caller has it already."""
+    ce = per_position_ce(logits, labels) if ce is None else ce
     if not distill_weight:
         return ce
     if soft is None:
-        raise ValueError("distill_weight > 0 needs the target's top-k distribution (labels.top_k > 0)")
+        raise UserError("distill_weight > 0 needs the target's top-k distribution (labels.top_k > 0)")
     return (1.0 - distill_weight) * ce + distill_weight * distill_ce(logits, *soft)
 
 
@@ -108,37 +112,37 @@ def soft_auf_weights(logits: torch.Tensor, labels: torch.Tensor, validity: torch
     return prefix * validity.float()
 
 
-def _ce(ce, logits, labels):
-    return per_position_ce(logits, labels) if ce is None else ce
+@torch.no_grad()
+def dpace_weights(ce: torch.Tensor, validity: torch.Tensor, alpha: float = DPACE_ALPHA) -> torch.Tensor:
+    """D-PACE (arXiv 2605.18810) weights (N,K), detached: with the drafter's confidence in the label
+    q_k = exp(-CE_k), smoothed q~_k = (1 - alpha) q_k + alpha on valid positions (1 elsewhere), and
+    survival S_t = prod_{j<=t} q~_j, w_k = sum_{t>=k} v_t S_t: the derivative of the expected
+    accepted length sum_t S_t with respect to log q_k. Early positions, on which every later
+    acceptance depends, weigh most; a confidently wrong prefix shrinks the weight of what follows."""
+    v = validity.float()
+    q = torch.exp(-ce.detach().float())
+    smooth = torch.where(validity, (1.0 - alpha) * q + alpha, torch.ones_like(q))
+    survival = torch.cumprod(smooth, dim=1)
+    return torch.flip(torch.cumsum(torch.flip(survival * v, dims=[1]), dim=1), dims=[1]) * v
 
 
-def full_loss(logits, labels, validity, ce=None):
-    """Uniform CE over every valid position."""
-    return weighted_mean(_ce(ce, logits, labels), validity.float())
-
-
-def decay_loss(logits, labels, validity, gamma, ce=None):
-    """DFlash recipe: CE weighted by exp(-(k-1)/gamma) over valid positions."""
-    w = decay_weights(labels.shape[1], gamma, logits.device)[None, :] * validity.float()
-    return weighted_mean(_ce(ce, logits, labels), w)
-
-
-def auf_loss(logits, labels, validity, ce=None):
-    """Accept-Until-Fail: CE on the accepted prefix and the first failing position only."""
-    return weighted_mean(_ce(ce, logits, labels), auf_support(logits, labels, validity).float())
-
-
-def auf_decay_loss(logits, labels, validity, gamma, ce=None):
-    """AUF support times the decay weights (the paper finds the decay "inert" on top of AUF)."""
-    w = decay_weights(labels.shape[1], gamma, logits.device)[None, :]
-    return weighted_mean(_ce(ce, logits, labels), auf_support(logits, labels, validity).float() * w)
-
-
-def soft_auf_loss(logits, labels, validity, temperature=0.0, ce=None):
-    """EXTENSION beyond the AUF paper: weight position k by the detached probability that every
-    earlier position is accepted at the verification temperature. Equals `auf_loss` at T=0."""
-    w = soft_auf_weights(logits, labels, validity, temperature)
-    return weighted_mean(_ce(ce, logits, labels), w)
+# One weight function per loss variant: (logits, labels, validity, one-hot CE, options) -> (N,K)
+# detached weights. Every loss is sum(w * CE) / sum(w) over the micro batch (weighted_mean):
+# D-PACE included, so that one train.lr means the same step size under every variant
+# (speculators divides D-PACE's sum by the count of valid positions instead, which scales its
+# loss, and so its effective learning rate, by the mean weight).
+WEIGHTS = {
+    "full": lambda lg, lb, v, ce, o: v.float(),
+    "decay": lambda lg, lb, v, ce, o: decay_weights(lb.shape[1], o["gamma"], lg.device)[None, :] * v.float(),
+    "auf": lambda lg, lb, v, ce, o: auf_support(lg, lb, v).float(),
+    # the paper finds the decay "inert" on top of AUF
+    "auf_decay": lambda lg, lb, v, ce, o: auf_support(lg, lb, v).float() * decay_weights(lb.shape[1], o["gamma"], lg.device)[None, :],
+    "dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]),
+    "auf_dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]) * auf_support(lg, lb, v).float(),
+    # EXTENSION beyond the AUF paper (soft_auf_weights); equals auf at temperature 0
+    "soft_auf": lambda lg, lb, v, ce, o: soft_auf_weights(lg, lb, v, o["temperature"]),
+}
+LOSS_NAMES = tuple(WEIGHTS)
 
 
 @torch.no_grad()
@@ -172,29 +176,24 @@ def diagnostics(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tens
 
 def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
                  gamma: float | None = None, temperature: float = 0.0,
-                 soft: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0):
-    """Dispatch by name ("auf+decay" is accepted for "auf_decay"); returns (loss, diagnostics).
+                 soft: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
+                 dpace_alpha: float = DPACE_ALPHA):
+    """sum(w * CE) / sum(w) with the variant's weights (WEIGHTS); returns (loss, diagnostics).
 
-    gamma defaults to `default_gamma(K + 1)`; temperature is used by soft_auf only; soft and
-    distill_weight blend in the target's top-k distribution (`blended_ce`).
+    "auf+decay" is accepted for "auf_decay". gamma defaults to `default_gamma(K + 1)`; temperature
+    is soft_auf's; soft and distill_weight blend in the target's top-k distribution (`blended_ce`),
+    which changes the CE only: every weight reads the one-hot CE of the acceptance label.
     """
     name = "auf_decay" if name == "auf+decay" else name
-    if name not in LOSS_NAMES:
+    if name not in WEIGHTS:
         raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
     validity = validity.bool()
     K = labels.shape[1]
     gamma = default_gamma(K + 1) if gamma is None else gamma
     if not (gamma > 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma must be a positive finite number, got {gamma}")
-    ce = blended_ce(logits, labels, soft, distill_weight)
-    if name == "full":
-        loss = full_loss(logits, labels, validity, ce=ce)
-    elif name == "decay":
-        loss = decay_loss(logits, labels, validity, gamma, ce=ce)
-    elif name == "auf":
-        loss = auf_loss(logits, labels, validity, ce=ce)
-    elif name == "auf_decay":
-        loss = auf_decay_loss(logits, labels, validity, gamma, ce=ce)
-    else:
-        loss = soft_auf_loss(logits, labels, validity, temperature, ce=ce)
-    return loss, diagnostics(logits, labels, validity)
+    one_hot = per_position_ce(logits, labels)
+    ce = blended_ce(logits, labels, soft, distill_weight, ce=one_hot)
+    w = WEIGHTS[name](logits, labels, validity, one_hot, {"gamma": gamma, "temperature": temperature,
+                                                          "dpace_alpha": dpace_alpha})
+    return weighted_mean(ce, w), diagnostics(logits, labels, validity)

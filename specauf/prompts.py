@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 
+from specauf.errors import UserError
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_manifest,
                                read_table, write_json, write_table)
 from specauf.config import PromptSource, PromptsParams
@@ -40,7 +41,7 @@ GSM_DATASET = "gsm_symbolic"
 MTBENCH_QUESTIONS = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
 
 
-class PromptsError(ValueError):
+class PromptsError(UserError):
     """A bad prompt source or set; the message is the one line the user sees."""
 
 
@@ -197,11 +198,17 @@ def gsm8k_like_prompts(seed: int, limit: int) -> Iterator[dict]:
 def jsonl_prompts(path: str | Path, text_field: str = "prompt", id_field: str | None = "id") -> Iterator[dict]:
     """One prompt per line of a user JSONL file; a bad line stops the build naming file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise PromptsError(f"{path}: is a directory, not a JSONL prompts file")
     if not path.is_file():
         raise PromptsError(f"{path}: prompts file not found")
     first_line: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptsError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -375,7 +382,7 @@ def write_prompt_sets(out_dir: str | Path, train_rows: list[dict], eval_sets: di
                       manifest_extra: dict | None = None, stats: dict | None = None) -> dict:
     """Write train.arrow and eval-<name>.arrow, then manifest.json last, replacing out_dir whole."""
     sets = {TRAIN: train_rows, **{n: eval_sets[n] for n in sorted(eval_sets)}}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "prompts") as tmp:
         files = {name: write_table(tmp / set_file(name), to_table(rows)) for name, rows in sets.items()}
         manifest = {**(manifest_extra or {}), "schema_version": SCHEMA_VERSION, "kind": "prompts",
                     "files": files, "eval_sets": sorted(eval_sets),

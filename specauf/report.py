@@ -8,12 +8,14 @@ numbers, never assumed: a claim that the numbers do not support is reported as n
 from __future__ import annotations
 
 import io
-import math
-import re
 from pathlib import Path
-from typing import Any
 
-from specauf.artifacts import ArtifactError, atomic_dir, read_json, write_bytes_atomic
+from specauf import evidence
+from specauf.artifacts import MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_json, write_bytes_atomic, write_json
+from specauf.claims import (GOAL_OVER_PEER, GOAL_OVER_PLAIN, UNMEASURED, _ci, _fmt, _num, _plain_speed, _sections,
+                            _signed, _stat, best_peer, block_sizes, claim_auf_beats_decay, claim_auf_beats_dpace,
+                            claim_auf_decay_matches_auf, claim_decay_more_accurate, goals, train_metric)
+from specauf.errors import UserError
 
 # The paper's numbers (METHOD.md section 4): Qwen3-8B target, B = 16, temperature 0, mean tau over
 # six benchmarks. A different target and scale from anything run here: shown for orientation only.
@@ -22,34 +24,16 @@ PAPER = {
                "mean over six benchmarks",
     "rows": [("DFlash", 2.40, 2.61), ("Domino (DFlash + causal GRU head)", 2.56, 2.68)],
 }
-TAU_TOLERANCE = 0.05       # claim 3: |tau(auf_decay) - tau(auf)| <= this counts as "about equal"
-GOAL_OVER_PLAIN = 2.0      # issue goal: best speedup over plain decoding
-GOAL_OVER_PEER = 1.3       # issue goal: best speedup over the best peer (transformers' own)
-HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
-MET, NOT_MET = "met", "not met"
 PEER_NAMES = {"hf_prompt_lookup": "prompt lookup", "hf_assisted": "assisted generation"}
 
 
 # ------------------------------------------------------------------------------ loading
 
-def _num(x: Any) -> float | None:
-    """A finite number, or None (missing, null, NaN, inf or not a number)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _block_key(key: str) -> int | None:
-    m = re.fullmatch(r"b(\d+)", key)
-    return int(m.group(1)) if m else None
-
-
 def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]) -> dict[str, dict]:
     """{variant: {"eval": eval metrics, "train": DVCLive summary}}; a missing or malformed file
     raises ArtifactError naming it."""
     if not variants:
-        raise ValueError("train.variants is empty: nothing to report")
+        raise UserError("train.variants is empty: nothing to report")
     data = {}
     for v in variants:
         ev_path = Path(eval_dir) / f"{v}.json"
@@ -60,146 +44,10 @@ def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]
         tr = read_json(tr_path)
         if not isinstance(tr, dict):
             raise ArtifactError(f"{tr_path}: not a DVCLive metrics summary (expected a JSON object)")
-        data[v] = {"eval": ev, "train": tr}
+        pr_path = Path(eval_dir) / f"{v}.prompts.json"  # per-prompt rows: without them, no interval
+        prompts = read_json(pr_path)["prompts"] if pr_path.is_file() else None
+        data[v] = {"eval": ev, "train": tr, "prompts": prompts}
     return data
-
-
-def train_metric(summary: dict, key: str) -> float | None:
-    """A DVCLive summary value by its logged name (`heldout/token_accuracy`): flat or nested."""
-    if key in summary:
-        return _num(summary[key])
-    node: Any = summary
-    for part in key.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return _num(node)
-
-
-def block_sizes(section: dict) -> list[int]:
-    """Inference block sizes measured in an overall/set section, ascending."""
-    return sorted(k for k in (_block_key(key) for key in section) if k is not None)
-
-
-def _stat(section: dict | None, k: int, field: str) -> float | None:
-    s = (section or {}).get(f"b{k}")
-    return _num(s.get(field)) if isinstance(s, dict) else None
-
-
-def _plain_speed(section: dict | None) -> float | None:
-    p = (section or {}).get("plain")
-    return _num(p.get("tokens_per_s")) if isinstance(p, dict) else None
-
-
-def _sections(ev: dict) -> dict[str, dict]:
-    sets = ev.get("sets") or {}
-    return {"overall": ev["overall"], **{n: s for n, s in sets.items() if isinstance(s, dict)}}
-
-
-def best_peer(ev: dict) -> tuple[str, float] | None:
-    """The fastest transformers peer of one eval run: (name, speedup over transformers' plain)."""
-    peers = ev.get("peers") or {}
-    found = [(name, _num(p.get("speedup_vs_hf_plain"))) for name, p in sorted(peers.items())
-             if name != "hf_plain" and isinstance(p, dict)]
-    found = [(n, s) for n, s in found if s is not None]
-    return max(found, key=lambda t: t[1]) if found else None
-
-
-# ------------------------------------------------------------------------------ claims and goals
-
-def _fmt(x: float | None, digits: int = 3, suffix: str = "") -> str:
-    return "–" if x is None else f"{x:.{digits}f}{suffix}"
-
-
-def _signed(x: float | None) -> str:
-    return "–" if x is None else f"{x:+.3f}"
-
-
-def claim_auf_beats_decay(data: dict) -> dict:
-    """Claim 1: tau(auf) > tau(decay) on every eval set, at every inference block size."""
-    if "auf" not in data or "decay" not in data:
-        missing = [v for v in ("decay", "auf") if v not in data]
-        return {"status": UNMEASURED, "detail": f"variant(s) {', '.join(missing)} not trained", "held": [], "failed": [], "missing": []}
-    auf, dec = _sections(data["auf"]["eval"]), _sections(data["decay"]["eval"])
-    set_names = sorted((set(auf) | set(dec)) - {"overall"})
-    if not set_names:  # no per-set breakdown: judge on the pooled numbers
-        set_names = ["overall"]
-    sizes = sorted(set(block_sizes(auf["overall"])) | set(block_sizes(dec["overall"])))
-    held, failed, missing = [], [], []
-    for name in set_names:
-        for k in sizes:
-            a, d = _stat(auf.get(name), k, "tau"), _stat(dec.get(name), k, "tau")
-            row = {"set": name, "block_size": k, "auf": a, "decay": d}
-            if a is None or d is None:
-                missing.append(row)
-            elif a > d:
-                held.append(row)
-            else:
-                failed.append(row)
-    if failed:
-        status = FAILS
-    elif held:
-        status = HOLDS
-    else:
-        status = UNMEASURED
-    return {"status": status, "held": held, "failed": failed, "missing": missing,
-            "detail": f"{len(held)} of {len(held) + len(failed) + len(missing)} set/block-size pairs have auf tau > decay tau"}
-
-
-def claim_decay_more_accurate(data: dict) -> dict:
-    """Claim 2: decay has the higher full-mask token accuracy on the held-out split."""
-    acc = {v: train_metric(data[v]["train"], "heldout/token_accuracy") for v in ("decay", "auf") if v in data}
-    if acc.get("decay") is None or acc.get("auf") is None:
-        why = [v for v in ("decay", "auf") if v not in data]
-        detail = f"variant(s) {', '.join(why)} not trained" if why else "heldout/token_accuracy missing from the training metrics"
-        return {"status": UNMEASURED, "decay": acc.get("decay"), "auf": acc.get("auf"), "detail": detail}
-    status = HOLDS if acc["decay"] > acc["auf"] else FAILS
-    return {"status": status, "decay": acc["decay"], "auf": acc["auf"],
-            "detail": f"held-out full-mask token accuracy: decay {acc['decay']:.3f}, auf {acc['auf']:.3f}"}
-
-
-def claim_auf_decay_matches_auf(data: dict, tolerance: float = TAU_TOLERANCE) -> dict:
-    """Claim 3: |tau(auf_decay) - tau(auf)| <= tolerance (overall, every inference block size)."""
-    if "auf" not in data or "auf_decay" not in data:
-        missing = [v for v in ("auf", "auf_decay") if v not in data]
-        return {"status": UNMEASURED, "rows": [], "tolerance": tolerance, "detail": f"variant(s) {', '.join(missing)} not trained"}
-    a, ad = data["auf"]["eval"]["overall"], data["auf_decay"]["eval"]["overall"]
-    rows = []
-    for k in sorted(set(block_sizes(a)) | set(block_sizes(ad))):
-        ta, tad = _stat(a, k, "tau"), _stat(ad, k, "tau")
-        diff = None if ta is None or tad is None else tad - ta
-        rows.append({"block_size": k, "auf": ta, "auf_decay": tad, "diff": diff})
-    measured = [r for r in rows if r["diff"] is not None]
-    if not measured:
-        status = UNMEASURED
-    elif all(abs(r["diff"]) <= tolerance + 1e-12 for r in measured):
-        status = HOLDS
-    else:
-        status = FAILS
-    return {"status": status, "rows": rows, "tolerance": tolerance,
-            "detail": "; ".join(f"B={r['block_size']}: auf_decay {_fmt(r['auf_decay'])} vs auf {_fmt(r['auf'])} "
-                                f"(diff {_signed(r['diff'])})" for r in rows) or "no inference block size measured"}
-
-
-def goals(data: dict) -> dict:
-    """The issue's speed goals, judged on the fastest (variant, block size) of all overall results."""
-    best = None
-    for v, d in data.items():
-        ov = d["eval"]["overall"]
-        for k in block_sizes(ov):
-            s = _stat(ov, k, "speedup")
-            if s is not None and (best is None or s > best["speedup"]):
-                best = {"variant": v, "block_size": k, "speedup": s}
-    out = {"best": best, "over_plain": UNMEASURED, "over_peer": UNMEASURED, "peer": None, "ratio": None}
-    if best is None:
-        return out
-    out["over_plain"] = MET if best["speedup"] >= GOAL_OVER_PLAIN else NOT_MET
-    peer = best_peer(data[best["variant"]]["eval"])  # measured in the same run, under the same load
-    if peer is not None:
-        out["peer"] = {"name": peer[0], "speedup": peer[1]}
-        out["ratio"] = best["speedup"] / peer[1]
-        out["over_peer"] = MET if out["ratio"] >= GOAL_OVER_PEER else NOT_MET
-    return out
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -219,23 +67,28 @@ def _exactness(ev: dict) -> str:
 
 def render_markdown(data: dict) -> str:
     variants = list(data)
-    c1, c2, c3 = claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data)
+    c1, c2, c3, c4 = claims(data)
     g = goals(data)
     all_sizes = sorted({k for d in data.values() for k in block_sizes(d["eval"]["overall"])})
     set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})})
+    n_prompts = sorted({len(d["prompts"]) for d in data.values() if d.get("prompts")})
     L = ["# spec-auf report", "",
          f"Loss variants: {', '.join(variants)}. Inference block sizes: {', '.join(map(str, all_sizes)) or 'none'}. "
          "tau = mean tokens emitted per target forward (verification cycle); speedup = plain decoding "
          "time per output token / speculative time per output token, same engine, same prompts, same process.", ""]
 
-    # -- verdicts first: what holds here
-    L += ["## The paper's claims, measured here", ""]
-    L.append(f"1. **auf tau > decay tau on every eval set: {c1['status']}.** {c1['detail']} (a tie counts against).")
-    for label, rows in (("holds", c1["held"]), ("does not hold", c1["failed"]), ("not measured", c1["missing"])):
-        if rows:
-            L.append(f"   - {label}: " + "; ".join(f"{r['set']} B={r['block_size']} (auf {_fmt(r['auf'])}, decay {_fmt(r['decay'])})" for r in rows))
-    L.append(f"2. **decay has the higher full-mask token accuracy (held-out): {c2['status']}.** {c2['detail']}.")
-    L.append(f"3. **auf_decay ≈ auf (|Δtau| <= {c3['tolerance']:.2f}, overall): {c3['status']}.** {c3['detail']}.")
+    # -- verdicts first: what holds here, judged from intervals
+    L += ["## The paper's claims, measured here", "",
+          f"tau differences come with 95% intervals from a paired bootstrap over prompts ({evidence.RESAMPLES} "
+          f"resamples, seed {evidence.SEED}; prompts decoded per variant: {', '.join(map(str, n_prompts)) or 'none'}; "
+          "one training seed). A claim holds only where the interval excludes 0.", ""]
+    for n, (label, c) in enumerate([("auf tau > decay tau on every eval set", c1)], start=1):
+        L += _claim_lines(n, label, c, "auf", "decay")
+    L.append(f"2. **decay has the higher full-mask token accuracy (held-out): {c2['status']}.** {c2['detail']} "
+             "(one seed, no interval: a point comparison).")
+    L.append(f"3. **auf_decay ≈ auf (95% interval of the difference inside ±{c3['tolerance']:.2f}, overall): "
+             f"{c3['status']}.** {c3['detail']}.")
+    L += _claim_lines(4, "auf tau > dpace tau on every eval set (D-PACE, the field's default)", c4, "auf", "dpace")
     L.append("")
     L += ["## Issue goals", ""]
     if g["best"] is None:
@@ -391,8 +244,23 @@ def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str
     data = load_inputs(eval_dir, train_dir, variants)
     text = render_markdown(data)
     png = plot_acceptance(data)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "report") as tmp:
         write_bytes_atomic(tmp / "acceptance.png", png)
         write_bytes_atomic(tmp / "report.md", text.encode())
-    return {"claims": [claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data)],
-            "goals": goals(data)}
+        write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "report", "variants": list(variants),
+                                    "files": ["acceptance.png", "report.md"]})
+    return {"claims": claims(data), "goals": goals(data)}
+
+
+def claims(data: dict) -> list[dict]:
+    """The four claims, in the report's order."""
+    return [claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data),
+            claim_auf_beats_dpace(data)]
+
+
+def _claim_lines(n: int, label: str, c: dict, a: str, b: str) -> list[str]:
+    lines = [f"{n}. **{label}: {c['status']}.** {c['detail']}."]
+    if c["rows"]:
+        lines.append(f"   - {a} - {b}, per set and block size: " + "; ".join(
+            f"{r['set']} B={r['block_size']} {_ci(r)}" for r in c["rows"]))
+    return lines

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from specauf.errors import UserError
 from specauf.artifacts import MANIFEST, read_manifest, sha256_file, verify_shards, iter_shards
 from specauf.config import RolloutsParams
 from specauf.generation import Sampling, encode_chat, generate_batch
@@ -105,7 +106,7 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
         manifest_extra = {**manifest_extra, "generation_dtype": str(model.dtype).removeprefix("torch.")}
     rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
     if not rows:
-        raise ValueError("rollouts: no training prompt fits rollouts.max_prompt_tokens "
+        raise UserError("rollouts: no training prompt fits rollouts.max_prompt_tokens "
                          f"({params.max_prompt_tokens}); raise it or add prompts")
     log.info("read %d training prompts; skipped %d longer than %d tokens; answering %d",
              len(prompt_rows), skipped, params.max_prompt_tokens, len(rows))

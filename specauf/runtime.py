@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from specauf.errors import UserError
+
 log = logging.getLogger("specauf")
 
 
@@ -41,7 +43,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("base.device: 'cuda' but no CUDA device is visible (set base.device: auto or cpu)")
+        raise UserError("base.device: 'cuda' but no CUDA device is visible (set base.device: auto or cpu)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)

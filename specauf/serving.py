@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from specauf.errors import UserError
+
 log = logging.getLogger("specauf")
 
 INSTALL_HINT = {"vllm": "rollouts.backend=vllm needs vLLM: pip install vllm (GPU, Linux)"}
@@ -21,7 +23,7 @@ INSTALL_HINT = {"vllm": "rollouts.backend=vllm needs vLLM: pip install vllm (GPU
 def require_backend(backend: str) -> None:
     """Fail before any compute (one `error:` line) when the chosen engine is not installed."""
     if backend != "transformers" and importlib.util.find_spec(backend) is None:
-        raise ValueError(INSTALL_HINT[backend])
+        raise UserError(INSTALL_HINT[backend])
 
 
 class VllmEngine:

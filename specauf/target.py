@@ -13,16 +13,17 @@ from pathlib import Path
 import torch
 
 from specauf.artifacts import (
-    MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, file_fingerprint, hash_obj, read_manifest,
+    MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, file_fingerprint, hash_obj, loading, read_manifest,
     versions, write_json,
 )
 from specauf.config import TargetParams
+from specauf.errors import UserError
 
 log = logging.getLogger("specauf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TargetError(ValueError):
+class TargetError(UserError):
     """The target cannot be used; the message names the param, path or id at fault."""
 
 
@@ -69,12 +70,13 @@ def _load_source(params: TargetParams, seed: int):
         import tempfile
 
         r = params.random
-        tmp = Path(tempfile.mkdtemp(prefix="specauf-random-target-"))
-        build_tiny_target(tmp, r.arch, seed=seed, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
-                          num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
-                          tie_word_embeddings=r.tie_word_embeddings)
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(tmp), f"random {r.arch} (seed {seed})"
+        with tempfile.TemporaryDirectory(prefix="specauf-random-target-") as tmp:  # loaded into memory, then gone
+            build_tiny_target(tmp, r.arch, seed=seed, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
+                              num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
+                              tie_word_embeddings=r.tie_word_embeddings)
+            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(tmp)
+        return model, tok, f"random {r.arch} (seed {seed})"
     if params.source == "gguf":
         path = gguf_path(params)
         log.info("dequantising %s (about a minute on 2 cores, once)", path.name)
@@ -152,7 +154,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
         tok.pad_token = tok.eos_token
     stops = stop_token_ids(tok, model.generation_config)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "target") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         fingerprint = weights_fingerprint(tmp)
@@ -196,9 +198,10 @@ def load_target(target_dir: str | Path, device: torch.device | str = "cpu", dtyp
 
     manifest = read_target_manifest(target_dir)
     dtype = DTYPES[dtype or manifest["dtype"]]
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    with loading(target_dir):
+        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
     model.to(device).eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
     return model, tok, manifest
 
 

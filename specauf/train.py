@@ -7,7 +7,6 @@ continues exactly where the killed one stopped (data position and RNG need no sa
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -17,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from specauf.artifacts import MANIFEST, SCHEMA_VERSION, atomic_dir, hash_obj, read_json, write_json
+from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, claim_work_dir,
+                               hash_obj, write_json)
+from specauf.errors import UserError
 from specauf.blocks import build_blocks, collate_blocks, sample_anchors
 from specauf.config import TrainParams
 from specauf.dataset import LabelsDataset
@@ -27,6 +28,22 @@ from specauf.losses import compute_loss, default_gamma
 from specauf.runtime import pick_precision, progress
 
 log = logging.getLogger("specauf")
+# Stored features vs recomputed ones (check_features): float16/bfloat16 storage rounds to ~0.4%;
+# neighbouring layers of a real target differ by tens of percent.
+FEATURE_TOLERANCE = 0.02
+
+
+class Diverged(UserError):
+    """The loss or gradient norm went non-finite: nothing is written."""
+
+
+def check_finite(step: int, loss: torch.Tensor, grad_norm, params: TrainParams) -> None:
+    bad = "loss" if not torch.isfinite(loss).all() else \
+        "gradient norm" if grad_norm is not None and not math.isfinite(float(grad_norm)) else None
+    if bad:
+        raise Diverged(f"train: the {bad} is {float(loss) if bad == 'loss' else float(grad_norm)} at step {step + 1}: "
+                       f"training diverged, no drafter written; lower train.lr (now {params.lr:g})"
+                       + ("" if params.grad_clip else " or set train.grad_clip > 0"))
 
 
 def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
@@ -47,9 +64,12 @@ def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
         (held if u < fraction else train).append(i)
     if no_anchor:
         log.info("left out %d sequences whose response starts at or past train.max_seq_len (%d)", no_anchor, max_seq_len)
+    if not train and not held:
+        raise UserError(f"train.max_seq_len: {max_seq_len} tokens cut off every response ({no_anchor} sequences "
+                        "have their response start at or past it): raise it")
     if not train:
-        raise ValueError("train.heldout_fraction leaves no training sequences"
-                         + (f" ({no_anchor} have no response within train.max_seq_len)" if no_anchor else ""))
+        raise UserError(f"train.heldout_fraction: {fraction} leaves no training sequences"
+                        + (f" ({no_anchor} more have no response within train.max_seq_len)" if no_anchor else ""))
     return train, held
 
 
@@ -84,7 +104,7 @@ class Trainer:
                  seed: int, device: torch.device, draft_vocab_size: int):
         self.p, self.variant, self.target, self.ds, self.seed, self.device = params, variant, target, dataset, seed, device
         if params.distill_weight and not dataset.manifest.get("top_k"):
-            raise ValueError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
+            raise UserError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
                              f"which {dataset.dir} does not hold: set labels.top_k > 0")
         self.embed = target.get_input_embeddings().weight.detach()
         self.lm_head = target.get_output_embeddings().weight.detach()
@@ -112,6 +132,30 @@ class Trainer:
             self.t2d[d2t] = torch.arange(len(d2t))
         self.draft_coverage = coverage(dataset, self.train_rows, d2t)
         self.gamma = params.gamma or default_gamma(params.block_size)
+
+    @torch.no_grad()
+    def check_features(self, max_tokens: int = 64) -> None:
+        """Recompute the context features of the first training sequence from the target and the
+        manifest's layer_ids and compare them with the stored ones: a manifest edited by hand (or
+        features from another layer rule) would otherwise train a drafter whose config names
+        other layers than the features it learnt from. Adjacent layers differ by far more than
+        the storage rounding, so a wrong id shows as a large relative difference."""
+        if self.online:
+            return
+        item = self.ds[self.train_rows[0]]
+        S = min(len(item["input_ids"]), max_tokens)
+        out = self.target(input_ids=item["input_ids"][:S][None].to(self.device), output_hidden_states=True, use_cache=False)
+        ids = self.ds.manifest["layer_ids"]
+        fresh = context_features_from_hidden_states(out.hidden_states, ids)[0].float().cpu()
+        stored = item["features"][:S].float()
+        H = stored.shape[1] // len(ids)
+        for n, layer in enumerate(ids):
+            a, b = fresh[:, n * H:(n + 1) * H], stored[:, n * H:(n + 1) * H]
+            rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+            if not rel < FEATURE_TOLERANCE:
+                raise ArtifactError(f"{self.ds.dir / MANIFEST}: layer_ids {ids} do not describe the stored features "
+                                    f"(layer {layer}: relative difference {rel:.3g} from the target's own); "
+                                    "the manifest was edited or the features come from elsewhere: rerun `dvc repro labels`")
 
     @torch.no_grad()
     def feature_scale(self, max_rows: int = 64) -> torch.Tensor:
@@ -244,6 +288,8 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     from dvclive import Live
 
     params = params.model_copy(update={"precision": pick_precision(params.precision, device)})
+    check_replaceable(out_dir, "drafter")  # before an hour of compute, not after
+    check_replaceable(metrics_dir, "train-metrics")
     dataset = LabelsDataset(labels_dir)
     t = Trainer(params, variant, target, target_manifest, dataset, seed, device, params.draft_vocab_size)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -253,16 +299,12 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
              variant, params.block_size, params.num_layers, "init from target" if t.copied else "random init",
              len(t.drafter.d2t) if params.draft_vocab_size and hasattr(t.drafter, "d2t") else "full",
              100 * t.draft_coverage, t.gamma, params.precision)
+    t.check_features()
     work_dir = Path(work_dir)
     key = hash_obj({"params": params.model_dump(), "variant": variant, "seed": seed, "world": world, **manifest_extra})
-    stamp = work_dir / "work.json"
     ds_config = deepspeed_config(params)
     if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
-        if work_dir.exists() and (not stamp.is_file() or read_json(stamp).get("key") != key):
-            log.info("checkpoints in %s belong to other params: starting afresh", work_dir)
-            shutil.rmtree(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stamp, {"key": key})
+        claim_work_dir(work_dir, key)
         write_json(work_dir / "ds_config.json", ds_config)
     engine = init_engine(t.drafter, ds_config, device)
     start_step = load_checkpoint(engine, work_dir / "checkpoints")
@@ -291,10 +333,12 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
                 soft = (batch["soft_ids"].to(device), batch["soft_probs"].to(device)) if "soft_ids" in batch else None
                 loss, diag = compute_loss(name, logits, labels, validity, gamma=t.gamma,
                                           temperature=params.soft_auf_temperature, soft=soft,
-                                          distill_weight=params.distill_weight)
+                                          distill_weight=params.distill_weight, dpace_alpha=params.dpace_alpha)
+                check_finite(step, loss, None, params)
                 engine.backward(loss)
                 engine.step()
                 tokens += int(validity.sum())
+            check_finite(step, loss, engine.get_global_grad_norm(), params)
             bar.update(1)
             done = step + 1
             if live is not None and (done % params.log_every == 0 or done == params.steps):
@@ -332,12 +376,13 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
         "mask_token_id": t.drafter.mask_token_id, "target_layer_ids": t.drafter.target_layer_ids,
         **manifest_extra,
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "drafter") as tmp:
         t.drafter.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "ds_config.json", ds_config)
         write_json(tmp / MANIFEST, manifest)
-    with atomic_dir(metrics_dir) as tmp:
+    with atomic_dir(metrics_dir, "train-metrics") as tmp:
         shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+        write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "train-metrics", "variant": variant})
     shutil.rmtree(work_dir, ignore_errors=True)  # last: a kill before this resumes, never retrains
     log.info("wrote %s: held-out token accuracy %.3f, acceptance length %.3f (offline tau estimate)", out_dir,
              final["heldout/token_accuracy"], final["heldout/acceptance_length"])

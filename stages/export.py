@@ -1,17 +1,25 @@
 """Stage `export`: one trained drafter in the DFlash Hugging Face layout (SGLang, vLLM, z-lab DFlash)."""
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra, stage_variant
 from specauf.export import export_drafter
 
 
 def run(params, args):
-    extra = stage_manifest_extra(params)  # reads no params: the hash of none, plus versions
-    export_drafter(args.drafter, args.out, args.target, strict=args.strict, manifest_extra=extra)
+    variant = stage_variant(params, "export", args.variant)
+    extra = stage_manifest_extra(params)  # the hash of no section, plus versions
+    export_drafter(args.drafter or f"data/drafters/{variant}", args.out or f"data/export/{variant}", args.target,
+                   strict=args.strict, trust_remote_code=params.target.trust_remote_code, manifest_extra=extra)
 
 
 def add_args(p):
-    p.add_argument("--drafter", required=True, help="a train output, e.g. data/drafters/auf")
+    p.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
+    p.add_argument("--drafter", help="a train output (default data/drafters/VARIANT)")
     p.add_argument("--target", default="data/target", help="the target it was trained with (lm_head rows of a draft vocabulary)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="default data/export/VARIANT")
     p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
 
 

@@ -3,7 +3,12 @@
 With launch.processes > 1 this script re-executes itself under the launcher (specauf.launch) and
 each rank labels its share of the rollouts shards.
 """
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra
 from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 
 

@@ -1,5 +1,10 @@
 """Stage `prompts`: training prompts and named evaluation sets, disjoint, as Arrow."""
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra
 from specauf.prompts import build_prompt_sets, write_prompt_sets
 from specauf.runtime import setup
 

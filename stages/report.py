@@ -1,11 +1,17 @@
 """Stage `report`: reports/report.md and reports/acceptance.png comparing every loss variant."""
-from specauf.cli import stage_main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main
 from specauf.report import write_report
 
 
 def run(params, args):
     result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out)
-    for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf")):
+    for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf",
+                                                "auf tau > dpace tau")):
         print(f"{label}: {claim['status']}")
     print(f"wrote {args.out}/report.md and {args.out}/acceptance.png")
 

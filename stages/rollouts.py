@@ -3,7 +3,13 @@
 With launch.processes > 1 this script re-executes itself under the launcher (specauf.launch) and
 each rank answers its share of the shards; backend `vllm` always runs as one process.
 """
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra
+from specauf.errors import UserError
 from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 from specauf.serving import require_backend
 
@@ -21,7 +27,7 @@ def run(params, args):
     group = RankGroup()
     try:
         if group.world > 1 and params.rollouts.backend != "transformers":
-            raise ValueError(f"rollouts.backend={params.rollouts.backend} runs as one process: "
+            raise UserError(f"rollouts.backend={params.rollouts.backend} runs as one process: "
                              "start the stage without a launcher")
         device = rank_device(setup(params.base, "rollouts"))
         prompts = load_prompt_set(args.prompts, "train")

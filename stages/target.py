@@ -1,5 +1,10 @@
 """Stage `target`: materialise the target as a local HF folder with a fingerprinted manifest."""
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra
 from specauf.runtime import setup
 from specauf.target import materialize_target
 

@@ -1,12 +1,15 @@
 """Stage `train`: one drafter per loss variant (DeepSpeed; single CPU process or any launcher)."""
-from specauf.config import LOSS_VARIANTS
-from specauf.cli import stage_main, stage_manifest_extra
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.stage import stage_main, stage_manifest_extra, stage_variant
 from specauf.launch import rank_device, relaunch_if_needed
 
 
 def run(params, args):
-    if args.variant not in LOSS_VARIANTS:
-        raise ValueError(f"--variant: unknown loss variant {args.variant!r}; allowed: {', '.join(LOSS_VARIANTS)}")
+    args.variant = stage_variant(params, "train", args.variant)
     # train.processes ranks under launch.launcher; each rank then runs the body below.
     launch = params.launch.model_copy(update={"processes": params.train.processes})
     relaunch_if_needed(launch, f"train {args.variant}", {args.target: "target", args.labels: "labels"})
@@ -25,7 +28,7 @@ def run(params, args):
 
 
 def add_args(p):
-    p.add_argument("--variant", required=True)
+    p.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
     p.add_argument("--target", default="data/target")
     p.add_argument("--labels", default="data/labels")
     p.add_argument("--out")

@@ -57,7 +57,7 @@ def run_stages(target_dir, root, num_prompts: int, layer_ids: list[int]) -> dict
     run_rollouts(target, tok, prompt_rows(num_prompts), RolloutsParams(max_new_tokens=MAX_NEW, batch_size=3, shard_size=3),
                  out_dir=root / "rollouts", work_dir=root / "rollouts-work", seed=0, stop_ids=stops,
                  manifest_extra=extra)
-    labels = run_labels(target, root / "rollouts", LabelsParams(layer_ids=layer_ids, feature_dtype="float32", batch_size=3, shard_size=3),
+    labels = run_labels(target, root / "rollouts", LabelsParams(layer_ids=layer_ids, feature_dtype="float32", batch_size=3),
                         out_dir=root / "labels", work_dir=root / "labels-work", pad_id=manifest["pad_token_id"],
                         manifest_extra=extra)
     train = TrainParams(variants=["auf"], block_size=BLOCK, draft_vocab_size=0, anchors_per_seq=8, micro_batch_size=2,

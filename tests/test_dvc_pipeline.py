@@ -9,7 +9,7 @@ from tests.conftest import dvc, git_dvc_workspace
 
 
 # stage -> stages it reads from; DVC may run independent stages in any order
-UPSTREAM = {"rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
+UPSTREAM = {"target": {"inputs"}, "prompts": {"inputs"}, "rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
             "eval": {"train"}, "export": {"train"}, "report": {"eval"}}
 
 
@@ -35,18 +35,18 @@ def edit(ws, section: str, key: str, value):
 def test_repro_status_and_param_edits_rerun_exactly(tmp_path):
     ws = git_dvc_workspace(tmp_path / "ws")
     first = dvc(ws, "repro", "labels").stdout
-    assert ran(first) == sorted(["target", "prompts", "rollouts", "labels"])
+    assert ran(first) == sorted(["inputs", "target", "prompts", "rollouts", "labels"])
     assert (ws / "data/rollouts/manifest.json").is_file() and (ws / "data/labels/manifest.json").is_file()
     status = dvc(ws, "status", "labels").stdout
     assert "up to date" in status.lower(), status
 
     edit(ws, "rollouts", "max_new_tokens", 20)
     out = dvc(ws, "repro", "labels").stdout
-    assert ran(out) == ["labels", "rollouts"], out  # prompts and target are not rerun
+    assert ran(out) == ["inputs", "labels", "rollouts"], out  # prompts and target are not rerun
 
     edit(ws, "labels", "feature_dtype", "float32")
     out = dvc(ws, "repro", "labels").stdout
-    assert ran(out) == ["labels"], out
+    assert ran(out) == ["inputs", "labels"], out
     assert "up to date" in dvc(ws, "status", "labels").stdout.lower()
 
 
@@ -57,7 +57,7 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
 
     ws = git_dvc_workspace(tmp_path / "ws")
     out = dvc(ws, "repro").stdout
-    assert ran(out) == sorted(["target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
+    assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
                                "eval@decay", "eval@auf", "export@decay", "export@auf", "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
@@ -67,8 +67,8 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
     assert (ws / "reports/report.md").is_file() and (ws / "reports/acceptance.png").is_file()
     exported = json.loads((ws / "data/export/auf/config.json").read_text())
     assert exported["architectures"] == ["DFlashDraftModel"] and (ws / "data/export/auf/model.safetensors").is_file()
-    assert "up to date" in dvc(ws, "status").stdout.lower()
+    assert json.loads(dvc(ws, "status", "--json").stdout) == {"inputs": ["always changed"]}
 
     edit(ws, "eval", "max_new_tokens", 10)
     out = dvc(ws, "repro").stdout
-    assert ran(out) == ["eval@auf", "eval@decay", "report"], out
+    assert ran(out) == ["eval@auf", "eval@decay", "inputs", "report"], out

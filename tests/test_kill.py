@@ -42,7 +42,9 @@ def stage_command(ws: Path, name: str, item: str | None = None) -> tuple[list[st
             for key in ("outs", "metrics", "plots") for o in spec.get(key, [])]
     argv = shlex.split(spec["cmd"])
     assert argv[0] == "python", spec["cmd"]
-    return [sys.executable, *argv[1:]], outs
+    # DVC tells a foreach instance which one it is through DVC_STAGE (`env` execs: one pid to kill)
+    prefix = ["env", f"DVC_STAGE={name}@{item}"] if item is not None else []
+    return [*prefix, sys.executable, *argv[1:]], outs
 
 
 def file_hashes(ws: Path, paths: list[str]) -> dict[str, str]:

@@ -31,7 +31,7 @@ def greedy_rollouts(tiny_model, tmp_path_factory):
 
 
 def label(model, rollouts, out, **kw):
-    params = LabelsParams(**{"num_feature_layers": 2, "batch_size": 3, "shard_size": 4, **kw})
+    params = LabelsParams(**{"num_feature_layers": 2, "batch_size": 3, **kw})
     return run_labels(model, rollouts, params, out_dir=out, work_dir=out.parent / f"{out.name}-work", pad_id=0,
                       manifest_extra={"target_fingerprint": "x"})
 

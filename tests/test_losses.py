@@ -204,3 +204,56 @@ def test_unknown_loss_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown loss 'aufx'.*full"):
         compute_loss("aufx", torch.randn(1, 2, V), torch.zeros(1, 2, dtype=torch.long),
                      torch.ones(1, 2, dtype=torch.bool))
+
+
+def brute_dpace(logits, labels, validity, alpha):
+    """D-PACE weights by the definition, one block and position at a time: w_k = sum over valid
+    t >= k of prod_{j <= t} q~_j, q~_j = (1 - alpha) p_j(label_j) + alpha if valid else 1."""
+    N, K, _ = logits.shape
+    p = torch.softmax(logits.double(), -1)
+    w = torch.zeros(N, K, dtype=torch.float64)
+    for n in range(N):
+        qt = [(1 - alpha) * float(p[n, j, labels[n, j]]) + alpha if validity[n, j] else 1.0 for j in range(K)]
+        for k in range(K):
+            if not validity[n, k]:
+                continue
+            w[n, k] = sum(math.prod(qt[: t + 1]) for t in range(k, K) if validity[n, t])
+    return w
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_dpace_weights_and_losses_match_the_definition(alpha):
+    from specauf.losses import dpace_weights
+
+    gen = torch.Generator().manual_seed(17)
+    cases = [make_case(k, gen=gen) for k in ["all_correct", "middle", "invalid_tail", "random", "first_wrong"]]
+    logits, labels, validity = (torch.stack(t) for t in zip(*cases))
+    w = brute_dpace(logits, labels, validity, alpha)
+    ce = per_position_ce(logits, labels)
+    assert torch.allclose(dpace_weights(ce, validity, alpha).double(), w, atol=1e-5)
+    if alpha == 1.0:  # every q~ = 1: w_k counts the valid positions from k on
+        assert torch.equal(w, torch.flip(torch.cumsum(torch.flip(validity.double(), [1]), 1), [1]) * validity)
+    m = brute_support(logits, labels, validity).double()
+    for name, weights in [("dpace", w), ("auf_dpace", w * m)]:
+        loss, _ = compute_loss(name, logits, labels, validity, dpace_alpha=alpha)
+        expect = (weights * ce.double()).sum() / weights.sum()
+        assert torch.allclose(loss.double(), expect, atol=1e-6), name
+
+
+def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
+    gen = torch.Generator().manual_seed(19)
+    logits, labels, validity = make_case("middle", K=6, gen=gen)  # first failure at index 3
+    logits = logits[None].clone().requires_grad_(True)
+    loss, _ = compute_loss("dpace", logits, labels[None], validity[None])
+    # detached weights: the gradient is that of sum(w * CE) / sum(w) with w held constant
+    from specauf.losses import dpace_weights
+
+    ce = per_position_ce(logits, labels[None])
+    w = dpace_weights(ce, validity[None])
+    (g_expect,) = torch.autograd.grad((w * ce).sum() / w.sum(), logits, retain_graph=True)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.allclose(g, g_expect, atol=1e-7)
+    assert torch.all(g[0, 4:].abs().sum(-1) > 0)  # plain D-PACE trains every valid position
+    loss, _ = compute_loss("auf_dpace", logits, labels[None], validity[None])
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.all(g[0, 4:] == 0) and torch.all(g[0, :4].abs().sum(-1) > 0)

@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from specauf.cli import stage_main
-from specauf.config import Params, ParamsError, load_params, params_doc, parse_params
+from specauf.stage import stage_main
+from specauf.config import Params, ParamsError
+from specauf.params_file import load_params, params_doc
 from tests.conftest import ROOT
 
 BAD = [
@@ -99,14 +100,17 @@ def test_params_doc_is_current():
 def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     train_keys = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields if k != "variants"}
+    # launch.* is absent: the process count and launcher never change bytes (tests/test_sharded.py)
     expected = {
+        "inputs": {"target.source", "target.path", "target.gguf_package", "target.gguf_file", "prompts",
+                   "eval.assistant_model"},
         "target": {"base", "target"},
         "prompts": {"base", "prompts"},
-        "rollouts": {"base", "rollouts", "launch", "target.trust_remote_code"},
-        "labels": {"base", "labels", "launch", "target.trust_remote_code"},
-        "train": {"base", "target.trust_remote_code", "launch.launcher", "launch.hostfile"} | train_keys,
+        "rollouts": {"base", "rollouts", "target.trust_remote_code"},
+        "labels": {"base", "labels", "target.trust_remote_code"},
+        "train": {"base", "target.trust_remote_code"} | train_keys,
         "eval": {"base", "eval", "target.trust_remote_code"},
-        "export": set(),
+        "export": {"target.trust_remote_code"},
         "report": {"train.variants"},
     }
     assert set(dvc) == set(expected)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from specauf.artifacts import ArtifactError
-from specauf.cli import stage_main
-from specauf.report import (FAILS, HOLDS, MET, NOT_MET, UNMEASURED, claim_auf_beats_decay, claim_auf_decay_matches_auf,
-                            claim_decay_more_accurate, goals, load_inputs, train_metric, write_report)
+from specauf.stage import stage_main
+from specauf.claims import (FAILS, HOLDS, MET, NOT_MET, NOT_SIGNIFICANT, REVERSED, UNMEASURED, claim_auf_beats_decay,
+                            claim_auf_decay_matches_auf, claim_decay_more_accurate, goals, train_metric)
+from specauf.report import load_inputs, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("humaneval", "mt-bench")
@@ -47,9 +48,24 @@ def _train(acc: float, offline_tau: float, nested: bool = False) -> dict:
     return {"loss": 3.0, "heldout/token_accuracy": acc, "heldout/acceptance_length": offline_tau, "step": 10}
 
 
+def _prompt_rows(ev: dict, per_set: int = 4) -> list[dict]:
+    """Per-prompt rows whose tau equals each set's (every prompt alike: a zero-width interval)."""
+    rows = []
+    for name, section in ev["sets"].items():
+        for i in range(per_set):
+            row = {"set": name, "prompt_id": f"{name}/{i}"}
+            for key, s in section.items():
+                tau = s.get("tau") if key != "plain" else None
+                if isinstance(tau, float) and tau == tau:
+                    row[key] = {"emitted": tau * 10, "cycles": 10, "time_s": 1.0}
+            rows.append(row)
+    return rows
+
+
 def _write(root: Path, variant: str, ev: dict, tr: dict) -> None:
     (root / "eval").mkdir(parents=True, exist_ok=True)
     (root / "eval" / f"{variant}.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
+    (root / "eval" / f"{variant}.prompts.json").write_text(json.dumps({"variant": variant, "prompts": _prompt_rows(ev)}))
     (root / "train" / variant).mkdir(parents=True, exist_ok=True)
     (root / "train" / variant / "metrics.json").write_text(json.dumps(tr))
 
@@ -88,7 +104,8 @@ VARIANTS = ["decay", "auf", "auf_decay"]
 def test_claims_hold(holding):
     data = load_inputs(holding / "eval", holding / "train", VARIANTS)
     c1 = claim_auf_beats_decay(data)
-    assert c1["status"] == HOLDS and len(c1["held"]) == 4 and not c1["failed"] and not c1["missing"]
+    assert c1["status"] == HOLDS and len(c1["held"]) == 6 and not c1["failed"] and not c1["missing"]  # 2 sets + overall, B 2 and 4
+    assert all(r["lo"] == pytest.approx(r["diff"]) for r in c1["held"])  # identical prompts: a zero-width interval
     c2 = claim_decay_more_accurate(data)
     assert (c2["status"], c2["decay"], c2["auf"]) == (HOLDS, 0.42, 0.38)
     c3 = claim_auf_decay_matches_auf(data)
@@ -101,9 +118,11 @@ def test_claims_hold(holding):
 def test_claims_do_not_hold(failing):
     data = load_inputs(failing / "eval", failing / "train", VARIANTS)
     c1 = claim_auf_beats_decay(data)
-    assert c1["status"] == FAILS
+    assert c1["status"] == REVERSED
     assert [(r["set"], r["block_size"]) for r in c1["failed"]] == [("humaneval", 4)]
-    assert len(c1["held"]) == 3
+    # pooled over sets, prompts differ: the overall B=4 interval is wide enough to include 0
+    assert len(c1["held"]) == 4 and [(r["set"], r["block_size"]) for r in c1["open"]] == [("overall", 4)]
+    assert c1["open"][0]["lo"] < 0 < c1["open"][0]["hi"]
     assert claim_decay_more_accurate(data)["status"] == FAILS
     c3 = claim_auf_decay_matches_auf(data)
     assert c3["status"] == FAILS and c3["rows"][0]["diff"] == pytest.approx(0.2)
@@ -129,12 +148,12 @@ def test_missing_and_nan_numbers_are_not_measured(tmp_path):
     _write(m, "decay", _eval(_taus(1.5), speedup=1.0, peer=None), _train(0.4, 1.4))
     data = load_inputs(m / "eval", m / "train", ["decay", "auf"])
     c1 = claim_auf_beats_decay(data)
-    assert c1["status"] == HOLDS and len(c1["missing"]) == 2 and len(c1["held"]) == 2
+    assert c1["status"] == HOLDS and len(c1["missing"]) == 2 and len(c1["held"]) == 4
     assert claim_decay_more_accurate(data)["status"] == UNMEASURED
     assert goals(data)["over_peer"] == UNMEASURED
     write_report(m / "eval", m / "train", ["decay", "auf"], tmp_path / "reports")
     text = (tmp_path / "reports" / "report.md").read_text()
-    assert "mt-bench B=2 (auf –, decay 1.500)" in text
+    assert "mt-bench B=2 –" in text  # no per-prompt tau: no interval, counted as missing
     assert "NaN" not in text and "nan" not in text.replace("tokens", "")
 
 
@@ -147,7 +166,7 @@ def test_train_metric_flat_or_nested():
 def test_report_tables_and_png(holding, tmp_path):
     out = tmp_path / "reports"
     write_report(holding / "eval", holding / "train", VARIANTS, out)
-    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "manifest.json", "report.md"]
     text = (out / "report.md").read_text()
     # overall table: tau B=2, tau B=4, speedup B=2, speedup B=4, plain tok/s, held-out acc, offline tau, best, peer
     assert "| auf | 1.700 | 1.800 | 1.20x | 2.40x | 250.0 | 0.380 | 1.620 | 2.40x | 1.50x (prompt lookup) |" in text
@@ -158,9 +177,11 @@ def test_report_tables_and_png(holding, tmp_path):
     assert "| paper: Domino (DFlash + causal GRU head) | 2.56 | 2.68 | +0.12 |" in text
     assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 |" in text
     assert "Qwen3-8B" in text and "not this run" in text
-    assert "1. **auf tau > decay tau on every eval set: holds.**" in text
+    assert "1. **auf tau > decay tau on every eval set: holds.** 6 of 6 set/block-size pairs hold" in text
+    assert "humaneval B=2 +0.200 [+0.200, +0.200]" in text and "2000 resamples, seed 0" in text
     assert "2. **decay has the higher full-mask token accuracy (held-out): holds.**" in text
-    assert "3. **auf_decay ≈ auf (|Δtau| <= 0.05, overall): holds.**" in text
+    assert "3. **auf_decay ≈ auf (95% interval of the difference inside ±0.05, overall): holds.**" in text
+    assert "4. **auf tau > dpace tau on every eval set (D-PACE, the field's default): not measured.**" in text
     assert "over plain decoding: **met** (2.40x: auf, inference block size 4)" in text
     assert "over the best peer: **met** (2.40x vs prompt lookup 1.50x = 1.60x" in text
     assert "passed (identical to plain greedy)" in text and "| cpu | 2 | 2 | x86_64 |" in text
@@ -176,10 +197,10 @@ def test_report_states_failures(failing, tmp_path):
     out = tmp_path / "reports"
     write_report(failing / "eval", failing / "train", VARIANTS, out)
     text = (out / "report.md").read_text()
-    assert "1. **auf tau > decay tau on every eval set: does not hold.** 3 of 4" in text
-    assert "does not hold: humaneval B=4 (auf 1.550, decay 1.600)" in text
+    assert "1. **auf tau > decay tau on every eval set: reversed.** 4 of 6" in text
+    assert "humaneval B=4 -0.050 [-0.050, -0.050]" in text and "overall B=4 +0.075 [-0.0" in text
     assert "held-out full-mask token accuracy: decay 0.300, auf 0.350" in text
-    assert "3. **auf_decay ≈ auf (|Δtau| <= 0.05, overall): does not hold.** B=2: auf_decay 1.900 vs auf 1.700 (diff +0.200)" in text
+    assert "3. **auf_decay ≈ auf (95% interval of the difference inside ±0.05, overall): does not hold.** B=2: auf_decay - auf +0.200 [+0.200, +0.200]" in text
     assert "over plain decoding: **not met** (1.40x" in text
     assert "over the best peer: **not met** (1.40x vs prompt lookup 1.20x = 1.17x" in text
 
@@ -223,3 +244,23 @@ def test_stage_writes_report(holding, tmp_path, capsys):
                "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
     assert (out / "report.md").is_file() and (out / "acceptance.png").is_file()
     assert "auf tau > decay tau: holds" in capsys.readouterr().out
+
+
+def test_dpace_claim_and_an_inconclusive_equivalence(holding):
+    """Claim 4 (auf vs dpace) is judged like claim 1; an interval straddling +-0.05 is inconclusive."""
+    import numpy as np
+
+    from specauf.claims import INCONCLUSIVE, claim_auf_beats_dpace
+
+    _write(holding, "dpace", _eval(_taus(1.80), speedup=2.0), _train(0.40, 1.6))
+    data = load_inputs(holding / "eval", holding / "train", ["decay", "auf", "auf_decay", "dpace"])
+    c4 = claim_auf_beats_dpace(data)
+    assert c4["status"] == REVERSED and len(c4["failed"]) == 6  # auf 1.70 < dpace 1.80 on every prompt
+    # auf_decay: prompts scattered around auf + 0.03, so the interval crosses +0.05
+    rng = np.random.default_rng(0)
+    for r in data["auf_decay"]["prompts"]:
+        for k in ("b2", "b4"):
+            r[k]["emitted"] = (data["auf"]["prompts"][0][k]["emitted"] / 10 + 0.03 + float(rng.normal(0, 0.2))) * 10
+    c3 = claim_auf_decay_matches_auf(data)
+    assert c3["status"] == INCONCLUSIVE, c3["detail"]
+    assert NOT_SIGNIFICANT == "not significant"

@@ -11,7 +11,7 @@ from specauf.config import RolloutsParams
 from specauf.generation import PREFILL_GROUP, Sampling, encode_chat, generate_batch, prefill
 from specauf import rollouts as rollouts_mod
 from specauf.rollouts import load_rollouts, run_rollouts
-from tests.conftest import die_after, prompt_rows
+from tests.conftest import Killed, die_after, prompt_rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -79,7 +79,7 @@ def test_resume_after_kill_and_same_bytes(tiny_model, tmp_path, monkeypatch):
 
     real = rollouts_mod.generate_shard
     die_after(monkeypatch, rollouts_mod, "generate_shard", 2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         _run(model, tok, manifest, tmp_path, "killed", params, rows)
     assert not (tmp_path / "killed").exists()  # no partial output taken for a finished one
     regenerated = []

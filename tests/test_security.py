@@ -6,7 +6,8 @@ import re
 import pytest
 import yaml
 
-from specauf.config import ParamsError, parse_params
+from specauf.config import ParamsError
+from specauf.params_file import parse_params
 from tests.conftest import ROOT
 
 SOURCES = sorted(p for d in ("specauf", "stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
@@ -30,14 +31,29 @@ def test_no_unsafe_calls(pattern, why):
     assert not hits, f"{why}: {hits}"
 
 
-def test_only_validated_values_reach_dvc_commands():
-    """dvc.yaml interpolates params into stage commands only as `${item}` of train.variants,
-    and variants are restricted to known names, so no param value can inject shell syntax."""
+def test_no_param_value_reaches_a_dvc_command():
+    """No stage command interpolates anything: a foreach instance learns its variant from
+    DVC_STAGE, so even a variant named `auf;rm -rf ~` never reaches a shell (the end-to-end
+    attempt through `dvc repro` is tests/test_safety.py::test_a_variant_name_cannot_run_a_command)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, spec in stages.items():
         cmd = spec.get("do", spec)["cmd"]
-        assert set(re.findall(r"\$\{([^}]*)\}", cmd)) <= {"item"}, name
-        if "${item}" in cmd:
-            assert spec["foreach"] == "${train.variants}"
+        assert "${" not in cmd and re.fullmatch(rf"python stages/{name}\.py", cmd), (name, cmd)
     with pytest.raises(ParamsError, match="unknown loss variant"):
         parse_params({"train": {"variants": ["auf; rm -rf ~"]}})
+
+
+def test_stages_refuse_a_variant_outside_the_params(tmp_path, monkeypatch):
+    """A DVC_STAGE (or --variant) naming a variant that train.variants does not list is refused."""
+    from specauf.errors import UserError
+    from specauf.stage import stage_variant
+
+    params = parse_params({"train": {"variants": ["decay", "auf"]}})
+    monkeypatch.setenv("DVC_STAGE", "train@auf")
+    assert stage_variant(params, "train", None) == "auf"
+    monkeypatch.setenv("DVC_STAGE", "train@full")
+    with pytest.raises(UserError, match=r"'full' is not in train.variants"):
+        stage_variant(params, "train", None)
+    monkeypatch.setenv("DVC_STAGE", "eval@auf")
+    with pytest.raises(UserError, match="pass --variant"):
+        stage_variant(params, "train", None)

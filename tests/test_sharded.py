@@ -12,12 +12,14 @@ import pytest
 import yaml
 
 from specauf import rollouts as rollouts_mod
-from specauf.cli import stage_main
-from specauf.config import LaunchParams, ParamsError, load_params
+from specauf.stage import stage_main
+from specauf.config import LaunchParams, ParamsError
+from specauf.errors import UserError
+from specauf.params_file import load_params
 from specauf.launch import launcher_argv, relaunch_if_needed
 from specauf.prompts import write_prompt_sets
 from specauf.serving import count_disagreements, normalise
-from tests.conftest import ROOT, die_after, prompt_rows
+from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -33,7 +35,7 @@ def write_params(path, **launch):
     """The smoke preset, shrunk to 13 prompts in 5 shards of 3 (odd counts: ranks get unequal shares)."""
     p = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
     p["rollouts"].update(max_new_tokens=8, batch_size=2, shard_size=3)
-    p["labels"].update(batch_size=2, shard_size=3, layer_ids=[0, 2])
+    p["labels"].update(batch_size=2, layer_ids=[0, 2])
     p["launch"] = {"processes": 1, **launch}
     path.write_text(yaml.safe_dump(p))
     return path
@@ -72,7 +74,7 @@ def test_two_processes_write_the_bytes_of_one_and_resume(tiny_target, tmp_path, 
     real = rollouts_mod.generate_shard
     die_after(monkeypatch, rollouts_mod, "generate_shard", 2)
     work = tmp_path / "w-r2"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         stage_main("rollouts", rollouts.run, rollouts.add_args, argv=["--params", str(one), *common, "--prompts",
                    str(tmp_path / "prompts"), "--out", str(tmp_path / "r2"), "--work", str(work)])
     monkeypatch.setattr(rollouts_mod, "generate_shard", real)
@@ -114,7 +116,7 @@ def test_no_relaunch_for_one_process_or_under_a_launcher(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     relaunch_if_needed(LaunchParams(processes=2), "rollouts")  # already a rank: returns
     monkeypatch.delenv("RANK")
-    with pytest.raises(FileNotFoundError, match="launch.hostfile: .*nohosts does not exist"):
+    with pytest.raises(UserError, match="launch.hostfile: .*nohosts does not exist"):
         relaunch_if_needed(LaunchParams(processes=2, launcher="deepspeed", hostfile=str(tmp_path / "nohosts")), "x")
 
 

@@ -23,12 +23,13 @@ from safetensors.torch import load_file
 from specauf import train as train_mod
 from specauf.config import LabelsParams, RolloutsParams, TrainParams
 from specauf.dataset import LabelsDataset
+from specauf.errors import UserError
 from specauf.distributed import deepspeed_config, load_checkpoint
 from specauf.drafter import BlockDrafter
 from specauf.labels import run_labels
 from specauf.rollouts import run_rollouts
 from specauf.train import Trainer, train_variant
-from tests.conftest import ROOT, die_after, prompt_rows
+from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
 CPU = torch.device("cpu")
 OUT_FILES = {"config.json", "model.safetensors", "ds_config.json", "manifest.json"}
@@ -51,7 +52,7 @@ def data(tiny_model, tmp_path_factory):
                  out_dir=root / "rollouts", work_dir=root / "rollouts-work", seed=0,
                  stop_ids=manifest["stop_token_ids"], manifest_extra=extra)
     for mode in ("offline", "online"):
-        params = LabelsParams(features=mode, layer_ids=[0, 2], feature_dtype="float16", batch_size=6, shard_size=6)
+        params = LabelsParams(features=mode, layer_ids=[0, 2], feature_dtype="float16", batch_size=6)
         run_labels(model, root / "rollouts", params, out_dir=root / mode, work_dir=root / f"{mode}-work",
                    pad_id=0, manifest_extra=extra)
     return {"root": root, "offline": root / "offline", "online": root / "online"}
@@ -200,7 +201,7 @@ def killed_in_step_10(tiny_model, data, root: Path, **overrides) -> None:
     """A BASE run (24 steps, checkpoints every 8) killed in step 10, after the checkpoint of step 8."""
     with pytest.MonkeyPatch.context() as mp:
         die_after(mp, train_mod, "compute_loss", 10)
-        with pytest.raises(KeyboardInterrupt, match="killed"):
+        with pytest.raises(Killed, match="killed"):
             train(tiny_model, data["offline"], root, **overrides)
 
 
@@ -213,7 +214,7 @@ def test_kill_and_resume_gives_identical_weights(base_run, tiny_model, data, tmp
 
     # a `latest` naming a missing tag: a clear error, nothing trained or written
     (ckpt / "latest").write_text("step16")
-    with pytest.raises(FileNotFoundError, match=r"latest names checkpoint 'step16', which is missing; delete .*checkpoints"):
+    with pytest.raises(UserError, match=r"latest names checkpoint 'step16', which is missing; delete .*checkpoints"):
         train(tiny_model, data["offline"], tmp_path)
     (ckpt / "latest").write_text("step8")
 
@@ -405,7 +406,7 @@ def test_draft_vocabulary(tiny_model, data, tmp_path):
 
 def test_distillation_reads_the_targets_top_k_of_each_label(tiny_model, data, tmp_path):
     model, _, manifest = tiny_model
-    params = LabelsParams(features="offline", layer_ids=[0, 2], feature_dtype="float16", batch_size=6, shard_size=6,
+    params = LabelsParams(features="offline", layer_ids=[0, 2], feature_dtype="float16", batch_size=6,
                           top_k=4)
     run_labels(model, data["root"] / "rollouts", params, out_dir=tmp_path / "topk", work_dir=tmp_path / "topk-work",
                pad_id=0, manifest_extra={"target_fingerprint": manifest["fingerprint"]})

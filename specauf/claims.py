@@ -1,0 +1,184 @@
+"""The paper's claims and the issue's goals, judged from the eval and train stages' numbers.
+
+tau claims are judged from 95% intervals of paired differences over prompts (specauf/evidence.py),
+never from point estimates alone: "holds" only when the interval excludes 0 in the claimed
+direction, "reversed" when it excludes 0 the other way, "not significant" otherwise. Claim 2
+(token accuracy) has one number per variant, from one seed: it is reported as such.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from specauf import evidence
+
+GOAL_OVER_PLAIN = 2.0      # issue goal: best speedup over plain decoding
+GOAL_OVER_PEER = 1.3       # issue goal: best speedup over the best peer (transformers' own)
+HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
+REVERSED, NOT_SIGNIFICANT, INCONCLUSIVE = evidence.REVERSED, evidence.NOT_SIGNIFICANT, evidence.INCONCLUSIVE
+MET, NOT_MET = "met", "not met"
+
+
+def _num(x: Any) -> float | None:
+    """A finite number, or None (missing, null, NaN, inf or not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _block_key(key: str) -> int | None:
+    m = re.fullmatch(r"b(\d+)", key)
+    return int(m.group(1)) if m else None
+
+
+
+def train_metric(summary: dict, key: str) -> float | None:
+    """A DVCLive summary value by its logged name (`heldout/token_accuracy`): flat or nested."""
+    if key in summary:
+        return _num(summary[key])
+    node: Any = summary
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return _num(node)
+
+
+def block_sizes(section: dict) -> list[int]:
+    """Inference block sizes measured in an overall/set section, ascending."""
+    return sorted(k for k in (_block_key(key) for key in section) if k is not None)
+
+
+def _stat(section: dict | None, k: int, field: str) -> float | None:
+    s = (section or {}).get(f"b{k}")
+    return _num(s.get(field)) if isinstance(s, dict) else None
+
+
+def _plain_speed(section: dict | None) -> float | None:
+    p = (section or {}).get("plain")
+    return _num(p.get("tokens_per_s")) if isinstance(p, dict) else None
+
+
+def _sections(ev: dict) -> dict[str, dict]:
+    sets = ev.get("sets") or {}
+    return {"overall": ev["overall"], **{n: s for n, s in sets.items() if isinstance(s, dict)}}
+
+
+def best_peer(ev: dict) -> tuple[str, float] | None:
+    """The fastest transformers peer of one eval run: (name, speedup over transformers' plain)."""
+    peers = ev.get("peers") or {}
+    found = [(name, _num(p.get("speedup_vs_hf_plain"))) for name, p in sorted(peers.items())
+             if name != "hf_plain" and isinstance(p, dict)]
+    found = [(n, s) for n, s in found if s is not None]
+    return max(found, key=lambda t: t[1]) if found else None
+
+
+
+def _fmt(x: float | None, digits: int = 3, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
+
+def _diff_row(data: dict, a: str, b: str, set_name: str | None, k: int) -> dict:
+    """tau(a) - tau(b) at inference block size k on one set (None: all sets pooled), with its interval."""
+    cols = evidence.paired_rows(data[a].get("prompts") or [], data[b].get("prompts") or [], f"b{k}", set_name)
+    row = {"set": set_name or "overall", "block_size": k, a: None, b: None, "diff": None, "lo": None, "hi": None}
+    if not cols[0]:
+        return row
+    row[a] = sum(cols[0]) / sum(cols[1])
+    row[b] = sum(cols[2]) / sum(cols[3])
+    d = evidence.paired_diff_ci(*cols)
+    row.update(diff=d["value"], lo=d["lo"], hi=d["hi"], prompts=d["prompts"])
+    return row
+
+
+def _grid(data: dict, a: str, b: str) -> list[dict]:
+    sets = sorted({r["set"] for v in (a, b) for r in data[v].get("prompts") or []})
+    sizes = sorted(set(block_sizes(data[a]["eval"]["overall"])) | set(block_sizes(data[b]["eval"]["overall"])))
+    return [_diff_row(data, a, b, name, k) for name in [*sets, None] for k in sizes]
+
+
+def claim_beats(data: dict, a: str = "auf", b: str = "decay") -> dict:
+    """tau(a) > tau(b) on every eval set and overall, at every inference block size, each judged
+    from the paired 95% interval of the difference over prompts."""
+    if a not in data or b not in data:
+        missing = [v for v in (b, a) if v not in data]
+        return {"status": UNMEASURED, "detail": f"variant(s) {', '.join(missing)} not trained", "rows": [],
+                "held": [], "failed": [], "open": [], "missing": []}
+    rows = _grid(data, a, b)
+    measured = [r for r in rows if r["diff"] is not None]
+    held = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == HOLDS]
+    failed = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == REVERSED]
+    open_ = [r for r in measured if r not in held and r not in failed]
+    missing = [r for r in rows if r["diff"] is None]
+    status = UNMEASURED if not measured else REVERSED if failed else NOT_SIGNIFICANT if open_ else HOLDS
+    return {"status": status, "rows": rows, "held": held, "failed": failed, "open": open_, "missing": missing,
+            "detail": f"{len(held)} of {len(rows)} set/block-size pairs hold (95% interval of {a} - {b} above 0), "
+                      f"{len(failed)} reversed, {len(open_)} not significant"
+                      + (f", {len(missing)} without per-prompt rows" if missing else "")}
+
+
+def claim_auf_beats_decay(data: dict) -> dict:
+    """Claim 1 (the paper's): tau(auf) > tau(decay) on every eval set."""
+    return claim_beats(data, "auf", "decay")
+
+
+def claim_auf_beats_dpace(data: dict) -> dict:
+    """Claim 4 (the field's baseline since D-PACE): tau(auf) > tau(dpace) on every eval set."""
+    return claim_beats(data, "auf", "dpace")
+
+
+def claim_auf_decay_matches_auf(data: dict, margin: float = evidence.EQUIVALENCE_MARGIN) -> dict:
+    """Claim 3: auf_decay ~ auf, overall at every block size: the interval of the difference
+    inside +-margin (equivalence), wholly outside it (does not hold), or neither (inconclusive)."""
+    if "auf" not in data or "auf_decay" not in data:
+        missing = [v for v in ("auf", "auf_decay") if v not in data]
+        return {"status": UNMEASURED, "rows": [], "tolerance": margin, "detail": f"variant(s) {', '.join(missing)} not trained"}
+    rows = [r for r in _grid(data, "auf_decay", "auf") if r["set"] == "overall"]
+    verdicts = [evidence.equivalence({"lo": r["lo"], "hi": r["hi"]}, margin) for r in rows if r["diff"] is not None]
+    status = UNMEASURED if not verdicts else FAILS if FAILS in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else HOLDS
+    return {"status": status, "rows": rows, "tolerance": margin,
+            "detail": "; ".join(f"B={r['block_size']}: auf_decay - auf {_ci(r)}" for r in rows) or "no inference block size measured"}
+
+
+def _ci(r: dict) -> str:
+    return "–" if r.get("diff") is None else f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+
+
+def claim_decay_more_accurate(data: dict) -> dict:
+    """Claim 2: decay has the higher full-mask token accuracy on the held-out split."""
+    acc = {v: train_metric(data[v]["train"], "heldout/token_accuracy") for v in ("decay", "auf") if v in data}
+    if acc.get("decay") is None or acc.get("auf") is None:
+        why = [v for v in ("decay", "auf") if v not in data]
+        detail = f"variant(s) {', '.join(why)} not trained" if why else "heldout/token_accuracy missing from the training metrics"
+        return {"status": UNMEASURED, "decay": acc.get("decay"), "auf": acc.get("auf"), "detail": detail}
+    status = HOLDS if acc["decay"] > acc["auf"] else FAILS
+    return {"status": status, "decay": acc["decay"], "auf": acc["auf"],
+            "detail": f"held-out full-mask token accuracy: decay {acc['decay']:.3f}, auf {acc['auf']:.3f}"}
+
+
+def goals(data: dict) -> dict:
+    """The issue's speed goals, judged on the fastest (variant, block size) of all overall results."""
+    best = None
+    for v, d in data.items():
+        ov = d["eval"]["overall"]
+        for k in block_sizes(ov):
+            s = _stat(ov, k, "speedup")
+            if s is not None and (best is None or s > best["speedup"]):
+                best = {"variant": v, "block_size": k, "speedup": s}
+    out = {"best": best, "over_plain": UNMEASURED, "over_peer": UNMEASURED, "peer": None, "ratio": None}
+    if best is None:
+        return out
+    out["over_plain"] = MET if best["speedup"] >= GOAL_OVER_PLAIN else NOT_MET
+    peer = best_peer(data[best["variant"]]["eval"])  # measured in the same run, under the same load
+    if peer is not None:
+        out["peer"] = {"name": peer[0], "speedup": peer[1]}
+        out["ratio"] = best["speedup"] / peer[1]
+        out["over_peer"] = MET if out["ratio"] >= GOAL_OVER_PEER else NOT_MET
+    return out

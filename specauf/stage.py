@@ -1,0 +1,97 @@
+"""The shared runner behind every `stages/<name>.py`: params, one-line errors, which instance runs."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+from specauf.artifacts import hash_obj, versions
+from specauf.config import Params, section_dict
+from specauf.errors import UserError
+from specauf.params_file import load_params
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """User errors, a full disk, an unwritable output and Ctrl-C/SIGTERM end in one `error:` line
+    (exit 2, or 128 + the signal); anything else is a bug and keeps its traceback."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term) if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else None
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished outputs are untouched and a rerun resumes", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full writing {e.filename or 'stage output'}: nothing finished was replaced", file=sys.stderr)
+            sys.exit(2)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"error: cannot write {e.filename or 'an output'}: {os.strerror(e.errno)}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def dvc_stage_item(name: str) -> str | None:
+    """The `<item>` of a foreach/matrix stage `name@<item>` that DVC is running (DVC_STAGE).
+
+    dvc.yaml's commands carry no interpolated param (a variant named `auf;rm -rf ~` must never
+    reach a shell): each instance learns which one it is from the environment DVC sets."""
+    stage = os.environ.get("DVC_STAGE", "")
+    prefix = f"{name}@"
+    return stage[len(prefix):] if stage.startswith(prefix) else None
+
+
+def stage_variant(params: Params, name: str, given: str | None) -> str:
+    """The loss variant a train/eval/export instance works on: --variant, else DVC_STAGE; it must
+    be one of train.variants (already validated names)."""
+    variant = given or dvc_stage_item(name)
+    if variant is None:
+        raise UserError(f"stages/{name}.py: pass --variant (or run it as a `{name}@<variant>` DVC stage)")
+    if variant not in params.train.variants:
+        raise UserError(f"--variant: {variant!r} is not in train.variants ({', '.join(params.train.variants)})")
+    return variant
+
+
+def stage_main(name: str, run, add_args=None, argv=None) -> None:
+    """Parse `--params` and stage paths, load and validate params, run, turn user errors into one line.
+
+    Bad input exits with status 2 and a single `error: ...` line naming the culprit; outputs are
+    only ever replaced whole (see artifacts.atomic_dir), so a failed stage destroys nothing.
+    """
+    from specauf.runtime import setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging(name)
+    with one_line_errors():
+        params = load_params(args.params)
+        run(params, args)
+
+
+def stage_manifest_extra(params: Params, *sections: str, target: dict | None = None, **inputs: str) -> dict:
+    """What every manifest records about its making: params hash (of the sections read), versions,
+    the target fingerprint, and the sha256 of each input's manifest (`rollouts=dir` ->
+    `rollouts_manifest_sha256`)."""
+    from specauf.artifacts import sha256_file
+
+    extra = {"params_hash": hash_obj(section_dict(params, *sections)), "versions": versions()}
+    if target is not None:
+        extra["target_fingerprint"] = target["fingerprint"]
+    for name, directory in inputs.items():
+        extra[f"{name}_manifest_sha256"] = sha256_file(Path(directory) / "manifest.json")
+    return extra
