@@ -1,6 +1,6 @@
 """Training blocks: anchors, block inputs/labels/validity, and the block attention mask.
 
-Training runs many blocks of one sequence in a single drafter forward (METHOD.md section 2):
+Training runs many blocks of one sequence in a single drafter forward (docs/method.md, section 2):
 the query stream is all blocks laid end to end, the key stream is [context features ; blocks],
 and the mask below makes that one forward equal to running each block on its own with only the
 context it would have at inference (target features of positions strictly before its anchor).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from specauf.config import Params
 from specauf.errors import UserError
-from specauf.params_file import check_pipeline_params, load_params, params_doc
+from specauf.params_file import check_pipeline_params, fill_params_file, load_params, params_doc
 from specauf.stage import one_line_errors
 
 PROJECT_FILES = ["dvc.yaml", "stages", "specauf", "scripts", "pyproject.toml", ".dvcignore"]
@@ -80,8 +80,6 @@ def main(argv=None) -> None:
             else:
                 sys.stdout.write(text)
         elif args.cmd == "fill-params":
-            from specauf.params_file import fill_params_file
-
             added = fill_params_file(args.params)
             print(f"{args.params}: {len(added)} missing keys written" + (f" ({', '.join(added[:6])}{' ...' if len(added) > 6 else ''}); "
                   f"the previous file is {args.params}.bak" if added else ""))

@@ -192,7 +192,7 @@ class LabelsParams(Section):
     features: Literal["offline", "online"] = "offline"
     """offline: store the target's context features; online: labels only, training runs the frozen target."""
     num_feature_layers: int = Field(5, ge=1)
-    """How many target layers feed the drafter (spread by METHOD.md's formula) when layer_ids is unset."""
+    """How many target layers feed the drafter (spread by the rule in docs/method.md, section 2) when layer_ids is unset."""
     layer_ids: list[int] | None = None
     """Explicit target layer ids (0-based decoder layers) for the context features."""
     feature_dtype: Literal["float16", "bfloat16", "float32"] = "float16"

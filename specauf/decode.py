@@ -1,4 +1,4 @@
-"""Batch-1 speculative decoding with a block drafter (METHOD.md section 1).
+"""Batch-1 speculative decoding with a block drafter (docs/method.md, section 1).
 
 One cycle: the block is [anchor = last committed token, g_1..g_{b-1}] at positions p..p+b-1.
 A proposer guesses g in one call; the target scores the whole block in one forward pass over

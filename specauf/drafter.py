@@ -1,4 +1,4 @@
-"""The masked block drafter (DFlash-style), METHOD.md section 2.
+"""The masked block drafter (DFlash-style), docs/method.md section 2.
 
 A few decoder layers with the target's hidden size. It owns no embedding table and no LM head:
 the caller embeds the block `[anchor, MASK, ..., MASK]` with the target's frozen embeddings and

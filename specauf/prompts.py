@@ -198,16 +198,14 @@ def gsm8k_like_prompts(seed: int, limit: int) -> Iterator[dict]:
 def jsonl_prompts(path: str | Path, text_field: str = "prompt", id_field: str | None = "id") -> Iterator[dict]:
     """One prompt per line of a user JSONL file; a bad line stops the build naming file and line."""
     path = Path(path)
-    if path.is_dir():
-        raise PromptsError(f"{path}: is a directory, not a JSONL prompts file")
     if not path.is_file():
-        raise PromptsError(f"{path}: prompts file not found")
+        raise PromptsError(f"{path}: " + ("is a directory, not a JSONL prompts file" if path.is_dir() else "prompts file not found"))
     first_line: dict[str, int] = {}
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError as e:  # name the file, the line and the byte
                 raise PromptsError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
@@ -218,8 +216,7 @@ def jsonl_prompts(path: str | Path, text_field: str = "prompt", id_field: str | 
             if not isinstance(obj, dict):
                 raise PromptsError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if not isinstance(obj.get(text_field), str):
-                what = "missing field" if text_field not in obj else "non-string field"
-                raise PromptsError(f"{path}:{lineno}: {what} {text_field!r}")
+                raise PromptsError(f"{path}:{lineno}: {'missing' if text_field not in obj else 'non-string'} field {text_field!r}")
             if id_field is None:
                 pid = str(lineno)
             elif obj.get(id_field) is None:

@@ -2,7 +2,7 @@
 
 Inputs are the per-variant outputs of the `eval` stage (`metrics/eval/<variant>.json`) and the
 DVCLive summaries of the `train` stage (`metrics/train/<variant>/metrics.json`). The paper's
-three qualitative claims (METHOD.md section 4) and the issue's speed goals are judged from those
+qualitative claims (docs/method.md) and the issue's speed goals are judged from those
 numbers, never assumed: a claim that the numbers do not support is reported as not holding.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from specauf.claims import (GOAL_OVER_PEER, GOAL_OVER_PLAIN, UNMEASURED, _ci, _f
                             claim_auf_decay_matches_auf, claim_decay_more_accurate, goals, train_metric)
 from specauf.errors import UserError
 
-# The paper's numbers (METHOD.md section 4): Qwen3-8B target, B = 16, temperature 0, mean tau over
+# The paper's numbers: Qwen3-8B target, B = 16, temperature 0, mean tau over
 # six benchmarks. A different target and scale from anything run here: shown for orientation only.
 PAPER = {
     "setting": "Qwen3-8B target, trained block size B = 16, ShareGPT training data, temperature 0, "

@@ -1,4 +1,4 @@
-"""Drafting and verification rules of speculative decoding (METHOD.md section 1).
+"""Drafting and verification rules of speculative decoding (docs/method.md, section 1).
 
 Pure tensor functions, no models: the engine in `decode.py` calls them once per cycle, and the
 tests check them against exact probabilities. Token processing (temperature, top-k, top-p) is

@@ -41,7 +41,7 @@ def check_finite(step: int, loss: torch.Tensor, grad_norm, params: TrainParams) 
     bad = "loss" if not torch.isfinite(loss).all() else \
         "gradient norm" if grad_norm is not None and not math.isfinite(float(grad_norm)) else None
     if bad:
-        raise Diverged(f"train: the {bad} is {float(loss) if bad == 'loss' else float(grad_norm)} at step {step + 1}: "
+        raise Diverged(f"train: the {bad} is {float(loss.detach()) if bad == 'loss' else float(grad_norm)} at step {step + 1}: "
                        f"training diverged, no drafter written; lower train.lr (now {params.lr:g})"
                        + ("" if params.grad_clip else " or set train.grad_clip > 0"))
 

@@ -147,3 +147,21 @@ def save_drafter(out: Path, target_dir: Path, **overrides) -> None:
     artifacts.write_json(out / "manifest.json", {"schema_version": artifacts.SCHEMA_VERSION, "kind": "drafter",
                                                  "variant": "auf", "block_size": 4,
                                                  "target_fingerprint": tm["fingerprint"]})
+
+
+def built_workspace(root: Path, target_dir: Path) -> Workspace:
+    """A Workspace whose prompts, rollouts and labels are built from a tiny target, with an
+    untrained drafter and earlier eval outputs in place (what a stage on bad input must not touch)."""
+    import shutil
+
+    ws = Workspace(root)
+    shutil.copytree(target_dir, ws / "data/target")
+    prompts_jsonl(ws / "train.jsonl", 8, "t")
+    prompts_jsonl(ws / "eval.jsonl", 2, "e", ["Write a short poem about the sea.", "What is seven times six?"])
+    for stage in ("prompts", "rollouts", "labels"):
+        code, err = ws.run(stage)
+        assert code == 0, (stage, err)
+    save_drafter(ws / "data/drafters/auf", ws / "data/target")
+    artifacts.write_json(ws / "metrics/eval/auf.json", {"overall": {"previous": "result"}})
+    artifacts.write_json(ws / "plots/eval/auf/acceptance.json", [{"previous": "result"}])
+    return ws

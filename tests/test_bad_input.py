@@ -23,22 +23,12 @@ import torch
 
 from specauf import artifacts
 from tests.conftest import ROOT
-from tests.stage_runner import Workspace, expect_error, prompts_jsonl, save_drafter, snapshot
+from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot
 
 
 @pytest.fixture(scope="module")
 def ws(tiny_target, tmp_path_factory):
-    w = Workspace(tmp_path_factory.mktemp("bad-input"))
-    shutil.copytree(tiny_target[0], w / "data/target")
-    prompts_jsonl(w / "train.jsonl", 8, "t")
-    prompts_jsonl(w / "eval.jsonl", 2, "e", ["Write a short poem about the sea.", "What is seven times six?"])
-    for stage in ("prompts", "rollouts", "labels"):
-        code, err = w.run(stage)
-        assert code == 0, (stage, err)
-    save_drafter(w / "data/drafters/auf", w / "data/target")
-    artifacts.write_json(w / "metrics/eval/auf.json", {"overall": {"previous": "result"}})
-    artifacts.write_json(w / "plots/eval/auf/acceptance.json", [{"previous": "result"}])
-    return w
+    return built_workspace(tmp_path_factory.mktemp("bad-input"), tiny_target[0])
 
 
 # ------------------------------------------------------------------------------------- params

@@ -13,7 +13,7 @@ V = 7
 
 
 def brute_support(logits, labels, validity):
-    """METHOD.md section 3 word for word, one block at a time."""
+    """docs/method.md section 3 word for word, one block at a time."""
     N, K, _ = logits.shape
     m = torch.zeros(N, K, dtype=torch.bool)
     for n in range(N):

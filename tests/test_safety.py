@@ -21,24 +21,12 @@ import yaml
 from specauf import artifacts
 from specauf.artifacts import ArtifactError, atomic_dir, claim_work_dir
 from tests.conftest import ROOT, dvc, git_dvc_workspace
-from tests.stage_runner import Workspace, expect_error, prompts_jsonl, save_drafter, snapshot
+from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot
 
 
 @pytest.fixture(scope="module")
 def ws(tiny_target, tmp_path_factory):
-    import shutil
-
-    w = Workspace(tmp_path_factory.mktemp("safety"))
-    shutil.copytree(tiny_target[0], w / "data/target")
-    prompts_jsonl(w / "train.jsonl", 8, "t")
-    prompts_jsonl(w / "eval.jsonl", 2, "e", ["Write a short poem about the sea.", "What is seven times six?"])
-    for stage in ("prompts", "rollouts", "labels"):
-        code, err = w.run(stage)
-        assert code == 0, (stage, err)
-    save_drafter(w / "data/drafters/auf", w / "data/target")
-    artifacts.write_json(w / "metrics/eval/auf.json", {"overall": {"previous": "result"}})
-    artifacts.write_json(w / "plots/eval/auf/acceptance.json", [{"previous": "result"}])
-    return w
+    return built_workspace(tmp_path_factory.mktemp("safety"), tiny_target[0])
 
 
 def export_cli(*args) -> tuple[int, str]:
