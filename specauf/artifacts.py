@@ -153,8 +153,8 @@ def check_replaceable(final: str | Path, kind: str, force: bool = False) -> None
         return
     if not final.is_dir() or final.is_symlink():
         raise ArtifactError(f"{final}: exists and is not a directory; refusing to replace it")
-    if not any(final.iterdir()):
-        return
+    if not any(p.is_file() or p.is_symlink() for p in final.rglob("*")):
+        return  # empty, or the bare folders DVC leaves after deleting the outputs inside them
     try:
         found = json.loads((final / MANIFEST).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):

@@ -73,6 +73,10 @@ def test_every_atomic_output_refuses_a_foreign_folder(tmp_path):
     with atomic_dir(final, "prompts") as tmp:  # its own kind: replaced whole
         artifacts.write_json(tmp / "manifest.json", {"schema_version": 1, "kind": "prompts", "new": True})
     assert json.loads((final / "manifest.json").read_text())["new"] is True
+    skeleton = tmp_path / "metrics-train-auf"  # what DVC leaves of metrics/train/<v> after deleting its outs
+    (skeleton / "plots" / "metrics").mkdir(parents=True)
+    with atomic_dir(skeleton, "train-metrics") as tmp:
+        artifacts.write_json(tmp / "manifest.json", {"schema_version": 1, "kind": "train-metrics"})
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ArtifactError, match="exists and is not a directory"):
         with atomic_dir(tmp_path / "afile", "target"):
