@@ -215,7 +215,7 @@ class LabelsParams(Section):
 
 
 class TrainParams(Section):
-    variants: list[str] = ["decay", "auf"]
+    variants: list[str] = ["decay", "dpace", "auf"]
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
     auf, auf_decay, dpace and auf_dpace (D-PACE, the DFlash default of vLLM speculators), soft_auf
     (extension beyond the paper), decay_then_auf (labelled curriculum)."""
@@ -308,7 +308,14 @@ class EvalParams(Section):
     prompts_per_set: int = Field(8, ge=1)
     """Prompts decoded per evaluation set (the first ones by id)."""
     max_new_tokens: int = Field(64, ge=1)
-    """Tokens generated per prompt."""
+    """Tokens generated per timed prompt (decoded prompts; at most replay_max_new_tokens)."""
+    replay_max_new_tokens: int = Field(128, ge=1)
+    """Length of the target's greedy answer to EVERY eval prompt (stages `eval_rollouts`,
+    `eval_labels`) over which each drafter's tau is replayed without decoding (docs/method.md, section 5)."""
+    block_layout: Literal["trained", "short"] = "trained"
+    """How a cycle with n < B-1 guesses runs the drafter: `trained` = the B-token block training
+    shows, keeping its first n guesses; `short` = an (n+1)-token block. Decode and replay use the
+    same layout; docs/benchmarks.md has the measurement that chose the default."""
     block_sizes: list[int] = [2, 4, 8]
     """Inference block sizes to measure (each <= the trained block size); 1 = plain decoding."""
     temperature: float = Field(0.0, ge=0.0)
@@ -337,6 +344,9 @@ class EvalParams(Section):
             raise ValueError("block_sizes must be a non-empty list of sizes >= 1")
         if self.sets is not None and not self.sets:
             raise ValueError("sets: an empty list evaluates nothing (null = every set)")
+        if self.max_new_tokens > self.replay_max_new_tokens:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) exceeds replay_max_new_tokens "
+                             f"({self.replay_max_new_tokens}): the replay of the decoded prompts checks them")
         return self
 
 
@@ -377,6 +387,34 @@ class Params(Section):
         return self
 
 
+# The eval answers are the decode's reference text: greedy, fp32, our transformers loop (the
+# decode engine's numerics), every prompt kept. Only their batching comes from `rollouts`.
+EVAL_MAX_PROMPT_TOKENS = 1 << 20
+
+
+def eval_rollouts_params(params: Params) -> RolloutsParams:
+    """What stage `eval_rollouts` generates with: the target's greedy answer to every eval prompt."""
+    return params.rollouts.model_copy(update=dict(
+        num_prompts=0, max_prompt_tokens=EVAL_MAX_PROMPT_TOKENS, max_new_tokens=params.eval.replay_max_new_tokens,
+        temperature=0.0, top_p=1.0, top_k=0, backend="transformers", precision="fp32", crosscheck_prompts=0))
+
+
+def eval_labels_params(params: Params) -> LabelsParams:
+    """What stage `eval_labels` stores: fp32 context features of the training layers (the decode's
+    own precision), no top-k."""
+    return params.labels.model_copy(update=dict(features="offline", feature_dtype="float32", top_k=0,
+                                                verify_temperature=1.0))
+
+
+# Keys that choose which stage instances run, not what one computes: a drafter's provenance must
+# not change when another variant is added to the list (dvc.yaml does not track them either).
+NOT_PROVENANCE = {"train": ("variants",)}
+
+
 def section_dict(params: Params, *sections: str) -> dict:
     """The sections a stage reads, as plain data (for the params hash in its manifest)."""
-    return {s: json.loads(getattr(params, s).model_dump_json()) for s in sections}
+    out = {s: json.loads(getattr(params, s).model_dump_json()) for s in sections}
+    for s, keys in NOT_PROVENANCE.items():
+        for k in keys if s in out else ():
+            out[s].pop(k)
+    return out

@@ -52,8 +52,14 @@ class Proposer:
         raise NotImplementedError
 
 
+BLOCK_LAYOUTS = ("trained", "short")  # eval.block_layout: n guesses from the B-token block, or from an (n+1)-token one
+
+
 class DrafterProposer(Proposer):
     """A BlockDrafter on the target's frozen embeddings and lm_head.
+
+    n guesses come from the trained B-token block `[anchor, MASK x B-1]` (its first n; layout
+    `trained`) or from an (n+1)-token block (`short`); docs/method.md, section 2.
 
     Context features are fed once: each call projects only the positions committed since the
     last call, appends their K/V to the drafter's cache, then crops the cache back to the
@@ -62,7 +68,10 @@ class DrafterProposer(Proposer):
 
     needs_features = True
 
-    def __init__(self, drafter, target):
+    def __init__(self, drafter, target, layout: str = "trained"):
+        if layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"block layout {layout!r} is not one of {BLOCK_LAYOUTS}")
+        self.layout = layout
         if drafter.mask_token_id is None:
             raise ValueError("the drafter config has no mask_token_id")
         self.drafter = drafter
@@ -88,17 +97,18 @@ class DrafterProposer(Proposer):
         if c0 + (0 if ctx is None else ctx.shape[1]) != p:
             raise RuntimeError(f"drafter context covers {c0} + new positions, anchor is at {p}")
         dev = tokens.device
-        block = torch.full((1, n + 1), self.mask_id, dtype=torch.long, device=dev)
+        width = n + 1 if self.layout == "short" else self.max_guesses + 1
+        block = torch.full((1, width), self.mask_id, dtype=torch.long, device=dev)
         block[0, 0] = tokens[-1]
         embeds = self.embed(block).to(self.drafter.dtype)
         hidden = self.drafter(
             embeds, ctx,
-            block_position_ids=torch.arange(p, p + n + 1, device=dev)[None],
+            block_position_ids=torch.arange(p, p + width, device=dev)[None],
             context_position_ids=torch.arange(c0, p, device=dev)[None],
             past_key_values=self.cache, use_cache=True)
         self.cache.crop(p)
         # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
-        return self.drafter.target_logits(hidden[0, 1:], self.head, self.vocab_size)
+        return self.drafter.target_logits(hidden[0, 1:n + 1], self.head, self.vocab_size)
 
 
 class OracleProposer(Proposer):

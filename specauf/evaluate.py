@@ -18,6 +18,7 @@ import torch
 
 from specauf.errors import UserError
 from specauf.config import EvalParams
+from specauf.cost_model import measure_cycle_costs, predict_speedups
 from specauf.decode import DrafterProposer, speculative_generate, summarize
 from specauf.generation import encode_chat
 from specauf.linear_kernels import tune_linears, uninstall
@@ -85,24 +86,59 @@ def decode_row_counts(params: EvalParams) -> list[int]:
 
 
 def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,
-                     stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
-    """Decode every prompt plainly, with the drafter at each block size, and with the peers, all on
-    the same target linear kernels (`eval.linear_kernels`), which the metrics record."""
+                     stop_ids: list[int], pad_id: int, seed: int, labels_dir, assistant=None) -> dict:
+    """Replay tau on every prompt of every set (specauf.replay), decode the first
+    `prompts_per_set` of each plainly, with the drafter at each block size and with the peers, all on
+    the same target linear kernels (`eval.linear_kernels`, recorded), and check replay against decode."""
+    from specauf.replay import replay_check, replay_drafter
+
+    sizes = sorted(set(params.block_sizes) - {1})
+    timed = {name: rows[: params.prompts_per_set] for name, rows in eval_sets.items()}
     tuned = tune_linears(target, decode_row_counts(params), params.linear_kernels)
     try:
-        metrics = _decode_all(target, tokenizer, drafter, eval_sets, params, stop_ids=stop_ids, pad_id=pad_id,
+        metrics = _decode_all(target, tokenizer, drafter, timed, params, stop_ids=stop_ids, pad_id=pad_id,
                               seed=seed, assistant=assistant)
+        first = next(r for rows in timed.values() for r in rows)  # same kernels and process as the timed decode
+        costs = measure_cycle_costs(target, DrafterProposer(drafter, target, params.block_layout),
+                                    encode_chat(tokenizer, first["turns"][:1]), sizes) if sizes else None
     finally:
         if tuned:
             uninstall(target)
     metrics["linear_kernels"] = {"mode": params.linear_kernels, **(tuned or {"plan": None})}
+    every = {r["prompt_id"]: name for name, rows in eval_sets.items() for r in rows}
+    replayed = replay_drafter(drafter, target, labels_dir, every, sizes, params.block_layout,
+                              params.replay_max_new_tokens, stop_ids)
+    if params.temperature == 0:  # the decoded prompts again, over the decode's max_new_tokens
+        short = replay_drafter(drafter, target, labels_dir, {r["prompt_id"]: n for n, rows in timed.items() for r in rows},
+                               sizes, params.block_layout, params.max_new_tokens, stop_ids, desc="replay check")
+        metrics["replay_check"] = replay_check(metrics["prompts"], short)
+    metrics["replay_prompts"] = replayed
+    metrics["overall"], metrics["sets"] = _merge(replayed, None, metrics["overall"], sizes), {
+        name: _merge(replayed, name, metrics["sets"][name], sizes) for name in eval_sets}
+    if costs is not None:
+        ov = metrics["overall"]
+        metrics["cost_model"] = predict_speedups(costs, {b: ov[f"b{b}"]["tau"] for b in sizes},
+                                                 {b: ov[f"b{b}"]["speedup"] for b in sizes})
     return metrics
+
+
+def _merge(replayed: list[dict], set_name: str | None, decoded: dict, sizes: list[int]) -> dict:
+    """A set's section: replayed tau and acceptance (every prompt), the decode's speed (its prompts)."""
+    from specauf.replay import summarize_replay
+
+    rows = [r for r in replayed if set_name is None or r["set"] == set_name]
+    out = {"plain": decoded["plain"]}
+    for b in sizes:
+        d = decoded[f"b{b}"]
+        out[f"b{b}"] = {**summarize_replay(rows, f"b{b}"), "speedup": d["speedup"],
+                        "decoded": {k: d[k] for k in ("prompts", "tau", "tokens_per_s", "time_per_output_token_s")}}
+    return out
 
 
 def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], params: EvalParams, *,
                 stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
     device = next(target.parameters()).device
-    proposer = DrafterProposer(drafter, target)
+    proposer = DrafterProposer(drafter, target, params.block_layout)
     sizes = sorted(set(params.block_sizes) - {1})
     per_set: dict[str, dict] = {}
     pooled: dict[str, list] = {"plain": [], **{f"b{b}": [] for b in sizes}}
@@ -173,6 +209,37 @@ def _set_metrics(results: dict[str, list]) -> dict:
         s = summarize(runs)
         s["speedup"] = plain["time_per_output_token_s"] / s["time_per_output_token_s"]
         out[key] = s
+    return out
+
+
+def headline(metrics: dict) -> dict:
+    """What `dvc metrics show` prints: per set and overall, each block size's replayed tau with its 95%
+    interval over prompts and the prompt count; overall, the decoded speedup with its interval and the
+    replay check's largest pooled difference. Everything else goes to the details file."""
+    from specauf import evidence
+
+    replayed, decoded = metrics["replay_prompts"], metrics["prompts"]
+    sizes = sorted(int(k[1:]) for k in metrics["overall"] if k.startswith("b"))
+
+    def section(name: str | None) -> dict:
+        rows = [r for r in replayed if name is None or r["set"] == name]
+        out: dict = {"prompts": len(rows)}
+        for b in sizes:
+            ci = evidence.ratio_ci([r[f"b{b}"]["emitted"] for r in rows], [r[f"b{b}"]["cycles"] for r in rows])
+            out[f"b{b}"] = {"tau": ci["value"], "tau_lo": ci["lo"], "tau_hi": ci["hi"]}
+        return out
+
+    overall = section(None)
+    overall["decoded_prompts"] = len(decoded)
+    for b in sizes:
+        sp = evidence.speedup_ci(decoded, f"b{b}")
+        if sp is not None:
+            overall[f"b{b}"].update(speedup=sp["value"], speedup_lo=sp["lo"], speedup_hi=sp["hi"])
+    out = {"variant": metrics.get("variant"), "overall": overall,
+           "sets": {name: section(name) for name in metrics["sets"]}}
+    if "replay_check" in metrics:
+        out["replay_check_max_difference"] = max((abs(v["difference"]) for v in metrics["replay_check"]["pooled"].values()),
+                                                 default=0.0)
     return out
 
 

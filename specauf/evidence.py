@@ -77,3 +77,19 @@ def paired_rows(rows_a: list[dict], rows_b: list[dict], key: str, set_name: str 
         for lst, v in zip(out, (r[key]["emitted"], r[key]["cycles"], other[key]["emitted"], other[key]["cycles"])):
             lst.append(v)
     return out
+
+
+def speedup_ci(rows: list[dict], key: str, resamples: int = RESAMPLES, seed: int = SEED) -> dict | None:
+    """Plain over speculative time per output token at block size `key` ("b4") on the decoded
+    prompts, each a ratio of sums, with its bootstrap interval over prompts (None: no rows)."""
+    rows = [r for r in rows if key in r and "plain" in r]
+    if not rows:
+        return None
+    cols = [np.array([float(x) for x in col]) for col in zip(*(
+        (r["plain"]["time_s"], r["plain"]["tokens"], r[key]["time_s"], r[key]["emitted"]) for r in rows))]
+    pt, pn, st, sn = cols
+    idx = _draws(len(rows), resamples, seed)
+    per = lambda t, n, i: t[i].sum(-1) / np.maximum(n[i].sum(-1), 1e-12)
+    samples = per(pt, pn, idx) / np.maximum(per(st, sn, idx), 1e-12)
+    lo, hi = _interval(samples)
+    return {"value": float((pt.sum() / pn.sum()) / (st.sum() / sn.sum())), "lo": lo, "hi": hi, "prompts": len(rows)}

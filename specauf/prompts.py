@@ -12,6 +12,7 @@ out for the `alpaca-like` evaluation set can never be drawn again for training.
 from __future__ import annotations
 
 import codecs
+import collections
 import gzip
 import hashlib
 import json
@@ -369,10 +370,7 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def source_counts(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["source"]] = counts.get(r["source"], 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(collections.Counter(r["source"] for r in rows).items()))
 
 
 def write_prompt_sets(out_dir: str | Path, train_rows: list[dict], eval_sets: dict[str, list[dict]],
@@ -398,3 +396,19 @@ def load_prompt_set(directory: str | Path, name: str) -> list[dict]:
         raise ArtifactError(f"{directory / MANIFEST}: no prompt set {name!r} "
                             f"(has: {', '.join(sorted(manifest['files']))})")
     return read_table(directory / entry["file"], entry).to_pylist()
+
+
+def load_eval_prompts(directory: str | Path, names: list[str] | None) -> dict[str, list[dict]]:
+    """The evaluation sets `names` (eval.sets; None = all) by name. A prompt id in two sets is
+    refused: the replay and its intervals count each prompt once."""
+    available = read_manifest(directory, kind="prompts")["eval_sets"]
+    unknown = [n for n in names or [] if n not in available]
+    if unknown:
+        raise PromptsError(f"eval.sets: no evaluation set {unknown[0]!r} (have: {', '.join(sorted(available))})")
+    sets, owner = {n: load_prompt_set(directory, n) for n in (names or sorted(available))}, {}
+    for name, rows in sets.items():
+        for r in rows:
+            if owner.setdefault(r["prompt_id"], name) != name:
+                raise PromptsError(f"prompts.eval: prompt {r['prompt_id']!r} is in both {owner[r['prompt_id']]!r} "
+                                   f"and {name!r}; give each set its own prompts")
+    return sets

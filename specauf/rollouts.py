@@ -106,9 +106,9 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
         manifest_extra = {**manifest_extra, "generation_dtype": str(model.dtype).removeprefix("torch.")}
     rows, skipped = encode_prompts(tokenizer, prompt_rows, params)
     if not rows:
-        raise UserError("rollouts: no training prompt fits rollouts.max_prompt_tokens "
+        raise UserError("rollouts: no prompt fits rollouts.max_prompt_tokens "
                          f"({params.max_prompt_tokens}); raise it or add prompts")
-    log.info("read %d training prompts; skipped %d longer than %d tokens; answering %d",
+    log.info("read %d prompts; skipped %d longer than %d tokens; answering %d",
              len(prompt_rows), skipped, params.max_prompt_tokens, len(rows))
     work = open_work(group, work_dir, {"params": params.model_dump(), "seed": seed, **manifest_extra})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]

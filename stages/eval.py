@@ -7,8 +7,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from specauf.artifacts import loading, read_manifest, write_json
 from specauf.stage import stage_main, stage_variant
 from specauf.errors import UserError
-from specauf.evaluate import check_drafter_fits, check_exactness, evaluate_drafter, plot_rows
-from specauf.prompts import load_prompt_set
+from specauf.evaluate import check_drafter_fits, check_exactness, evaluate_drafter, headline, plot_rows
+from specauf.replay import check_replay
+from specauf.prompts import load_eval_prompts
 from specauf.runtime import setup
 from specauf.target import load_target_for
 
@@ -25,12 +26,10 @@ def run(params, args):
     too_big = [b for b in params.eval.block_sizes if b > drafter.block_size]
     if too_big:
         raise UserError(f"eval.block_sizes {too_big} exceed the drafter's trained block size {drafter.block_size}")
-    available = read_manifest(args.prompts, kind="prompts")["eval_sets"]
-    names = params.eval.sets if params.eval.sets is not None else sorted(available)
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise UserError(f"eval.sets: no evaluation set {unknown[0]!r} (have: {', '.join(sorted(available))})")
-    sets = {n: load_prompt_set(args.prompts, n)[: params.eval.prompts_per_set] for n in names}
+    sets = load_eval_prompts(args.prompts, params.eval.sets)
+    answers = read_manifest(args.eval_labels, kind="labels")
+    if answers.get("target_fingerprint") != target_manifest["fingerprint"]:
+        raise UserError(f"{args.eval_labels}: the eval answers are another target's (rebuild eval_rollouts and eval_labels)")
     assistant = None
     if params.eval.assistant_model:
         from transformers import AutoModelForCausalLM
@@ -42,25 +41,35 @@ def run(params, args):
         except (OSError, ValueError) as e:
             raise UserError(f"eval.assistant_model: cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     metrics = evaluate_drafter(target, tokenizer, drafter, sets, params.eval, stop_ids=target_manifest["stop_token_ids"],
-                               pad_id=target_manifest["pad_token_id"], seed=params.base.seed, assistant=assistant)
+                               pad_id=target_manifest["pad_token_id"], seed=params.base.seed, labels_dir=args.eval_labels,
+                               assistant=assistant)
     metrics["variant"] = args.variant
     check_exactness(metrics, params.eval.exactness_gate)
+    if "replay_check" in metrics:
+        check_replay(metrics["replay_check"])
     acceptance, emitted = plot_rows(metrics)
     write_json(Path(args.plots) / "acceptance.json", acceptance)
     write_json(Path(args.plots) / "emitted.json", emitted)
-    # per-prompt rows (the report's intervals) in a plain JSON beside the metrics, not in them
-    write_json(args.prompts_out, {"variant": args.variant, "prompts": metrics.pop("prompts")})
-    write_json(args.metrics, metrics)  # last: DVC records the stage only when all outputs exist
+    # DVC's metrics file holds the headline numbers; the rest (per-prompt rows, histograms, settings,
+    # machine, kernel plan, cost model) go to plain JSON outputs beside it
+    top = headline(metrics)
+    check_rows = metrics["replay_check"].pop("rows") if "replay_check" in metrics else None
+    write_json(args.prompts_out, {"variant": args.variant, "replayed": metrics.pop("replay_prompts"),
+                                  "decoded": metrics.pop("prompts"), "replay_check": check_rows})
+    write_json(args.details, metrics)
+    write_json(args.metrics, top)  # last: DVC records the stage only when all outputs exist
 
 
 def add_args(p):
     p.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
     p.add_argument("--target", default="data/target")
     p.add_argument("--prompts", default="data/prompts")
+    p.add_argument("--eval-labels", default="data/eval_labels", help="greedy eval answers with features (the replay's input)")
     p.add_argument("--drafter")
     p.add_argument("--metrics")
     p.add_argument("--plots")
-    p.add_argument("--prompts-out", help="per-prompt emitted/cycles/time (default: beside --metrics, .prompts.json)")
+    p.add_argument("--prompts-out", help="per-prompt replayed and decoded rows (default: beside --metrics, .prompts.json)")
+    p.add_argument("--details", help="everything but the headline (default: beside --metrics, .details.json)")
 
 
 def main():
@@ -70,6 +79,7 @@ def main():
         args.metrics = args.metrics or f"metrics/eval/{args.variant}.json"
         args.plots = args.plots or f"plots/eval/{args.variant}"
         args.prompts_out = args.prompts_out or str(Path(args.metrics).with_suffix(".prompts.json"))
+        args.details = args.details or str(Path(args.metrics).with_suffix(".details.json"))
         run(params, args)
     stage_main("eval", fill, add_args)
 

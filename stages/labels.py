@@ -1,4 +1,6 @@
-"""Stage `labels`: teacher-forced target pass -> acceptance labels and context features.
+"""Stages `labels` and `eval_labels`: teacher-forced target pass -> acceptance labels and context
+features, over the training rollouts (`--split train`) or over the greedy eval answers (`--split eval`:
+fp32 features for the replay, specauf.config.eval_labels_params).
 
 With launch.processes > 1 this script re-executes itself under the launcher (specauf.launch) and
 each rank labels its share of the rollouts shards.
@@ -14,17 +16,22 @@ from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 
 def run(params, args):
     # Before the heavy imports: the launching process only checks its inputs and execs.
-    relaunch_if_needed(params.launch, "labels", {args.target: "target", args.rollouts: "rollouts"})
+    relaunch_if_needed(params.launch, args.stage, {args.target: "target", args.rollouts: "rollouts"})
+    from specauf.config import eval_labels_params
     from specauf.labels import run_labels
     from specauf.runtime import setup
     from specauf.target import load_target_for
 
+    labels_params = params.labels if args.split == "train" else eval_labels_params(params)
     group = RankGroup()
     try:
-        device = rank_device(setup(params.base, "labels"))
+        device = rank_device(setup(params.base, args.stage))
         model, _, target = load_target_for(args.target, args.rollouts, "rollouts", device, params.target.trust_remote_code)
-        extra = stage_manifest_extra(params, "base", "labels", target=target, rollouts=args.rollouts)
-        run_labels(model, args.rollouts, params.labels, out_dir=args.out, work_dir=args.work,
+        extra = stage_manifest_extra(params, "base", *(("labels",) if args.split == "train" else ()),
+                                     target=target, rollouts=args.rollouts)
+        if args.split == "eval":  # what the eval features were made with (derived from params)
+            extra["labels_params"] = labels_params.model_dump()
+        run_labels(model, args.rollouts, labels_params, out_dir=args.out, work_dir=args.work,
                    pad_id=target["pad_token_id"] if target["pad_token_id"] is not None else 0, manifest_extra=extra,
                    group=group)
     finally:
@@ -32,11 +39,23 @@ def run(params, args):
 
 
 def add_args(p):
+    p.add_argument("--split", choices=("train", "eval"), default="train",
+                   help="train: label the training rollouts (stage labels); eval: the eval answers (stage eval_labels)")
     p.add_argument("--target", default="data/target")
-    p.add_argument("--rollouts", default="data/rollouts")
-    p.add_argument("--out", default="data/labels")
-    p.add_argument("--work", default="data/.work/labels")
+    p.add_argument("--rollouts", help="default data/rollouts (train) or data/eval_rollouts (eval)")
+    p.add_argument("--out", help="default data/labels (train) or data/eval_labels (eval)")
+    p.add_argument("--work", help="default data/.work/<stage>")
+
+
+def main():
+    def fill(params, args):
+        args.stage = "labels" if args.split == "train" else "eval_labels"
+        args.rollouts = args.rollouts or ("data/rollouts" if args.split == "train" else "data/eval_rollouts")
+        args.out = args.out or f"data/{args.stage}"
+        args.work = args.work or f"data/.work/{args.stage}"
+        run(params, args)
+    stage_main("labels", fill, add_args)
 
 
 if __name__ == "__main__":
-    stage_main("labels", run, add_args)
+    main()

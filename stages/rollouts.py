@@ -1,4 +1,5 @@
-"""Stage `rollouts`: the target answers each training prompt through its chat template.
+"""Stages `rollouts` and `eval_rollouts`: the target answers each training prompt (`--split train`)
+or, greedily, each evaluation prompt (`--split eval`, the replay's reference text) through its chat template.
 
 With launch.processes > 1 this script re-executes itself under the launcher (specauf.launch) and
 each rank answers its share of the shards; backend `vllm` always runs as one process.
@@ -16,41 +17,63 @@ from specauf.serving import require_backend
 
 def run(params, args):
     # Heavy imports (torch, transformers) only after the relaunch: the launching process only execs.
-    require_backend(params.rollouts.backend)
-    if params.rollouts.backend == "transformers":
-        relaunch_if_needed(params.launch, "rollouts", {args.target: "target", args.prompts: "prompts"})
-    from specauf.prompts import load_prompt_set
+    backend = params.rollouts.backend if args.split == "train" else "transformers"  # eval: the decode's numerics
+    require_backend(backend)
+    if backend == "transformers":
+        relaunch_if_needed(params.launch, args.stage, {args.target: "target", args.prompts: "prompts"})
+    from specauf.prompts import load_eval_prompts, load_prompt_set
     from specauf.rollouts import run_rollouts
     from specauf.runtime import setup
     from specauf.target import load_target
+    from specauf.config import eval_rollouts_params
+
+    if args.split == "eval":
+        rollouts_params, sections = eval_rollouts_params(params), ("base",)
+        prompts = [row for rows in load_eval_prompts(args.prompts, params.eval.sets).values() for row in rows]
+    else:
+        rollouts_params, sections = params.rollouts, ("base", "rollouts")
+        prompts = load_prompt_set(args.prompts, "train")
 
     group = RankGroup()
     try:
-        if group.world > 1 and params.rollouts.backend != "transformers":
-            raise UserError(f"rollouts.backend={params.rollouts.backend} runs as one process: "
+        if group.world > 1 and backend != "transformers":
+            raise UserError(f"rollouts.backend={backend} runs as one process: "
                              "start the stage without a launcher")
-        device = rank_device(setup(params.base, "rollouts"))
-        prompts = load_prompt_set(args.prompts, "train")
-        if params.rollouts.backend == "vllm":
+        device = rank_device(setup(params.base, args.stage))
+        if rollouts_params.backend == "vllm":
             from specauf.serving import start_vllm
 
-            model, tokenizer, target = start_vllm(args.target, device, prompts, params.rollouts, seed=params.base.seed,
+            model, tokenizer, target = start_vllm(args.target, device, prompts, rollouts_params, seed=params.base.seed,
                                                   trust_remote_code=params.target.trust_remote_code)
         else:
             model, tokenizer, target = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
-        extra = stage_manifest_extra(params, "base", "rollouts", target=target, prompts=args.prompts)
-        run_rollouts(model, tokenizer, prompts, params.rollouts, out_dir=args.out, work_dir=args.work,
+        extra = stage_manifest_extra(params, *sections, target=target, prompts=args.prompts)
+        if args.split == "eval":  # what the eval answers were generated with (derived from params)
+            extra["rollouts_params"] = rollouts_params.model_dump()
+        run_rollouts(model, tokenizer, prompts, rollouts_params, out_dir=args.out, work_dir=args.work,
                      seed=params.base.seed, stop_ids=target["stop_token_ids"], manifest_extra=extra, group=group)
     finally:
         group.close()
 
 
 def add_args(p):
+    p.add_argument("--split", choices=("train", "eval"), default="train",
+                   help="train: sample the training prompts (stage rollouts); eval: greedy answers to every "
+                        "evaluation prompt (stage eval_rollouts)")
     p.add_argument("--target", default="data/target")
     p.add_argument("--prompts", default="data/prompts")
-    p.add_argument("--out", default="data/rollouts")
-    p.add_argument("--work", default="data/.work/rollouts")
+    p.add_argument("--out", help="default data/rollouts (train) or data/eval_rollouts (eval)")
+    p.add_argument("--work", help="default data/.work/<stage>")
+
+
+def main():
+    def fill(params, args):
+        args.stage = "rollouts" if args.split == "train" else "eval_rollouts"
+        args.out = args.out or f"data/{args.stage}"
+        args.work = args.work or f"data/.work/{args.stage}"
+        run(params, args)
+    stage_main("rollouts", fill, add_args)
 
 
 if __name__ == "__main__":
-    stage_main("rollouts", run, add_args)
+    main()

@@ -35,6 +35,9 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+SCRIPTS = {"eval_rollouts": "rollouts", "eval_labels": "labels"}  # stage -> script (run with --split eval)
+
+
 class Workspace:
     """A workspace directory: good params (`params(over)` writes a variant), each stage's flags,
     and `run`, which runs a stage script in this process."""
@@ -51,7 +54,7 @@ class Workspace:
             "train": {"variants": ["auf"], "block_size": 4, "draft_vocab_size": 0, "anchors_per_seq": 4,
                       "micro_batch_size": 2, "steps": 3, "warmup_steps": 0, "heldout_fraction": 0.25,
                       "eval_every": 3, "checkpoint_every": 1, "log_every": 1},
-            "eval": {"block_sizes": [2, 4], "prompts_per_set": 1, "max_new_tokens": 4},
+            "eval": {"block_sizes": [2, 4], "prompts_per_set": 1, "max_new_tokens": 4, "replay_max_new_tokens": 6},
         }
         self.n = 0
 
@@ -69,7 +72,7 @@ class Workspace:
         d = {k: str(self.root / v) for k, v in {
             "target": "data/target", "prompts": "data/prompts", "rollouts": "data/rollouts",
             "labels": "data/labels", "drafter": "data/drafters/auf", "metrics": "metrics/eval/auf.json",
-            "plots": "plots/eval/auf"}.items()}
+            "plots": "plots/eval/auf", "eval_rollouts": "data/eval_rollouts", "eval_labels": "data/eval_labels"}.items()}
         return {
             "target": {"out": d["target"]},
             "prompts": {"out": d["prompts"]},
@@ -77,10 +80,14 @@ class Workspace:
                          "work": str(self.root / "work/rollouts")},
             "labels": {"target": d["target"], "rollouts": d["rollouts"], "out": d["labels"],
                        "work": str(self.root / "work/labels")},
+            "eval_rollouts": {"split": "eval", "target": d["target"], "prompts": d["prompts"], "out": d["eval_rollouts"],
+                              "work": str(self.root / "work/eval_rollouts")},
+            "eval_labels": {"split": "eval", "target": d["target"], "rollouts": d["eval_rollouts"],
+                            "out": d["eval_labels"], "work": str(self.root / "work/eval_labels")},
             "train": {"variant": "auf", "target": d["target"], "labels": d["labels"], "out": d["drafter"],
                       "work": str(self.root / "work/train"), "metrics": str(self.root / "metrics/train/auf")},
             "eval": {"variant": "auf", "target": d["target"], "prompts": d["prompts"], "drafter": d["drafter"],
-                     "metrics": d["metrics"], "plots": d["plots"]},
+                     "metrics": d["metrics"], "plots": d["plots"], "eval-labels": d["eval_labels"]},
         }[stage]
 
     def run(self, stage: str, params: Path | None = None, **flags) -> tuple[int, list[str]]:
@@ -89,7 +96,7 @@ class Workspace:
         The stage's progress log goes to its own buffer: stderr here is what the stage printed
         itself (a real run shows the `[stage] ...` log lines before the error line)."""
         params = params or self.params()
-        script = str(ROOT / "stages" / f"{stage}.py")
+        script = str(ROOT / "stages" / f"{SCRIPTS.get(stage, stage)}.py")
         argv = [script, "--params", str(params)]
         for k, v in {**self.flags(stage), **flags}.items():
             argv += [f"--{k}", str(v)]
@@ -158,7 +165,7 @@ def built_workspace(root: Path, target_dir: Path) -> Workspace:
     shutil.copytree(target_dir, ws / "data/target")
     prompts_jsonl(ws / "train.jsonl", 8, "t")
     prompts_jsonl(ws / "eval.jsonl", 2, "e", ["Write a short poem about the sea.", "What is seven times six?"])
-    for stage in ("prompts", "rollouts", "labels"):
+    for stage in ("prompts", "rollouts", "labels", "eval_rollouts", "eval_labels"):
         code, err = ws.run(stage)
         assert code == 0, (stage, err)
     save_drafter(ws / "data/drafters/auf", ws / "data/target")

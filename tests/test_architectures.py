@@ -83,8 +83,10 @@ def run_stages(target_dir, root, num_prompts: int, layer_ids: list[int]) -> dict
                                            max_new_tokens=MAX_NEW, stop_token_ids=stops),
         })
     metrics = evaluate_drafter(target, tok, drafter, {"train": prompt_rows(num_prompts)},
-                               EvalParams(max_new_tokens=MAX_NEW, block_sizes=[2, BLOCK], prompt_lookup_num_tokens=0),
-                               stop_ids=stops, pad_id=manifest["pad_token_id"], seed=0)
+                               EvalParams(max_new_tokens=MAX_NEW, replay_max_new_tokens=MAX_NEW, block_sizes=[2, BLOCK],
+                                          prompt_lookup_num_tokens=0, prompts_per_set=num_prompts),
+                               stop_ids=stops, pad_id=manifest["pad_token_id"], seed=0,
+                               labels_dir=root / "labels")  # the rollouts are greedy: they are the eval answers
     return {"target": target, "manifest": manifest, "labels": labels, "drafter_manifest": drafter_manifest,
             "drafter": drafter, "decoded": decoded, "metrics": metrics}
 

@@ -47,6 +47,9 @@ PARAMS = [  # (case, params overrides or raw text, message after "error: <params
     ("negative layer id", {"labels": {"layer_ids": [-1, 2]}}, r"labels: layer_ids must be a non-empty list of non-negative layer ids"),
     ("negative mask token id", {"target": {"mask_token_id": -1}}, r"target\.mask_token_id: Input should be greater than or equal to 0 \(got -1\)$"),
     ("eval block > train block", {"eval": {"block_sizes": [2, 8]}}, r"eval\.block_sizes \[8\] exceed train\.block_size 4$"),
+    ("decoded longer than replayed", {"eval": {"max_new_tokens": 7}},
+     r"eval: max_new_tokens \(7\) exceeds replay_max_new_tokens \(6\)"),
+    ("unknown block layout", {"eval": {"block_layout": "wide"}}, r"eval\.block_layout: Input should be 'trained' or 'short'"),
     ("local source without path", {"target": {"source": "local"}}, r"target: target\.path is required when target\.source is 'local'"),
     ("eval set name with a slash", {"prompts": {"eval": {"a/b": [{"source": "humaneval", "count": 1}]}}},
      r"prompts: eval set name 'a/b' must be a plain file name"),
@@ -213,7 +216,7 @@ def test_stage_input_dir_missing(ws):
 
 
 def test_no_prompt_fits_max_prompt_tokens(ws):
-    expect_error(ws, "rollouts", r"^error: rollouts: no training prompt fits rollouts\.max_prompt_tokens \(8\)",
+    expect_error(ws, "rollouts", r"^error: rollouts: no prompt fits rollouts\.max_prompt_tokens \(8\)",
                  ws.params({"rollouts": {"max_prompt_tokens": 8}}))
 
 
@@ -405,6 +408,23 @@ def test_unknown_eval_set(ws):
 def test_assistant_model_folder_missing(ws):
     expect_error(ws, "eval", r"^error: eval\.assistant_model: .*/no-assistant is not a Hugging Face model folder \(no config\.json\)$",
                  ws.params({"eval": {"assistant_model": str(ws / "no-assistant")}}))
+
+
+def test_eval_answers_missing(ws):
+    expect_error(ws, "eval", r"^error: .*/no-answers/manifest\.json: missing \(run the stage that produces it\)$",
+                 **{"eval-labels": ws / "no-answers"})
+
+
+def test_eval_answers_of_another_target(ws, tmp_path):
+    import shutil
+
+    other = tmp_path / "answers"
+    shutil.copytree(ws / "data/eval_labels", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["target_fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    expect_error(ws, "eval", r"^error: .*/answers: the eval answers are another target's \(rebuild eval_rollouts and eval_labels\)$",
+                 **{"eval-labels": other})
 
 
 def test_drafter_missing(ws):

@@ -10,7 +10,8 @@ from tests.conftest import dvc, git_dvc_workspace
 
 # stage -> stages it reads from; DVC may run independent stages in any order
 UPSTREAM = {"target": {"inputs"}, "prompts": {"inputs"}, "rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
-            "eval": {"train"}, "export": {"train"}, "report": {"eval"}}
+            "eval_rollouts": {"target", "prompts"}, "eval_labels": {"eval_rollouts"},
+            "eval": {"train", "eval_labels"}, "export": {"train"}, "report": {"eval"}}
 
 
 def ran(output: str) -> list[str]:
@@ -58,7 +59,7 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
     ws = git_dvc_workspace(tmp_path / "ws")
     out = dvc(ws, "repro").stdout
     assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
-                               "eval@decay", "eval@auf", "export@decay", "export@auf", "report"]), out
+                               "eval_rollouts", "eval_labels", "eval@decay", "eval@auf", "export@decay", "export@auf", "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
     for variant in ("decay", "auf"):
@@ -71,4 +72,4 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
 
     edit(ws, "eval", "max_new_tokens", 10)
     out = dvc(ws, "repro").stdout
-    assert ran(out) == ["eval@auf", "eval@decay", "inputs", "report"], out
+    assert ran(out) == ["eval@auf", "eval@decay", "inputs", "report"], out  # the eval answers are max_new_tokens-free

@@ -83,3 +83,18 @@ def test_paired_rows_match_prompts_by_set_and_id():
     assert evidence.paired_rows(a, b, "b2") == ([3, 7], [2, 5], [2, 6], [2, 5])
     assert evidence.paired_rows(a, b, "b2", "t") == ([7], [5], [6], [5])
     assert evidence.paired_rows(a, b, "b4") == ([], [], [], [])
+
+
+def test_speedup_interval_is_a_ratio_of_ratios_over_prompts():
+    rng = np.random.default_rng(3)
+    rows = [{"set": "s", "prompt_id": str(i), "plain": {"tokens": 40, "time_s": float(t)},
+             "b4": {"emitted": 40, "cycles": 20, "time_s": float(t) / s}}
+            for i, (t, s) in enumerate(zip(rng.uniform(1, 3, 30), rng.uniform(1.1, 1.5, 30)))]
+    ci = evidence.speedup_ci(rows, "b4")
+    plain = sum(r["plain"]["time_s"] for r in rows) / 1200
+    spec = sum(r["b4"]["time_s"] for r in rows) / 1200
+    assert ci["value"] == pytest.approx(plain / spec) and ci["prompts"] == 30
+    assert 1.1 < ci["lo"] < ci["value"] < ci["hi"] < 1.5
+    same = [{**r, "b4": {**r["b4"], "time_s": r["plain"]["time_s"] / 2}} for r in rows]
+    assert evidence.speedup_ci(same, "b4")["lo"] == pytest.approx(2.0)  # every prompt 2x: no spread
+    assert evidence.speedup_ci(rows, "b8") is None

@@ -123,3 +123,14 @@ def test_cli_check_params():
     proc = subprocess.run([sys.executable, "-m", "specauf.cli", "check-params", str(ROOT / "params.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "ok" in proc.stdout
+
+
+def test_the_variant_list_is_not_a_drafters_provenance():
+    """Adding a variant must not change what an existing drafter's manifest says made it."""
+    from specauf.config import section_dict
+    from specauf.params_file import parse_params
+
+    one, two = parse_params({"train": {"variants": ["auf"]}}), parse_params({"train": {"variants": ["auf", "dpace"]}})
+    assert section_dict(one, "base", "train") == section_dict(two, "base", "train")
+    assert "variants" not in section_dict(one, "train")["train"]
+    assert section_dict(parse_params({"train": {"variants": ["auf"], "lr": 0.002}}), "train") != section_dict(one, "train")

@@ -243,3 +243,19 @@ def test_load_prompt_set_verifies_checksum(tmp_path):
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         load_prompt_set(tmp_path / "p", "x")
     assert load_prompt_set(tmp_path / "p", "train") == rows
+
+
+def test_eval_prompt_in_two_sets(tmp_path):
+    """The replay counts each prompt once: a prompt id in two eval sets is refused by name."""
+    from specauf.prompts import load_eval_prompts
+
+    p = {"prompt_id": "p", "source": "jsonl", "turns": ["hi there"]}
+    q = {"prompt_id": "q", "source": "jsonl", "turns": ["bye now"]}
+    write_prompt_sets(tmp_path / "ok", [], {"a": [p], "b": [q]}, {})
+    assert load_eval_prompts(tmp_path / "ok", None) == {"a": [p], "b": [q]}
+    assert list(load_eval_prompts(tmp_path / "ok", ["b"])) == ["b"]
+    with pytest.raises(PromptsError, match=r"eval\.sets: no evaluation set 'c' \(have: a, b\)"):
+        load_eval_prompts(tmp_path / "ok", ["c"])
+    write_prompt_sets(tmp_path / "dup", [], {"a": [p], "b": [p, q]}, {})
+    with pytest.raises(PromptsError, match=r"^prompts\.eval: prompt 'p' is in both 'a' and 'b'; give each set its own prompts$"):
+        load_eval_prompts(tmp_path / "dup", None)

@@ -34,7 +34,13 @@ def _eval(taus: dict, speedup: float, peer: float | None = 1.2, plain_tps: float
     if peer is not None:
         peers = {"hf_plain": {"speedup_vs_hf_plain": 1.0, "speedup_vs_plain": 0.9, "time_per_output_token_s": 0.003},
                  "hf_prompt_lookup": {"speedup_vs_hf_plain": peer, "speedup_vs_plain": peer * 0.9, "time_per_output_token_s": 0.002}}
-    return {"overall": section("overall"), "sets": {n: section(n) for n in SETS}, "peers": peers,
+    cost = {"t_plain_s": 0.01, "t_verify_s": {"2": 0.012, "4": 0.02}, "t_draft_s": {"2": 0.002, "4": 0.003},
+            "block_sizes": {"2": {"tau": taus["overall"][2], "cycle_over_t_plain": 1.4, "measured_speedup": speedup / 2,
+                                  "predicted_speedup": taus["overall"][2] / 1.4},
+                            "4": {"tau": taus["overall"][4], "cycle_over_t_plain": 2.3, "measured_speedup": speedup,
+                                  "predicted_speedup": taus["overall"][4] / 2.3}},
+            "best_predicted_block_size": 2}
+    return {"cost_model": cost, "overall": section("overall"), "sets": {n: section(n) for n in SETS}, "peers": peers,
             "exactness": {"checked": True, "mismatches": []},
             "machine": {"torch_threads": 2, "device": "cpu", "cpu_count": 2, "processor": "x86_64", "platform": "Linux-test"},
             "settings": {"block_sizes": [2, 4], "temperature": 0.0, "max_new_tokens": 32, "repeats": 1},
@@ -64,8 +70,11 @@ def _prompt_rows(ev: dict, per_set: int = 4) -> list[dict]:
 
 def _write(root: Path, variant: str, ev: dict, tr: dict) -> None:
     (root / "eval").mkdir(parents=True, exist_ok=True)
-    (root / "eval" / f"{variant}.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
-    (root / "eval" / f"{variant}.prompts.json").write_text(json.dumps({"variant": variant, "prompts": _prompt_rows(ev)}))
+    (root / "eval" / f"{variant}.details.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
+    rows = _prompt_rows(ev)
+    (root / "eval" / f"{variant}.prompts.json").write_text(json.dumps(
+        {"variant": variant, "replayed": rows, "decoded": [{**r, "plain": {"tokens": 10, "time_s": 2.0}} for r in rows[:2]],
+         "replay_check": None}))
     (root / "train" / variant).mkdir(parents=True, exist_ok=True)
     (root / "train" / variant / "metrics.json").write_text(json.dumps(tr))
 
@@ -186,6 +195,11 @@ def test_report_tables_and_png(holding, tmp_path):
     assert "over the best peer: **met** (2.40x vs prompt lookup 1.50x = 1.60x" in text
     assert "passed (identical to plain greedy)" in text and "| cpu | 2 | 2 | x86_64 |" in text
     assert "| 0.0 | 32 | 1 | auto: 2 of 4 shape/row pairs off F.linear |" in text
+    # speed: the cost model's table and its one-sentence reason; speedups with intervals over decoded prompts
+    assert "| auf | 2 | 1.700 | 1.20 | 0.20 | 1.40 | 1.21x | 1.20x |" in text
+    assert "auf: B=2 predicts best because its cycle costs 1.40 plain steps and emits 1.70 tokens (faster than plain" in text
+    assert "larger blocks add more cycle cost than tau" in text
+    assert "| auf | 4 | – | – | – | 3.60x [3.60, 3.60] |" in text  # decoded rows: plain 0.2 s/tok, ours 1/18 s/tok
     png = (out / "acceptance.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
     # rerun gives the same markdown (nothing time-dependent in it)
@@ -227,11 +241,11 @@ def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {holding / 'train' / 'auf' / 'metrics.json'}: missing (run the stage that produces it)"]
     assert (out / "report.md").read_text() == "old"  # a failed report replaces nothing
-    (holding / "eval" / "auf_decay.json").unlink()
-    with pytest.raises(ArtifactError, match=r"eval/auf_decay\.json: missing"):
+    (holding / "eval" / "auf_decay.details.json").unlink()
+    with pytest.raises(ArtifactError, match=r"eval/auf_decay\.details\.json: missing"):
         load_inputs(holding / "eval", holding / "train", ["decay", "auf_decay"])
-    (holding / "eval" / "decay.json").write_text('{"sets": {}}')
-    with pytest.raises(ArtifactError, match=r"eval/decay\.json: no 'overall' section"):
+    (holding / "eval" / "decay.details.json").write_text('{"sets": {}}')
+    with pytest.raises(ArtifactError, match=r"eval/decay\.details\.json: no 'overall' section"):
         load_inputs(holding / "eval", holding / "train", ["decay"])
 
 
