@@ -1,4 +1,5 @@
 """Command line: the `specauf` tool (stages/<name>.py run through specauf.stage instead)."""
+# (the user-facing text is DESCRIPTION below: this docstring is for readers of the code)
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,25 @@ from specauf.params_file import check_pipeline_params, fill_params_file, load_pa
 from specauf.stage import one_line_errors
 
 PROJECT_FILES = ["dvc.yaml", "stages", "specauf", "scripts", "pyproject.toml", ".dvcignore"]
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTION = """Train a masked block drafter for your target LLM with Accept-Until-Fail loss masking, and
+measure what it buys. The pipeline itself runs under DVC (`bash scripts/run.sh pipeline`, or
+`dvc repro` after `specauf check-params`); this tool checks and fills params files, creates
+workspaces and exports trained drafters for serving engines."""
+EPILOG = "Docs: README.md, docs/params.md (every key), docs/pipeline.md (every artifact), docs/bad-input.md."
+
+
+def presets() -> list[str]:
+    """`default` (the shipped params.yaml) and every file of presets/."""
+    return ["default", *sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))]
 
 
 def new_workspace(dest: Path, preset: str) -> None:
     """A fresh git+DVC workspace running this pipeline with a preset's params (for demos and tests)."""
-    root = Path(__file__).resolve().parent.parent
-    preset_file = root / "presets" / f"{preset}.yaml"
-    if not preset_file.is_file():
-        raise UserError(f"--preset: no preset {preset!r} (have: {', '.join(p.stem for p in (root / 'presets').glob('*.yaml'))})")
+    root = ROOT
+    preset_file = root / "params.yaml" if preset == "default" else root / "presets" / f"{preset}.yaml"
+    if preset not in presets() or not preset_file.is_file():
+        raise UserError(f"--preset: no preset {preset!r} (have: {', '.join(presets())})")
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise UserError(f"{dest}: directory is not empty")
@@ -42,23 +54,27 @@ def new_workspace(dest: Path, preset: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="specauf", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    from specauf import __version__
+
+    parser = argparse.ArgumentParser(prog="specauf", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"specauf {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("check-params", help="validate a params file as `dvc repro` will use it (run before it: "
                        "DVC deletes a stage's outputs before the stage can refuse its params)")
-    p.add_argument("params", nargs="?", default="params.yaml")
+    p.add_argument("params", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--dvc-yaml", default=None, help="pipeline whose tracked keys must be present (default: dvc.yaml beside the params file)")
     p = sub.add_parser("params-doc", help="print docs/params.md (generated from the field docstrings)")
     p.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the generated text")
     p = sub.add_parser("fill-params", help="add every missing key with its default to a params file (DVC needs them "
                        "all); comments and order stay, the old file is kept as FILE.bak")
-    p.add_argument("params")
+    p.add_argument("params", help="params file to complete in place")
     p = sub.add_parser("new", help="create a git+DVC workspace with a params preset (e.g. smoke)")
-    p.add_argument("dest", type=Path)
-    p.add_argument("--preset", default="smoke")
+    p.add_argument("dest", type=Path, help="new workspace directory (must be absent or empty)")
+    p.add_argument("--preset", default="smoke", choices=presets(),
+                   help="params to start from: default = the shipped params.yaml (default: smoke, minutes on a CPU)")
     p = sub.add_parser("export", help="write a trained drafter in the DFlash layout SGLang and vLLM load")
     p.add_argument("drafter", type=Path, help="a train output, e.g. data/drafters/auf")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="output folder (absent, empty, or an earlier export)")
     p.add_argument("--target", type=Path, help="its target folder (needed for a draft vocabulary; checks the fingerprint)")
     p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
     p.add_argument("--trust-remote-code", action="store_true",

@@ -108,6 +108,11 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "prompts": {"base", "prompts"},
         "rollouts": {"base", "rollouts", "target.trust_remote_code"},
         "labels": {"base", "labels", "target.trust_remote_code"},
+        # the eval answers fix sampling, length, backend and precision (eval_rollouts_params, eval_labels_params)
+        "eval_rollouts": {"base", "rollouts.batch_size", "rollouts.shard_size", "eval.replay_max_new_tokens", "eval.sets",
+                          "target.trust_remote_code"},
+        "eval_labels": {"base", "labels.num_feature_layers", "labels.layer_ids", "labels.batch_size",
+                        "target.trust_remote_code"},
         "train": {"base", "target.trust_remote_code"} | train_keys,
         "eval": {"base", "eval", "target.trust_remote_code"},
         "export": {"target.trust_remote_code"},
@@ -134,3 +139,25 @@ def test_the_variant_list_is_not_a_drafters_provenance():
     assert section_dict(one, "base", "train") == section_dict(two, "base", "train")
     assert "variants" not in section_dict(one, "train")["train"]
     assert section_dict(parse_params({"train": {"variants": ["auf"], "lr": 0.002}}), "train") != section_dict(one, "train")
+
+
+def test_eval_answers_read_only_the_keys_dvc_tracks():
+    """eval_rollouts/eval_labels settings change with exactly the keys dvc.yaml lists for them."""
+    from specauf.config import eval_labels_params, eval_rollouts_params
+    from specauf.params_file import parse_params
+
+    base = parse_params({})
+    untracked = {"rollouts": {"num_prompts": 3, "max_prompt_tokens": 100, "max_new_tokens": 7, "temperature": 0.7,
+                              "top_p": 0.9, "top_k": 5, "backend": "vllm", "precision": "bf16", "crosscheck_prompts": 1},
+                 "labels": {"features": "online", "feature_dtype": "bfloat16", "top_k": 4, "verify_temperature": 0.5},
+                 "eval": {"max_new_tokens": 16, "prompts_per_set": 2, "block_layout": "short"}}
+    other = parse_params(untracked)
+    assert eval_rollouts_params(other) == eval_rollouts_params(base) and eval_labels_params(other) == eval_labels_params(base)
+    for section, key, value, fn in (("rollouts", "batch_size", 3, eval_rollouts_params),
+                                    ("rollouts", "shard_size", 5, eval_rollouts_params),
+                                    ("eval", "replay_max_new_tokens", 200, eval_rollouts_params),
+                                    ("labels", "num_feature_layers", 2, eval_labels_params),
+                                    ("labels", "layer_ids", [1, 2], eval_labels_params),
+                                    ("labels", "batch_size", 3, eval_labels_params)):
+        assert fn(parse_params({section: {key: value}})) != fn(base), (section, key)
+    assert eval_rollouts_params(base).temperature == 0.0 and eval_labels_params(base).feature_dtype == "float32"

@@ -38,7 +38,9 @@ def test_no_param_value_reaches_a_dvc_command():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, spec in stages.items():
         cmd = spec.get("do", spec)["cmd"]
-        assert "${" not in cmd and re.fullmatch(rf"python stages/{name}\.py", cmd), (name, cmd)
+        # constant flags only: `--split eval` runs the rollouts/labels code on the eval prompts
+        assert "${" not in cmd and re.fullmatch(rf"python stages/{name}\.py|python stages/{name.removeprefix('eval_')}\.py --split eval",
+                                                cmd), (name, cmd)
     with pytest.raises(ParamsError, match="unknown loss variant"):
         parse_params({"train": {"variants": ["auf; rm -rf ~"]}})
 
