@@ -115,13 +115,15 @@ def render_markdown(data: dict) -> str:
     L += ["## The paper's numbers beside ours", "",
           f"**Paper (not this run)**: {PAPER['setting']}. A different target and a far larger scale: "
           "compare directions, not magnitudes.", ""]
-    rows = [[f"paper: {m}", f"{d:.2f}", f"{a:.2f}", f"{a - d:+.2f}"] for m, d, a in PAPER["rows"]]
+    dpace = "dpace" in data  # the paper predates D-PACE: its rows have no such column
+    rows = [[f"paper: {m}", f"{d:.2f}", f"{a:.2f}", f"{a - d:+.2f}", *(["–", "–"] if dpace else [])]
+            for m, d, a in PAPER["rows"]]
     for k in all_sizes:
-        d = _stat(data["decay"]["eval"]["overall"], k, "tau") if "decay" in data else None
-        a = _stat(data["auf"]["eval"]["overall"], k, "tau") if "auf" in data else None
+        d, a, p = (_stat(data[v]["eval"]["overall"], k, "tau") if v in data else None for v in ("decay", "auf", "dpace"))
         rows.append([f"this run: overall, inference B={k}", _fmt(d), _fmt(a),
-                     _signed(None if d is None or a is None else a - d)])
-    L += _table(["", "tau decay", "tau auf", "auf - decay"], rows)
+                     _signed(None if d is None or a is None else a - d),
+                     *([_fmt(p), _signed(None if p is None or a is None else a - p)] if dpace else [])])
+    L += _table(["", "tau decay", "tau auf", "auf - decay", *(["tau dpace", "auf - dpace"] if dpace else [])], rows)
 
     # -- per-set tables
     tau_cols = [f"tau B={k}" for k in all_sizes] + [f"speedup B={k}" for k in all_sizes]

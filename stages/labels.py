@@ -47,14 +47,14 @@ def add_args(p):
     p.add_argument("--work", help="default data/.work/<stage>")
 
 
-def main():
+def main(argv=None):
     def fill(params, args):
         args.stage = "labels" if args.split == "train" else "eval_labels"
         args.rollouts = args.rollouts or ("data/rollouts" if args.split == "train" else "data/eval_rollouts")
         args.out = args.out or f"data/{args.stage}"
         args.work = args.work or f"data/.work/{args.stage}"
         run(params, args)
-    stage_main("labels", fill, add_args)
+    stage_main("labels", fill, add_args, argv=argv)
 
 
 if __name__ == "__main__":

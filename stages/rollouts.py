@@ -66,13 +66,13 @@ def add_args(p):
     p.add_argument("--work", help="default data/.work/<stage>")
 
 
-def main():
+def main(argv=None):
     def fill(params, args):
         args.stage = "rollouts" if args.split == "train" else "eval_rollouts"
         args.out = args.out or f"data/{args.stage}"
         args.work = args.work or f"data/.work/{args.stage}"
         run(params, args)
-    stage_main("rollouts", fill, add_args)
+    stage_main("rollouts", fill, add_args, argv=argv)
 
 
 if __name__ == "__main__":

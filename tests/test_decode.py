@@ -197,9 +197,11 @@ def test_block_size_one_never_calls_the_proposer(targets):
         speculative_generate(target, prompt, proposer=short, block_size=5, max_new_tokens=9)
 
 
-def test_drafter_cache_matches_full_recompute(targets):
+@pytest.mark.parametrize("layout", ["trained", "short"])
+def test_drafter_cache_matches_full_recompute(targets, layout):
     """Every incremental proposal (features fed once, block K/V cropped) equals a drafter pass
-    over the whole context recomputed from scratch."""
+    over the whole context recomputed from scratch, in either block layout (eval.block_layout:
+    the trained B-token block keeping its first n guesses, or an (n+1)-token block)."""
     target = targets["qwen3"]
     V = target.config.vocab_size
     prompt = random_prompt(target, 11)
@@ -216,7 +218,7 @@ def test_drafter_cache_matches_full_recompute(targets):
             seen.append((tokens.clone(), n, super().propose(tokens, n)))
             return oracle.propose(tokens, n)
 
-    r = speculative_generate(target, prompt, proposer=Recording(drafter, target), block_size=6,
+    r = speculative_generate(target, prompt, proposer=Recording(drafter, target, layout), block_size=6,
                              max_new_tokens=MAX_NEW)
     assert r.token_ids == full[len(prompt):].tolist()
     assert len(set(r.cycle_lengths)) >= 3 and len(seen) == r.num_cycles
@@ -225,12 +227,13 @@ def test_drafter_cache_matches_full_recompute(targets):
             p = len(tokens) - 1
             hs = target(tokens[None, :p], output_hidden_states=True).hidden_states
             ctx = context_features_from_hidden_states(hs, drafter.target_layer_ids)
-            block = torch.full((1, n + 1), MASK_ID)
+            width = n + 1 if layout == "short" else drafter.block_size
+            block = torch.full((1, width), MASK_ID)
             block[0, 0] = tokens[-1]
             h = drafter(target.get_input_embeddings()(block), ctx,
-                        block_position_ids=torch.arange(p, p + n + 1)[None],
+                        block_position_ids=torch.arange(p, p + width)[None],
                         context_position_ids=torch.arange(p)[None])
-            torch.testing.assert_close(logits, target.lm_head(h[0, 1:]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits, target.lm_head(h[0, 1:n + 1]), atol=1e-4, rtol=1e-4)
 
 
 def test_broken_target_crop_is_caught(targets, monkeypatch):

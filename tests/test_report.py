@@ -278,3 +278,9 @@ def test_dpace_claim_and_an_inconclusive_equivalence(holding):
     c3 = claim_auf_decay_matches_auf(data)
     assert c3["status"] == INCONCLUSIVE, c3["detail"]
     assert NOT_SIGNIFICANT == "not significant"
+    from specauf.report import render_markdown
+
+    text = render_markdown(data)
+    assert "| | tau decay | tau auf | auf - decay | tau dpace | auf - dpace |" in text.replace("|  |", "| |")
+    assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 | 1.900 | -0.100 |" in text
+    assert "| paper: DFlash | 2.40 | 2.61 | +0.21 | – | – |" in text

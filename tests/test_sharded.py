@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from specauf import rollouts as rollouts_mod
-from specauf.stage import stage_main
 from specauf.config import LaunchParams, ParamsError
 from specauf.errors import UserError
 from specauf.params_file import load_params
@@ -65,18 +64,18 @@ def test_two_processes_write_the_bytes_of_one_and_resume(tiny_target, tmp_path, 
     common = ["--target", str(target)]
 
     # Reference: one process, in this process.
-    stage_main("rollouts", rollouts.run, rollouts.add_args, argv=["--params", str(one), *common, "--prompts",
-               str(tmp_path / "prompts"), "--out", str(tmp_path / "r1"), "--work", str(tmp_path / "w-r1")])
-    stage_main("labels", labels.run, labels.add_args, argv=["--params", str(one), *common, "--rollouts",
-               str(tmp_path / "r1"), "--out", str(tmp_path / "l1"), "--work", str(tmp_path / "w-l1")])
+    rollouts.main(argv=["--params", str(one), *common, "--prompts",
+                        str(tmp_path / "prompts"), "--out", str(tmp_path / "r1"), "--work", str(tmp_path / "w-r1")])
+    labels.main(argv=["--params", str(one), *common, "--rollouts",
+                      str(tmp_path / "r1"), "--out", str(tmp_path / "l1"), "--work", str(tmp_path / "w-l1")])
 
     # A one-process run killed after two of five shards ...
     real = rollouts_mod.generate_shard
     die_after(monkeypatch, rollouts_mod, "generate_shard", 2)
     work = tmp_path / "w-r2"
     with pytest.raises(Killed):
-        stage_main("rollouts", rollouts.run, rollouts.add_args, argv=["--params", str(one), *common, "--prompts",
-                   str(tmp_path / "prompts"), "--out", str(tmp_path / "r2"), "--work", str(work)])
+        rollouts.main(argv=["--params", str(one), *common, "--prompts",
+                            str(tmp_path / "prompts"), "--out", str(tmp_path / "r2"), "--work", str(work)])
     monkeypatch.setattr(rollouts_mod, "generate_shard", real)
     assert sorted(p.name for p in work.glob("*.arrow")) == ["shard-00000.arrow", "shard-00001.arrow"]
 
@@ -153,7 +152,7 @@ def test_vllm_backend_missing_fails_first_with_one_line(tmp_path, capsys):
     rollouts = load_stage("rollouts")
     out = tmp_path / "rollouts"
     with pytest.raises(SystemExit) as code:  # missing target and prompts: the backend check comes first
-        stage_main("rollouts", rollouts.run, rollouts.add_args, argv=[
+        rollouts.main(argv=[
             "--params", str(params), "--target", str(tmp_path / "none"), "--prompts", str(tmp_path / "none"),
             "--out", str(out), "--work", str(tmp_path / "work")])
     assert code.value.code == 2
