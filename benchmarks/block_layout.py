@@ -6,7 +6,7 @@ both layouts, for each trained drafter, and reports tau per layout with the pair
 the difference over prompts (specauf/evidence.py), per inference block size, pooled over the sets.
 Also times the replay against decoding the same prompts (greedy, one torch thread).
 
-    .venv/bin/python benchmarks/block_layout.py --drafter data/drafters/decay --drafter data/drafters/auf
+    .venv/bin/python benchmarks/block_layout.py --drafter data/drafters/decay-0 --drafter data/drafters/auf-0
 """
 from __future__ import annotations
 

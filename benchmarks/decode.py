@@ -14,7 +14,7 @@ Per contender and prompt the median decode time over the rounds is taken; a row'
 token = sum of those medians / tokens. Speedups are ratios of those to plain (ours) or to hf plain
 (peers). tau = tokens per target forward (pooled). Greedy outputs are checked against plain.
 
-    .venv/bin/python benchmarks/decode.py --drafter data/drafters/auf --drafter data/drafters/decay
+    .venv/bin/python benchmarks/decode.py --drafter data/drafters/auf-0 --drafter data/drafters/decay-0
     .venv/bin/python benchmarks/decode.py --random-drafter      # plumbing check only: tau ~ 1
 """
 from __future__ import annotations

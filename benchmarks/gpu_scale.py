@@ -1,7 +1,7 @@
 """The whole pipeline at a larger scale in one prepared run, on a machine without DVC.
 
 Runs every stage of `dvc.yaml` in its DAG order with exactly the command DVC would run
-(`python stages/<name>.py`, one per train.variants item with DVC_STAGE=`<stage>@<item>` set as DVC
+(`python stages/<name>.py`, one per train.variants x train.seeds item with DVC_STAGE=`<stage>@<item>` set as DVC
 sets it) plus `--params`, from a
 params file made of a preset and `--set key.path=value` overrides (YAML values). Stage wall times
 go to `<out>/stage_times.json`; metrics, report and the params used are copied to `--out`.
@@ -43,10 +43,12 @@ def stage_commands(params: dict, workspace: Path) -> list[tuple[str, list[tuple[
     stages = yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"]
     out = []
     for name, spec in stages.items():
-        argv = shlex.split(spec.get("do", spec)["cmd"])
+        argv = shlex.split(spec["cmd"])
         if argv[0] == "python":
             argv[0] = sys.executable
-        items = params["train"]["variants"] if "foreach" in spec else [None]
+        # a matrix stage runs once per (variant, seed), named as DVC names it (`train@auf-0`)
+        items = [f"{v}-{s}" for v in params["train"]["variants"] for s in params["train"].get("seeds", [0])] \
+            if "matrix" in spec else [None]
         out.append((name, [({"DVC_STAGE": name if item is None else f"{name}@{item}"}, argv) for item in items]))
     return out
 

@@ -8,7 +8,7 @@ features at all. Also a skip-bigram for block position 2. With --drafter, the sa
 anchors scored by a trained drafter (its greedy guess at block positions 1 and 2, teacher-forced,
 as the train stage's held-out evaluation runs it). Seconds to a minute on CPU.
 
-    python benchmarks/ngram.py --labels data/labels --drafter data/drafters/auf
+    python benchmarks/ngram.py --labels data/labels --drafter data/drafters/auf-0
 """
 from __future__ import annotations
 

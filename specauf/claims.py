@@ -1,9 +1,12 @@
 """The paper's claims and the issue's goals, judged from the eval and train stages' numbers.
 
-tau claims are judged from 95% intervals of paired differences over prompts (specauf/evidence.py),
-never from point estimates alone: "holds" only when the interval excludes 0 in the claimed
-direction, "reversed" when it excludes 0 the other way, "not significant" otherwise. Claim 2
-(token accuracy) has one number per variant, from one seed: it is reported as such.
+tau claims are judged from 95% intervals of paired differences over prompts, and over training
+seeds when there are several (specauf/evidence.py), never from point estimates alone: "holds" only
+when the interval excludes 0 in the claimed direction, "reversed" when it excludes 0 the other
+way, "not significant" otherwise. Claim 2 (token accuracy) has one number per variant (the mean
+over seeds), without an interval: it is reported as such.
+
+The claims read one entry per loss variant (`by_variant`), the report's tables one per run.
 """
 from __future__ import annotations
 
@@ -76,6 +79,27 @@ def best_peer(ev: dict) -> tuple[str, float] | None:
 
 
 
+def by_variant(runs: dict) -> dict:
+    """Runs (one per variant and training seed) grouped by variant: every seed's per-prompt rows
+    (each row carries its seed), every seed's training summary, and the first run's eval metrics
+    (settings and block sizes, the same for every seed)."""
+    out: dict = {}
+    for r in runs.values():
+        v = out.setdefault(r["variant"], {"eval": r["eval"], "trains": [], "prompts": [], "decoded": [], "seeds": []})
+        v["trains"].append(r["train"])
+        v["prompts"] += r.get("prompts") or []
+        v["decoded"] += r.get("decoded") or []
+        v["seeds"].append(r["seed"])
+    return out
+
+
+def pooled_tau(d: dict, k: int, set_name: str | None = None) -> float | None:
+    """tau of one variant at block size k over every seed's replayed prompts (a ratio of sums)."""
+    rows = [r for r in d.get("prompts") or [] if f"b{k}" in r and (set_name is None or r["set"] == set_name)]
+    den = sum(r[f"b{k}"]["cycles"] for r in rows)
+    return sum(r[f"b{k}"]["emitted"] for r in rows) / den if den else None
+
+
 def _fmt(x: float | None, digits: int = 3, suffix: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
@@ -85,33 +109,34 @@ def _signed(x: float | None) -> str:
 
 
 
-def _diff_row(data: dict, a: str, b: str, set_name: str | None, k: int) -> dict:
-    """tau(a) - tau(b) at inference block size k on one set (None: all sets pooled), with its interval."""
+def _diff_row(data: dict, a: str, b: str, set_name: str | None, k: int, resamples: int) -> dict:
+    """tau(a) - tau(b) at inference block size k on one set (None: all sets pooled), with its
+    interval (over prompts, and seeds when there are several)."""
     cols = evidence.paired_rows(data[a].get("prompts") or [], data[b].get("prompts") or [], f"b{k}", set_name)
     row = {"set": set_name or "overall", "block_size": k, a: None, b: None, "diff": None, "lo": None, "hi": None}
-    if not cols[0]:
+    if not cols[0].size:
         return row
-    row[a] = sum(cols[0]) / sum(cols[1])
-    row[b] = sum(cols[2]) / sum(cols[3])
-    d = evidence.paired_diff_ci(*cols)
-    row.update(diff=d["value"], lo=d["lo"], hi=d["hi"], prompts=d["prompts"])
+    row[a] = cols[0].sum() / cols[1].sum()
+    row[b] = cols[2].sum() / cols[3].sum()
+    d = evidence.paired_diff_ci(*cols, resamples=resamples)
+    row.update(diff=d["value"], lo=d["lo"], hi=d["hi"], prompts=d["prompts"], seeds=d["seeds"])
     return row
 
 
-def _grid(data: dict, a: str, b: str) -> list[dict]:
+def _grid(data: dict, a: str, b: str, resamples: int) -> list[dict]:
     sets = sorted({r["set"] for v in (a, b) for r in data[v].get("prompts") or []})
     sizes = sorted(set(block_sizes(data[a]["eval"]["overall"])) | set(block_sizes(data[b]["eval"]["overall"])))
-    return [_diff_row(data, a, b, name, k) for name in [*sets, None] for k in sizes]
+    return [_diff_row(data, a, b, name, k, resamples) for name in [*sets, None] for k in sizes]
 
 
-def claim_beats(data: dict, a: str = "auf", b: str = "decay") -> dict:
+def claim_beats(data: dict, a: str = "auf", b: str = "decay", resamples: int = evidence.RESAMPLES) -> dict:
     """tau(a) > tau(b) on every eval set and overall, at every inference block size, each judged
     from the paired 95% interval of the difference over prompts."""
     if a not in data or b not in data:
         missing = [v for v in (b, a) if v not in data]
         return {"status": UNMEASURED, "detail": f"variant(s) {', '.join(missing)} not trained", "rows": [],
                 "held": [], "failed": [], "open": [], "missing": []}
-    rows = _grid(data, a, b)
+    rows = _grid(data, a, b, resamples)
     measured = [r for r in rows if r["diff"] is not None]
     held = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == HOLDS]
     failed = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == REVERSED]
@@ -124,23 +149,24 @@ def claim_beats(data: dict, a: str = "auf", b: str = "decay") -> dict:
                       + (f", {len(missing)} without per-prompt rows" if missing else "")}
 
 
-def claim_auf_beats_decay(data: dict) -> dict:
+def claim_auf_beats_decay(data: dict, resamples: int = evidence.RESAMPLES) -> dict:
     """Claim 1 (the paper's): tau(auf) > tau(decay) on every eval set."""
-    return claim_beats(data, "auf", "decay")
+    return claim_beats(data, "auf", "decay", resamples)
 
 
-def claim_auf_beats_dpace(data: dict) -> dict:
+def claim_auf_beats_dpace(data: dict, resamples: int = evidence.RESAMPLES) -> dict:
     """Claim 4 (the field's baseline since D-PACE): tau(auf) > tau(dpace) on every eval set."""
-    return claim_beats(data, "auf", "dpace")
+    return claim_beats(data, "auf", "dpace", resamples)
 
 
-def claim_auf_decay_matches_auf(data: dict, margin: float = evidence.EQUIVALENCE_MARGIN) -> dict:
+def claim_auf_decay_matches_auf(data: dict, margin: float = evidence.EQUIVALENCE_MARGIN,
+                                resamples: int = evidence.RESAMPLES) -> dict:
     """Claim 3: auf_decay ~ auf, overall at every block size: the interval of the difference
     inside +-margin (equivalence), wholly outside it (does not hold), or neither (inconclusive)."""
     if "auf" not in data or "auf_decay" not in data:
         missing = [v for v in ("auf", "auf_decay") if v not in data]
         return {"status": UNMEASURED, "rows": [], "tolerance": margin, "detail": f"variant(s) {', '.join(missing)} not trained"}
-    rows = [r for r in _grid(data, "auf_decay", "auf") if r["set"] == "overall"]
+    rows = [r for r in _grid(data, "auf_decay", "auf", resamples) if r["set"] == "overall"]
     verdicts = [evidence.equivalence({"lo": r["lo"], "hi": r["hi"]}, margin) for r in rows if r["diff"] is not None]
     status = UNMEASURED if not verdicts else FAILS if FAILS in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else HOLDS
     return {"status": status, "rows": rows, "tolerance": margin,
@@ -152,8 +178,12 @@ def _ci(r: dict) -> str:
 
 
 def claim_decay_more_accurate(data: dict) -> dict:
-    """Claim 2: decay has the higher full-mask token accuracy on the held-out split."""
-    acc = {v: train_metric(data[v]["train"], "heldout/token_accuracy") for v in ("decay", "auf") if v in data}
+    """Claim 2: decay has the higher full-mask token accuracy on the held-out split (the mean over
+    training seeds: each seed holds out its own split)."""
+    def mean_acc(d: dict) -> float | None:
+        accs = [train_metric(t, "heldout/token_accuracy") for t in d.get("trains") or [d.get("train") or {}]]
+        return None if not accs or None in accs else sum(accs) / len(accs)
+    acc = {v: mean_acc(data[v]) for v in ("decay", "auf") if v in data}
     if acc.get("decay") is None or acc.get("auf") is None:
         why = [v for v in ("decay", "auf") if v not in data]
         detail = f"variant(s) {', '.join(why)} not trained" if why else "heldout/token_accuracy missing from the training metrics"

@@ -48,8 +48,10 @@ def new_workspace(dest: Path, preset: str) -> None:
     bin_dir = str(Path(sys.executable).parent)  # the venv's dvc and python, also when PATH lacks them
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",
            "GIT_COMMITTER_NAME": "specauf", "GIT_COMMITTER_EMAIL": "specauf@localhost"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "spec-auf workspace"]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    shutil.copytree(root / ".dvc" / "plots", dest / ".dvc" / "plots")  # dvc.yaml's plot templates (after dvc init)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "spec-auf workspace"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
 
 

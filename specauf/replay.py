@@ -103,13 +103,15 @@ def _feature_columns(drafter, layer_ids: list[int], hidden_size: int, where: str
     return torch.cat([torch.arange(layer_ids.index(i) * hidden_size, (layer_ids.index(i) + 1) * hidden_size) for i in want])
 
 
-def replay_drafter(drafter, target, labels_dir, prompt_set: dict[str, str], block_sizes: list[int], layout: str,
+def replay_drafter(drafter, target, answers: LabelsDataset | str, prompt_set: dict[str, str], block_sizes: list[int], layout: str,
                    max_new_tokens: int, stop_ids: list[int], desc: str = "replay") -> list[dict]:
     """Per prompt of `prompt_set` ({prompt_id: set name}) and block size: emitted, cycles, attempted,
-    accepted, emitted-length histogram, over the first max_new_tokens of its greedy answer."""
+    accepted, emitted-length histogram, over the first max_new_tokens of its greedy answer.
+    `answers`: stage eval_labels' output, opened (its checksums verified once per stage) or a path."""
     if layout not in BLOCK_LAYOUTS:
         raise ValueError(f"block layout {layout!r} is not one of {BLOCK_LAYOUTS}")
-    data = LabelsDataset(labels_dir)
+    data = answers if isinstance(answers, LabelsDataset) else LabelsDataset(answers)
+    labels_dir = data.dir
     if not data.offline:
         raise ArtifactError(f"{labels_dir}: no context features (features: online); the replay needs them")
     cols = _feature_columns(drafter, data.manifest["layer_ids"], data.manifest["hidden_size"], str(labels_dir))

@@ -1,22 +1,24 @@
 """Stage `report`: one markdown report and one figure comparing every trained loss variant.
 
-Inputs are the per-variant outputs of the `eval` stage (`metrics/eval/<variant>.details.json` and
-`.prompts.json`) and the
-DVCLive summaries of the `train` stage (`metrics/train/<variant>/metrics.json`). The paper's
+Inputs are the outputs of every run (a loss variant trained with one seed, `<variant>-<seed>`): the
+`eval` stage's `metrics/eval/<run>.details.json` and `.prompts.json` and the DVCLive summaries of
+the `train` stage (`metrics/train/<run>/metrics.json`). The paper's
 qualitative claims (docs/method.md) and the issue's speed goals are judged from those
 numbers, never assumed: a claim that the numbers do not support is reported as not holding.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from specauf import evidence
 from specauf.artifacts import MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_json, write_bytes_atomic, write_json
-from specauf.claims import (GOAL_OVER_PEER, GOAL_OVER_PLAIN, UNMEASURED, _ci, _fmt, _num, _plain_speed, _sections,
-                            _signed, _stat, best_peer, block_sizes, claim_auf_beats_decay, claim_auf_beats_dpace,
-                            claim_auf_decay_matches_auf, claim_decay_more_accurate, goals, train_metric)
+from specauf.claims import (GOAL_OVER_PEER, GOAL_OVER_PLAIN, UNMEASURED, _ci, _fmt, _num, _plain_speed,
+                            _signed, _stat, best_peer, block_sizes, by_variant, claim_auf_beats_decay,
+                            claim_auf_beats_dpace, claim_auf_decay_matches_auf, claim_decay_more_accurate, goals,
+                            pooled_tau, train_metric)
+from specauf.config import run_name
 from specauf.errors import UserError
+from specauf.figures import overlay_rows, plot_acceptance, tau_interval
 
 # The paper's numbers: Qwen3-8B target, B = 16, temperature 0, mean tau over
 # six benchmarks. A different target and scale from anything run here: shown for orientation only.
@@ -30,24 +32,30 @@ PEER_NAMES = {"hf_prompt_lookup": "prompt lookup", "hf_assisted": "assisted gene
 
 # ------------------------------------------------------------------------------ loading
 
-def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]) -> dict[str, dict]:
-    """{variant: {"eval": eval metrics, "train": DVCLive summary}}; a missing or malformed file
-    raises ArtifactError naming it."""
+def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str], seeds: list[int] = (0,)) -> dict[str, dict]:
+    """{run label: {"variant", "seed", "eval", "train", "prompts", "decoded"}}, one per variant and
+    seed (the label is the variant alone when there is one seed, else the run name `auf-1`); every
+    per-prompt row gets its run's "seed". A missing or malformed file raises ArtifactError naming it."""
     if not variants:
         raise UserError("train.variants is empty: nothing to report")
     data = {}
     for v in variants:
-        ev_path = Path(eval_dir) / f"{v}.details.json"
-        ev = read_json(ev_path)
-        if not isinstance(ev, dict) or not isinstance(ev.get("overall"), dict):
-            raise ArtifactError(f"{ev_path}: no 'overall' section (not an eval stage metrics file)")
-        tr_path = Path(train_dir) / v / "metrics.json"
-        tr = read_json(tr_path)
-        if not isinstance(tr, dict):
-            raise ArtifactError(f"{tr_path}: not a DVCLive metrics summary (expected a JSON object)")
-        pr_path = Path(eval_dir) / f"{v}.prompts.json"  # per-prompt rows: without them, no interval
-        rows = read_json(pr_path) if pr_path.is_file() else {}
-        data[v] = {"eval": ev, "train": tr, "prompts": rows.get("replayed"), "decoded": rows.get("decoded")}
+        for seed in seeds:
+            run = run_name(v, seed)
+            ev_path = Path(eval_dir) / f"{run}.details.json"
+            ev = read_json(ev_path)
+            if not isinstance(ev, dict) or not isinstance(ev.get("overall"), dict):
+                raise ArtifactError(f"{ev_path}: no 'overall' section (not an eval stage metrics file)")
+            tr_path = Path(train_dir) / run / "metrics.json"
+            tr = read_json(tr_path)
+            if not isinstance(tr, dict):
+                raise ArtifactError(f"{tr_path}: not a DVCLive metrics summary (expected a JSON object)")
+            pr_path = Path(eval_dir) / f"{run}.prompts.json"  # per-prompt rows: without them, no interval
+            rows = read_json(pr_path) if pr_path.is_file() else {}
+            tag = lambda rs: None if rs is None else [{**r, "seed": seed} for r in rs]
+            data[v if len(seeds) == 1 else run] = {"variant": v, "seed": seed, "eval": ev, "train": tr,
+                                                   "prompts": tag(rows.get("replayed")),
+                                                   "decoded": tag(rows.get("decoded"))}
     return data
 
 
@@ -66,9 +74,17 @@ def _exactness(ev: dict) -> str:
     return "passed (identical to plain greedy)" if not bad else f"FAILED on {len(bad)} output(s)"
 
 
-def render_markdown(data: dict) -> str:
+def _interval_basis(seeds: list, resamples: int) -> str:
+    return (f"{resamples} resamples, seed {evidence.SEED}; "
+            + ("one training seed: the seed-to-seed spread is not in these intervals" if len(seeds) == 1 else
+               f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}), resampled as well as the prompts: two levels"))
+
+
+def render_markdown(data: dict, resamples: int = evidence.RESAMPLES) -> str:
     variants = list(data)
-    c1, c2, c3, c4 = claims(data)
+    grouped = by_variant(data)
+    seeds = sorted({d["seed"] for d in data.values()})
+    c1, c2, c3, c4 = claims(data, resamples)
     g = goals(data)
     all_sizes = sorted({k for d in data.values() for k in block_sizes(d["eval"]["overall"])})
     set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})})
@@ -84,12 +100,11 @@ def render_markdown(data: dict) -> str:
           f"tau is replayed on every prompt of every eval set ({', '.join(map(str, n_prompts)) or 'no'} prompts per "
           f"variant, the first {st.get('replay_max_new_tokens', '–')} tokens of the target's greedy answer; "
           "docs/method.md section 5) and comes with 95% intervals from a paired bootstrap over prompts "
-          f"({evidence.RESAMPLES} resamples, seed {evidence.SEED}; one training seed). A claim holds only where the "
-          "interval excludes 0.", ""]
+          f"({_interval_basis(seeds, resamples)}). A claim holds only where the interval excludes 0.", ""]
     for n, (label, c) in enumerate([("auf tau > decay tau on every eval set", c1)], start=1):
         L += _claim_lines(n, label, c, "auf", "decay")
     L.append(f"2. **decay has the higher full-mask token accuracy (held-out): {c2['status']}.** {c2['detail']} "
-             "(one seed, no interval: a point comparison).")
+             f"({'one seed' if len(seeds) == 1 else f'the mean of {len(seeds)} seeds'}, no interval: a point comparison).")
     L.append(f"3. **auf_decay ≈ auf (95% interval of the difference inside ±{c3['tolerance']:.2f}, overall): "
              f"{c3['status']}.** {c3['detail']}.")
     L += _claim_lines(4, "auf tau > dpace tau on every eval set (D-PACE, the field's default)", c4, "auf", "dpace")
@@ -115,15 +130,26 @@ def render_markdown(data: dict) -> str:
     L += ["## The paper's numbers beside ours", "",
           f"**Paper (not this run)**: {PAPER['setting']}. A different target and a far larger scale: "
           "compare directions, not magnitudes.", ""]
-    dpace = "dpace" in data  # the paper predates D-PACE: its rows have no such column
+    dpace = "dpace" in grouped  # the paper predates D-PACE: its rows have no such column
     rows = [[f"paper: {m}", f"{d:.2f}", f"{a:.2f}", f"{a - d:+.2f}", *(["–", "–"] if dpace else [])]
             for m, d, a in PAPER["rows"]]
     for k in all_sizes:
-        d, a, p = (_stat(data[v]["eval"]["overall"], k, "tau") if v in data else None for v in ("decay", "auf", "dpace"))
+        d, a, p = (pooled_tau(grouped[v], k) if v in grouped else None for v in ("decay", "auf", "dpace"))
         rows.append([f"this run: overall, inference B={k}", _fmt(d), _fmt(a),
                      _signed(None if d is None or a is None else a - d),
                      *([_fmt(p), _signed(None if p is None or a is None else a - p)] if dpace else [])])
     L += _table(["", "tau decay", "tau auf", "auf - decay", *(["tau dpace", "auf - dpace"] if dpace else [])], rows)
+
+    # -- each variant's tau with its interval (pooled over seeds)
+    L += ["## tau with 95% intervals", "",
+          f"Each loss variant over every replayed prompt{'' if len(seeds) == 1 else ' and training seed'} "
+          f"({_interval_basis(seeds, resamples)}).", ""]
+    set_cols = [*set_names, None]
+    rows = []
+    for v, d in grouped.items():
+        for k in all_sizes:
+            rows.append([v, str(k), *(_tau_ci(d, k, n, resamples) for n in set_cols)])
+    L += _table(["variant", "B", *set_names, "overall"], rows)
 
     # -- per-set tables
     tau_cols = [f"tau B={k}" for k in all_sizes] + [f"speedup B={k}" for k in all_sizes]
@@ -167,7 +193,7 @@ def render_markdown(data: dict) -> str:
         chk = ev.get("replay_check") or {}
         for k in block_sizes(ev["overall"]):
             pooled = (chk.get("pooled") or {}).get(f"b{k}") or {}
-            ci = evidence.speedup_ci(dec, f"b{k}")
+            ci = evidence.speedup_ci(dec, f"b{k}", resamples=resamples)
             rows.append([v, str(k), _fmt(_num(pooled.get("decoded_tau"))), _fmt(_num(pooled.get("replayed_tau"))),
                          str(chk.get("prompts_differing", "–")),
                          "–" if ci is None else f"{ci['value']:.2f}x [{ci['lo']:.2f}, {ci['hi']:.2f}]"])
@@ -193,6 +219,11 @@ def render_markdown(data: dict) -> str:
         L += [f"Platform: {'; '.join(platforms)}.", ""]
     L += ["![acceptance by block position](acceptance.png)", ""]
     return "\n".join(L)
+
+
+def _tau_ci(d: dict, k: int, set_name: str | None, resamples: int) -> str:
+    ci = tau_interval(d, k, set_name, resamples)
+    return "–" if ci is None else f"{ci['value']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
 
 
 def _cost_lines(data: dict) -> list[str]:
@@ -238,79 +269,32 @@ def _kernels(k) -> str:
     return f"{k.get('mode', 'auto')}: {len(pairs)} of {total} shape/row pairs off F.linear"
 
 
-# ------------------------------------------------------------------------------ figure
-
-def plot_acceptance(data: dict) -> bytes:
-    """PNG bytes: acceptance rate by block position (overall, each variant's largest inference block
-    size) and tau per eval set per variant at that size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    longest = 1
-    for v, d in data.items():
-        ov = d["eval"]["overall"]
-        sizes = block_sizes(ov)
-        if not sizes:
-            continue
-        rates = ov[f"b{sizes[-1]}"].get("acceptance_per_position") or []
-        ys = [r if (r := _num(x)) is not None else float("nan") for x in rates]
-        ax1.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{v} (B={sizes[-1]})")
-        longest = max(longest, len(ys))
-    ax1.set_xticks(range(1, longest + 1))
-    ax1.set_xlim(0.5, longest + 0.5)
-    ax1.set_xlabel("block position k")
-    ax1.set_ylabel("P[k accepted | earlier accepted]")
-    ax1.set_ylim(-0.02, 1.02)
-    ax1.set_title("Acceptance by block position (overall)")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-
-    set_names = sorted({n for d in data.values() for n in (d["eval"].get("sets") or {})}) or ["overall"]
-    width = 0.8 / max(len(data), 1)
-    top = 0.0
-    for i, (v, d) in enumerate(data.items()):
-        secs = _sections(d["eval"])
-        sizes = block_sizes(d["eval"]["overall"])
-        taus = [(_stat(secs.get(n), sizes[-1], "tau") if sizes else None) for n in set_names]
-        ax2.bar([j + i * width for j in range(len(set_names))], [t if t is not None else 0.0 for t in taus],
-                width=width, label=v)
-        top = max([top, *(t for t in taus if t is not None)])
-    ax2.set_ylim(0, max(top, 1.0) * 1.25)  # headroom for the legend
-    ax2.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(set_names))])
-    ax2.set_xticklabels(set_names, rotation=20, fontsize=8)
-    ax2.set_ylabel("tau (tokens per target forward)")
-    ax2.set_title("tau per eval set (largest inference block size)")
-    ax2.grid(axis="y", alpha=0.3)
-    ax2.legend(fontsize=8, loc="upper center", ncol=max(len(data), 1))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------ entry point
 
-def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path) -> dict:
-    """Read every variant's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
+def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path,
+                 seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES) -> dict:
+    """Read every run's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
     at all); return the claims and goals."""
-    data = load_inputs(eval_dir, train_dir, variants)
-    text = render_markdown(data)
-    png = plot_acceptance(data)
+    data = load_inputs(eval_dir, train_dir, variants, seeds)
+    text = render_markdown(data, resamples)
+    png = plot_acceptance(data, resamples)
+    overlays = overlay_rows(data, train_dir, resamples)
     with atomic_dir(out_dir, "report") as tmp:
         write_bytes_atomic(tmp / "acceptance.png", png)
         write_bytes_atomic(tmp / "report.md", text.encode())
+        for name, rows in overlays.items():  # dvc.yaml's top-level plots overlay the runs from these
+            write_json(tmp / "plots" / f"{name}.json", rows)
         write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "report", "variants": list(variants),
-                                    "files": ["acceptance.png", "report.md"]})
-    return {"claims": claims(data), "goals": goals(data)}
+                                    "seeds": list(seeds), "bootstrap_resamples": resamples,
+                                    "files": ["acceptance.png", "report.md", *(f"plots/{n}.json" for n in overlays)]})
+    return {"claims": claims(data, resamples), "goals": goals(data)}
 
 
-def claims(data: dict) -> list[dict]:
-    """The four claims, in the report's order."""
-    return [claim_auf_beats_decay(data), claim_decay_more_accurate(data), claim_auf_decay_matches_auf(data),
-            claim_auf_beats_dpace(data)]
+def claims(data: dict, resamples: int = evidence.RESAMPLES) -> list[dict]:
+    """The four claims, in the report's order, each over every seed of its variants."""
+    grouped = by_variant(data)
+    return [claim_auf_beats_decay(grouped, resamples), claim_decay_more_accurate(grouped),
+            claim_auf_decay_matches_auf(grouped, resamples=resamples), claim_auf_beats_dpace(grouped, resamples)]
 
 
 def _claim_lines(n: int, label: str, c: dict, a: str, b: str) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from specauf.artifacts import hash_obj, versions
-from specauf.config import Params, section_dict
+from specauf.config import Params, parse_run_name, section_dict
 from specauf.errors import UserError
 from specauf.params_file import load_params
 
@@ -53,15 +53,30 @@ def dvc_stage_item(name: str) -> str | None:
     return stage[len(prefix):] if stage.startswith(prefix) else None
 
 
-def stage_variant(params: Params, name: str, given: str | None) -> str:
-    """The loss variant a train/eval/export instance works on: --variant, else DVC_STAGE; it must
-    be one of train.variants (already validated names)."""
-    variant = given or dvc_stage_item(name)
+def stage_run(params: Params, name: str, variant: str | None, seed: int | None) -> tuple[str, int]:
+    """The (loss variant, training seed) a train/eval/export instance works on: --variant and
+    --seed, else DVC_STAGE (`train@auf-0`); the variant must be in train.variants and the seed in
+    train.seeds (a lone --variant takes the first seed)."""
     if variant is None:
-        raise UserError(f"stages/{name}.py: pass --variant (or run it as a `{name}@<variant>` DVC stage)")
+        item = dvc_stage_item(name)
+        if item is None:
+            raise UserError(f"stages/{name}.py: pass --variant (or run it as a `{name}@<variant>-<seed>` DVC stage)")
+        parsed = parse_run_name(item)
+        if parsed is None:
+            raise UserError(f"DVC_STAGE: {name}@{item} is not `{name}@<variant>-<seed>` (dvc.yaml's matrix)")
+        variant, seed = parsed
     if variant not in params.train.variants:
         raise UserError(f"--variant: {variant!r} is not in train.variants ({', '.join(params.train.variants)})")
-    return variant
+    seed = params.train.seeds[0] if seed is None else seed
+    if seed not in params.train.seeds:
+        raise UserError(f"--seed: {seed} is not in train.seeds ({', '.join(map(str, params.train.seeds))})")
+    return variant, seed
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--variant and --seed: which run a train/eval/export instance is (under DVC: from its stage name)."""
+    parser.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
+    parser.add_argument("--seed", type=int, help="a training seed of train.seeds (default: the first)")
 
 
 def stage_main(name: str, run, add_args=None, argv=None) -> None:
@@ -81,6 +96,28 @@ def stage_main(name: str, run, add_args=None, argv=None) -> None:
     with one_line_errors():
         params = load_params(args.params)
         run(params, args)
+
+
+def split_stage_main(name: str, run, add_args, argv=None, upstream: str | None = None) -> None:
+    """stage_main for a script behind two stages, `name` (--split train) and `eval_<name>` (--split
+    eval): adds --split, --out and --work, and fills each path the stage it runs as implies:
+    data/<stage>, data/.work/<stage>, and --<upstream> from data/[eval_]<upstream>."""
+    def args_of(p):
+        p.add_argument("--split", choices=("train", "eval"), default="train",
+                       help=f"train: stage {name}; eval: stage eval_{name} (over the evaluation prompts)")
+        p.add_argument("--out", help=f"default data/{name} (train) or data/eval_{name} (eval)")
+        p.add_argument("--work", help="default data/.work/<stage>")
+        add_args(p)
+
+    def fill(params, args):
+        prefix = "" if args.split == "train" else "eval_"
+        args.stage = prefix + name
+        if upstream is not None and getattr(args, upstream) is None:
+            setattr(args, upstream, f"data/{prefix}{upstream}")
+        args.out = args.out or f"data/{args.stage}"
+        args.work = args.work or f"data/.work/{args.stage}"
+        run(params, args)
+    stage_main(name, fill, args_of, argv=argv)
 
 
 def stage_manifest_extra(params: Params, *sections: str, target: dict | None = None, **inputs: str) -> dict:

@@ -20,7 +20,7 @@ from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_d
                                hash_obj, write_json)
 from specauf.errors import UserError
 from specauf.blocks import build_blocks, collate_blocks, sample_anchors
-from specauf.config import TrainParams
+from specauf.config import NOT_PROVENANCE, TrainParams
 from specauf.dataset import LabelsDataset
 from specauf.drafter import BlockDrafter, DrafterConfig, context_features_from_hidden_states, init_from_target
 from specauf.distributed import deepspeed_config, init_engine, load_checkpoint, restore_master_weights, save_checkpoint
@@ -301,7 +301,8 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
              100 * t.draft_coverage, t.gamma, params.precision)
     t.check_features()
     work_dir = Path(work_dir)
-    key = hash_obj({"params": params.model_dump(), "variant": variant, "seed": seed, "world": world, **manifest_extra})
+    own = {k: v for k, v in params.model_dump().items() if k not in NOT_PROVENANCE["train"]}  # not the other runs
+    key = hash_obj({"params": own, "variant": variant, "seed": seed, "world": world, **manifest_extra})
     ds_config = deepspeed_config(params)
     if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
         claim_work_dir(work_dir, key)
@@ -322,7 +323,7 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     live = Live(dir=str(live_dir), resume=bool(start_step), save_dvc_exp=False, dvcyaml=None,
                 report=None) if rank == 0 else None
     tokens, t0 = 0, time.perf_counter()
-    with progress(total=params.steps, desc=f"train {variant}", unit="step") as bar:
+    with progress(total=params.steps, desc=f"train {variant} seed {seed}", unit="step") as bar:
         bar.update(start_step)
         for step in range(start_step, params.steps):
             name = t.loss_name(step)
@@ -367,7 +368,7 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
     live.summary.update({k: v for k, v in final.items()})
     live.end()
     manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant,
+        "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant, "seed": seed,
         "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
         "block_size": params.block_size, "gamma": t.gamma, "steps": params.steps, "world_size": world,
         "init_from_target": bool(t.copied), "precision": params.precision, "draft_vocab_size": params.draft_vocab_size,
@@ -382,7 +383,8 @@ def train_variant(params: TrainParams, variant: str, *, target, target_manifest:
         write_json(tmp / MANIFEST, manifest)
     with atomic_dir(metrics_dir, "train-metrics") as tmp:
         shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
-        write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "train-metrics", "variant": variant})
+        write_json(tmp / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "train-metrics", "variant": variant,
+                                    "seed": seed})
     shutil.rmtree(work_dir, ignore_errors=True)  # last: a kill before this resumes, never retrains
     log.info("wrote %s: held-out token accuracy %.3f, acceptance length %.3f (offline tau estimate)", out_dir,
              final["heldout/token_accuracy"], final["heldout/acceptance_length"])

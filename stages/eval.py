@@ -5,7 +5,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.artifacts import loading, read_manifest, write_json
-from specauf.stage import stage_main, stage_variant
+from specauf.config import run_name
+from specauf.stage import add_run_args, stage_main, stage_run
 from specauf.errors import UserError
 from specauf.evaluate import check_drafter_fits, check_exactness, evaluate_drafter, headline, plot_rows
 from specauf.replay import check_replay
@@ -15,7 +16,7 @@ from specauf.target import load_target_for
 
 
 def run(params, args):
-    device = setup(params.base, f"eval {args.variant}")
+    device = setup(params.base, f"eval {args.run}")
     from specauf.drafter import BlockDrafter
 
     target, tokenizer, target_manifest = load_target_for(args.target, args.drafter, "drafter", device,
@@ -43,7 +44,7 @@ def run(params, args):
     metrics = evaluate_drafter(target, tokenizer, drafter, sets, params.eval, stop_ids=target_manifest["stop_token_ids"],
                                pad_id=target_manifest["pad_token_id"], seed=params.base.seed, labels_dir=args.eval_labels,
                                assistant=assistant)
-    metrics["variant"] = args.variant
+    metrics["variant"], metrics["seed"] = args.variant, args.seed
     check_exactness(metrics, params.eval.exactness_gate)
     if "replay_check" in metrics:
         check_replay(metrics["replay_check"])
@@ -52,16 +53,16 @@ def run(params, args):
     write_json(Path(args.plots) / "emitted.json", emitted)
     # DVC's metrics file holds the headline numbers; the rest (per-prompt rows, histograms, settings,
     # machine, kernel plan, cost model) go to plain JSON outputs beside it
-    top = headline(metrics)
+    top = headline(metrics, params.eval.bootstrap_resamples)
     check_rows = metrics["replay_check"].pop("rows") if "replay_check" in metrics else None
-    write_json(args.prompts_out, {"variant": args.variant, "replayed": metrics.pop("replay_prompts"),
+    write_json(args.prompts_out, {"variant": args.variant, "seed": args.seed, "replayed": metrics.pop("replay_prompts"),
                                   "decoded": metrics.pop("prompts"), "replay_check": check_rows})
     write_json(args.details, metrics)
     write_json(args.metrics, top)  # last: DVC records the stage only when all outputs exist
 
 
 def add_args(p):
-    p.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
+    add_run_args(p)
     p.add_argument("--target", default="data/target")
     p.add_argument("--prompts", default="data/prompts")
     p.add_argument("--eval-labels", default="data/eval_labels", help="greedy eval answers with features (the replay's input)")
@@ -74,10 +75,11 @@ def add_args(p):
 
 def main():
     def fill(params, args):
-        args.variant = stage_variant(params, "eval", args.variant)
-        args.drafter = args.drafter or f"data/drafters/{args.variant}"
-        args.metrics = args.metrics or f"metrics/eval/{args.variant}.json"
-        args.plots = args.plots or f"plots/eval/{args.variant}"
+        args.variant, args.seed = stage_run(params, "eval", args.variant, args.seed)
+        args.run = run_name(args.variant, args.seed)
+        args.drafter = args.drafter or f"data/drafters/{args.run}"
+        args.metrics = args.metrics or f"metrics/eval/{args.run}.json"
+        args.plots = args.plots or f"plots/eval/{args.run}"
         args.prompts_out = args.prompts_out or str(Path(args.metrics).with_suffix(".prompts.json"))
         args.details = args.details or str(Path(args.metrics).with_suffix(".details.json"))
         run(params, args)

@@ -4,22 +4,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.stage import stage_main, stage_manifest_extra, stage_variant
+from specauf.config import run_name
+from specauf.stage import add_run_args, stage_main, stage_manifest_extra, stage_run
 from specauf.export import export_drafter
 
 
 def run(params, args):
-    variant = stage_variant(params, "export", args.variant)
+    run = run_name(*stage_run(params, "export", args.variant, args.seed))
     extra = stage_manifest_extra(params)  # the hash of no section, plus versions
-    export_drafter(args.drafter or f"data/drafters/{variant}", args.out or f"data/export/{variant}", args.target,
+    export_drafter(args.drafter or f"data/drafters/{run}", args.out or f"data/export/{run}", args.target,
                    strict=args.strict, trust_remote_code=params.target.trust_remote_code, manifest_extra=extra)
 
 
 def add_args(p):
-    p.add_argument("--variant", help="a loss variant of train.variants (under DVC: from the stage name)")
-    p.add_argument("--drafter", help="a train output (default data/drafters/VARIANT)")
+    add_run_args(p)
+    p.add_argument("--drafter", help="a train output (default data/drafters/VARIANT-SEED)")
     p.add_argument("--target", default="data/target", help="the target it was trained with (lm_head rows of a draft vocabulary)")
-    p.add_argument("--out", help="default data/export/VARIANT")
+    p.add_argument("--out", help="default data/export/VARIANT-SEED")
     p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.stage import stage_main, stage_manifest_extra
+from specauf.stage import split_stage_main, stage_manifest_extra
 from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 
 
@@ -39,22 +39,12 @@ def run(params, args):
 
 
 def add_args(p):
-    p.add_argument("--split", choices=("train", "eval"), default="train",
-                   help="train: label the training rollouts (stage labels); eval: the eval answers (stage eval_labels)")
     p.add_argument("--target", default="data/target")
     p.add_argument("--rollouts", help="default data/rollouts (train) or data/eval_rollouts (eval)")
-    p.add_argument("--out", help="default data/labels (train) or data/eval_labels (eval)")
-    p.add_argument("--work", help="default data/.work/<stage>")
 
 
 def main(argv=None):
-    def fill(params, args):
-        args.stage = "labels" if args.split == "train" else "eval_labels"
-        args.rollouts = args.rollouts or ("data/rollouts" if args.split == "train" else "data/eval_rollouts")
-        args.out = args.out or f"data/{args.stage}"
-        args.work = args.work or f"data/.work/{args.stage}"
-        run(params, args)
-    stage_main("labels", fill, add_args, argv=argv)
+    split_stage_main("labels", run, add_args, argv=argv, upstream="rollouts")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage `report`: reports/report.md and reports/acceptance.png comparing every loss variant."""
+"""Stage `report`: reports/report.md and reports/acceptance.png comparing every loss variant (every seed)."""
 import sys
 from pathlib import Path
 
@@ -9,7 +9,8 @@ from specauf.report import write_report
 
 
 def run(params, args):
-    result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out)
+    result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out,
+                          seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples)
     for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf",
                                                 "auf tau > dpace tau")):
         print(f"{label}: {claim['status']}")

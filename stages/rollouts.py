@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.stage import stage_main, stage_manifest_extra
+from specauf.stage import split_stage_main, stage_manifest_extra
 from specauf.errors import UserError
 from specauf.launch import RankGroup, rank_device, relaunch_if_needed
 from specauf.serving import require_backend
@@ -57,22 +57,12 @@ def run(params, args):
 
 
 def add_args(p):
-    p.add_argument("--split", choices=("train", "eval"), default="train",
-                   help="train: sample the training prompts (stage rollouts); eval: greedy answers to every "
-                        "evaluation prompt (stage eval_rollouts)")
     p.add_argument("--target", default="data/target")
     p.add_argument("--prompts", default="data/prompts")
-    p.add_argument("--out", help="default data/rollouts (train) or data/eval_rollouts (eval)")
-    p.add_argument("--work", help="default data/.work/<stage>")
 
 
 def main(argv=None):
-    def fill(params, args):
-        args.stage = "rollouts" if args.split == "train" else "eval_rollouts"
-        args.out = args.out or f"data/{args.stage}"
-        args.work = args.work or f"data/.work/{args.stage}"
-        run(params, args)
-    stage_main("rollouts", fill, add_args, argv=argv)
+    split_stage_main("rollouts", run, add_args, argv=argv)
 
 
 if __name__ == "__main__":

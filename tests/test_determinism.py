@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import dvc
 
-BYTE_EXACT = ("data/target", "data/prompts", "data/rollouts", "data/labels", "data/drafters/decay")
+BYTE_EXACT = ("data/target", "data/prompts", "data/rollouts", "data/labels", "data/drafters/decay-0")
 TIMINGS = ("tokens_per_second",)  # wall-clock throughput: the only logged figure allowed to differ
 
 
@@ -37,8 +37,8 @@ def test_two_workspaces_same_params_same_bytes_and_losses(built_smoke, tmp_path,
     assert not (ws / "data/target").exists() and not (ws / ".dvc/cache").exists()
     # the GPU exactness switch (torch.use_deterministic_algorithms) changes no bit on CPU
     monkeypatch.setenv("SPECAUF_DETERMINISTIC", "1")
-    out = dvc(ws, "repro", "--force", "train@decay").stdout
-    for stage in ("target", "prompts", "rollouts", "labels", "train@decay"):
+    out = dvc(ws, "repro", "--force", "train@decay-0").stdout
+    for stage in ("target", "prompts", "rollouts", "labels", "train@decay-0"):
         assert f"Running stage '{stage}'" in out, out
 
     for top in BYTE_EXACT:  # every shard, manifest, weight file, tokenizer file
@@ -50,15 +50,15 @@ def test_two_workspaces_same_params_same_bytes_and_losses(built_smoke, tmp_path,
 
     # DVC agrees: the same dependency and output hashes (train's metrics hold tokens_per_second)
     lock1, lock2 = (yaml.safe_load((w / "dvc.lock").read_text())["stages"] for w in (built_smoke, ws))
-    for stage in ("target", "prompts", "rollouts", "labels", "train@decay"):
+    for stage in ("target", "prompts", "rollouts", "labels", "train@decay-0"):
         data1, data2 = ([o for o in lock[stage]["outs"] if o["path"].startswith("data/")] for lock in (lock1, lock2))
         assert data1 and data2 == data1, stage
         assert lock2[stage]["deps"] == lock1[stage]["deps"] and lock2[stage]["params"] == lock1[stage]["params"], stage
 
-    log1, log2 = train_log(built_smoke, "decay"), train_log(ws, "decay")
+    log1, log2 = train_log(built_smoke, "decay-0"), train_log(ws, "decay-0")
     assert "loss.tsv" in log1 and len(log1["loss.tsv"].splitlines()) > 2
     assert log2 == log1  # every logged loss, accuracy and lr, to the last bit of its decimal repr
-    m1, m2 = (json.loads((w / "metrics/train/decay/metrics.json").read_text()) for w in (built_smoke, ws))
+    m1, m2 = (json.loads((w / "metrics/train/decay-0/metrics.json").read_text()) for w in (built_smoke, ws))
     for m in (m1, m2):
         for key in TIMINGS:
             m.pop(key)

@@ -58,18 +58,29 @@ def test_whole_dag_through_report_and_metrics_show(tmp_path):
 
     ws = git_dvc_workspace(tmp_path / "ws")
     out = dvc(ws, "repro").stdout
-    assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay", "train@auf",
-                               "eval_rollouts", "eval_labels", "eval@decay", "eval@auf", "export@decay", "export@auf", "report"]), out
+    assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay-0", "train@auf-0",
+                               "eval_rollouts", "eval_labels", "eval@decay-0", "eval@auf-0", "export@decay-0", "export@auf-0",
+                               "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
     for variant in ("decay", "auf"):
-        assert f"metrics/eval/{variant}.json" in flat
+        assert f"metrics/eval/{variant}-0.json" in flat
     assert '"tau"' in flat
     assert (ws / "reports/report.md").is_file() and (ws / "reports/acceptance.png").is_file()
-    exported = json.loads((ws / "data/export/auf/config.json").read_text())
-    assert exported["architectures"] == ["DFlashDraftModel"] and (ws / "data/export/auf/model.safetensors").is_file()
+    exported = json.loads((ws / "data/export/auf-0/config.json").read_text())
+    assert exported["architectures"] == ["DFlashDraftModel"] and (ws / "data/export/auf-0/model.safetensors").is_file()
+    # the top-level plots overlay both runs on one chart each, through the shipped templates
+    plots = json.loads(dvc(ws, "plots", "show", "--json").stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert len(plots["data"]) == 4
+    for name, renders in plots["data"].items():
+        values = renders[0]["content"]["data"]["values"]
+        key = "variant" if name.startswith("tau") else "run"
+        assert {row[key] for row in values} == {"decay", "auf"}, name
+        if name.startswith("tau"):
+            assert all(row["lo"] <= row["tau"] <= row["hi"] for row in values)
     assert json.loads(dvc(ws, "status", "--json").stdout) == {"inputs": ["always changed"]}
 
     edit(ws, "eval", "max_new_tokens", 10)
     out = dvc(ws, "repro").stdout
-    assert ran(out) == ["eval@auf", "eval@decay", "inputs", "report"], out  # the eval answers are max_new_tokens-free
+    assert ran(out) == ["eval@auf-0", "eval@decay-0", "inputs", "report"], out  # the eval answers are max_new_tokens-free

@@ -80,9 +80,53 @@ def test_paired_rows_match_prompts_by_set_and_id():
          {"set": "t", "prompt_id": "1", "b2": {"emitted": 7, "cycles": 5}}]
     b = [{"set": "t", "prompt_id": "1", "b2": {"emitted": 6, "cycles": 5}},
          {"set": "s", "prompt_id": "1", "b2": {"emitted": 2, "cycles": 2}}]  # s/2 was not decoded by b
-    assert evidence.paired_rows(a, b, "b2") == ([3, 7], [2, 5], [2, 6], [2, 5])
-    assert evidence.paired_rows(a, b, "b2", "t") == ([7], [5], [6], [5])
-    assert evidence.paired_rows(a, b, "b4") == ([], [], [], [])
+    as_lists = lambda cols: tuple(c.tolist() for c in cols)
+    assert as_lists(evidence.paired_rows(a, b, "b2")) == ([[3, 7]], [[2, 5]], [[2, 6]], [[2, 5]])
+    assert as_lists(evidence.paired_rows(a, b, "b2", "t")) == ([[7]], [[5]], [[6]], [[5]])
+    assert all(c.size == 0 for c in evidence.paired_rows(a, b, "b4"))
+
+
+def test_paired_rows_pair_seeds_and_keep_prompts_every_seed_has():
+    row = lambda seed, pid, e: {"seed": seed, "set": "s", "prompt_id": pid, "b2": {"emitted": e, "cycles": 2}}
+    a = [row(0, "1", 3), row(0, "2", 4), row(1, "1", 5), row(1, "2", 6), row(2, "1", 9)]
+    b = [row(1, "2", 16), row(1, "1", 15), row(0, "1", 13), row(0, "2", 14)]  # seed 2 only in a
+    num_a, den_a, num_b, _ = evidence.paired_rows(a, b, "b2")
+    assert num_a.tolist() == [[3, 4], [5, 6]] and num_b.tolist() == [[13, 14], [15, 16]]  # rows = seeds 0, 1
+    assert den_a.shape == (2, 2)
+    a.remove(row(1, "2", 6))  # prompt 2 missing from one seed: dropped from every seed
+    assert evidence.paired_rows(a, b, "b2")[0].tolist() == [[3], [5]]
+
+
+def test_two_level_interval_equals_a_hand_loop_over_seeds_then_prompts():
+    rng = np.random.default_rng(5)
+    cycles = rng.integers(20, 60, (3, 25)).astype(float)
+    a = cycles * rng.uniform(1.2, 1.8, (3, 25))
+    b = a - cycles * rng.normal(0.05, 0.1, (3, 25))
+    draw = np.random.default_rng(evidence.SEED)
+    prompts = draw.integers(0, 25, size=(300, 25))
+    seeds = draw.integers(0, 3, size=(300, 3))
+    by_hand = []
+    for ps, ss in zip(prompts, seeds):
+        tot = lambda x: sum(x[s, p] for s in ss for p in ps)
+        by_hand.append(tot(a) / tot(cycles) - tot(b) / tot(cycles))
+    d = evidence.paired_diff_ci(a, cycles, b, cycles, resamples=300)
+    lo, hi = np.quantile(by_hand, [0.025, 0.975])
+    assert (d["lo"], d["hi"]) == (pytest.approx(lo), pytest.approx(hi)) and (d["seeds"], d["prompts"]) == (3, 25)
+
+
+def test_one_seed_table_gives_the_flat_interval_and_seed_spread_widens_it():
+    a, ca, b, cb = _rows()
+    flat, table = evidence.paired_diff_ci(a, ca, b, cb), evidence.paired_diff_ci([a], [ca], [b], [cb])
+    assert (flat["lo"], flat["hi"]) == (pytest.approx(table["lo"]), pytest.approx(table["hi"]))
+    # three seeds: A beats B by 0.2 under two of them and loses by 0.2 under the third. Each seed's
+    # own interval excludes 0; resampling seeds must not.
+    cycles = np.full((3, 40), 50.0)
+    base = np.random.default_rng(2).uniform(1.1, 2.5, (3, 40)) * cycles
+    shift = np.array([[0.2], [0.2], [-0.2]]) * cycles
+    for s in range(3):
+        assert evidence.verdict(evidence.paired_diff_ci(base[s] + shift[s], cycles[s], base[s], cycles[s])) != evidence.NOT_SIGNIFICANT
+    pooled = evidence.paired_diff_ci(base + shift, cycles, base, cycles)
+    assert evidence.verdict(pooled) == evidence.NOT_SIGNIFICANT and pooled["lo"] < 0 < pooled["hi"]
 
 
 def test_speedup_interval_is_a_ratio_of_ratios_over_prompts():
@@ -98,3 +142,6 @@ def test_speedup_interval_is_a_ratio_of_ratios_over_prompts():
     same = [{**r, "b4": {**r["b4"], "time_s": r["plain"]["time_s"] / 2}} for r in rows]
     assert evidence.speedup_ci(same, "b4")["lo"] == pytest.approx(2.0)  # every prompt 2x: no spread
     assert evidence.speedup_ci(rows, "b8") is None
+    two = rows + [{**r, "seed": 1} for r in same]  # a second seed at 2x: the interval spans both seeds
+    ci2 = evidence.speedup_ci(two, "b4")
+    assert ci2["seeds"] == 2 and ci2["prompts"] == 30 and ci2["lo"] < ci["hi"] and ci2["hi"] > 1.9

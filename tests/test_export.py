@@ -173,7 +173,7 @@ def test_draft_vocab_feature_scale_and_context_norm(tiny_target, tiny_model, tmp
 def test_export_stage_follows_train_in_the_dag(tmp_path):
     ws = git_dvc_workspace(tmp_path / "ws")
     stages = dvc(ws, "stage", "list", "--name-only").stdout.split()
-    assert {"export@decay", "export@auf"} <= set(stages), stages
-    dot = dvc(ws, "dag", "--dot", "export@auf").stdout
-    assert '"train@auf" -> "export@auf"' in dot and '"target" -> "export@auf"' in dot, dot
+    assert {"export@decay-0", "export@auf-0"} <= set(stages), stages
+    dot = dvc(ws, "dag", "--dot", "export@auf-0").stdout
+    assert '"train@auf-0" -> "export@auf-0"' in dot and '"target" -> "export@auf-0"' in dot, dot
     assert "decay" not in dot

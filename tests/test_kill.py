@@ -34,15 +34,16 @@ STARTED = "device "  # the line runtime.setup logs once imports and params are d
 def stage_command(ws: Path, name: str, item: str | None = None) -> tuple[list[str], list[str]]:
     """(argv, output paths) of a stage exactly as the workspace's dvc.yaml declares it."""
     spec = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][name]
-    text = yaml.safe_dump(spec["do"] if "foreach" in spec else spec)
-    if item is not None:
-        text = text.replace("${item}", item)
+    spec = {k: v for k, v in spec.items() if k != "matrix"}
+    text = yaml.safe_dump(spec)
+    if item is not None:  # a matrix instance (`auf-0`): its paths hold the item as ${key}
+        text = text.replace("${key}", item)
     spec = yaml.safe_load(text)
     outs = [next(iter(o)) if isinstance(o, dict) else o
             for key in ("outs", "metrics", "plots") for o in spec.get(key, [])]
     argv = shlex.split(spec["cmd"])
     assert argv[0] == "python", spec["cmd"]
-    # DVC tells a foreach instance which one it is through DVC_STAGE (`env` execs: one pid to kill)
+    # DVC tells a matrix instance which one it is through DVC_STAGE (`env` execs: one pid to kill)
     prefix = ["env", f"DVC_STAGE={name}@{item}"] if item is not None else []
     return [*prefix, sys.executable, *argv[1:]], outs
 
@@ -213,9 +214,9 @@ def test_sharded_stage_killed_twice_resumes_to_identical_bytes(name, built_smoke
 
 def test_train_killed_after_a_checkpoint_resumes_to_identical_weights_and_losses(built_smoke, tmp_path):
     ws = copy_workspace(built_smoke, tmp_path / "ws")
-    argv, outs = stage_command(ws, "train", "auf")
+    argv, outs = stage_command(ws, "train", "auf-0")
     expected = comparable(built_smoke, outs)
-    ckpt = ws / "data/.work/train/auf/checkpoints"
+    ckpt = ws / "data/.work/train/auf-0/checkpoints"
     remove_outputs(ws, outs)
 
     first = Stage(ws, argv)
@@ -239,14 +240,14 @@ def test_train_killed_after_a_checkpoint_resumes_to_identical_weights_and_losses
         assert "resumed from checkpoint at step" in "".join(third.lines), third.log()
     got = comparable(ws, outs)
     assert got == expected  # weights, config, manifest bytes; every logged loss and accuracy
-    steps = [int(line.split("\t")[0]) for line in (ws / "metrics/train/auf/plots/metrics/loss.tsv").read_text().splitlines()[1:]]
+    steps = [int(line.split("\t")[0]) for line in (ws / "metrics/train/auf-0/plots/metrics/loss.tsv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps)) and steps  # no step lost or logged twice
-    assert not (ws / "data/.work/train/auf").exists()
+    assert not (ws / "data/.work/train/auf-0").exists()
 
 
 def test_eval_killed_mid_run_leaves_no_metrics_and_reruns_to_the_same_figures(built_smoke, tmp_path):
     ws = copy_workspace(built_smoke, tmp_path / "ws")
-    argv, outs = stage_command(ws, "eval", "auf")
+    argv, outs = stage_command(ws, "eval", "auf-0")
     expected = comparable(built_smoke, outs)
     metrics = ws / outs[0]
     assert outs[0].endswith(".json")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from specauf.stage import stage_main
-from specauf.config import Params, ParamsError
+from specauf.config import NOT_PROVENANCE, Params, ParamsError
 from specauf.params_file import load_params, params_doc
 from tests.conftest import ROOT
 
@@ -28,6 +28,12 @@ BAD = [
     ("labels:\n  layer_ids: [1, 1]\n", "labels", "must not repeat"),
     ("eval:\n  block_sizes: [32]\n", "", "exceed train.block_size"),
     ("base: [1, 2]\n", "base", "valid dictionary"),
+    ("train:\n  seeds: []\n", "train.seeds", "list at least one training seed"),
+    ("train:\n  seeds: [0, 1, 0]\n", "train.seeds", "seeds must not repeat, got [0, 1, 0]"),
+    ("train:\n  seeds: [-1]\n", "train.seeds", "seeds must be >= 0"),
+    ("train:\n  dpace_alpha: 1.5\n", "train.dpace_alpha", "less than or equal to 1"),
+    ("train:\n  dpace_alpha: -0.1\n", "train.dpace_alpha", "greater than or equal to 0"),
+    ("eval:\n  bootstrap_resamples: 50\n", "eval.bootstrap_resamples", "greater than or equal to 100"),
 ]
 
 
@@ -99,7 +105,9 @@ def test_params_doc_is_current():
 
 def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    train_keys = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields if k != "variants"}
+    # which runs exist (variants x seeds: the matrix) is not what one run computes
+    train_keys = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields
+                  if k not in NOT_PROVENANCE["train"]}
     # launch.* is absent: the process count and launcher never change bytes (tests/test_sharded.py)
     expected = {
         "inputs": {"target.source", "target.path", "target.gguf_package", "target.gguf_file", "prompts",
@@ -116,7 +124,7 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "train": {"base", "target.trust_remote_code"} | train_keys,
         "eval": {"base", "eval", "target.trust_remote_code"},
         "export": {"target.trust_remote_code"},
-        "report": {"train.variants"},
+        "report": {"train.variants", "train.seeds", "eval.bootstrap_resamples"},
     }
     assert set(dvc) == set(expected)
     for stage, want in expected.items():

@@ -68,15 +68,16 @@ def _prompt_rows(ev: dict, per_set: int = 4) -> list[dict]:
     return rows
 
 
-def _write(root: Path, variant: str, ev: dict, tr: dict) -> None:
+def _write(root: Path, variant: str, ev: dict, tr: dict, seed: int = 0, rows: list[dict] | None = None) -> None:
+    run = f"{variant}-{seed}"
     (root / "eval").mkdir(parents=True, exist_ok=True)
-    (root / "eval" / f"{variant}.details.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
-    rows = _prompt_rows(ev)
-    (root / "eval" / f"{variant}.prompts.json").write_text(json.dumps(
+    (root / "eval" / f"{run}.details.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
+    rows = _prompt_rows(ev) if rows is None else rows
+    (root / "eval" / f"{run}.prompts.json").write_text(json.dumps(
         {"variant": variant, "replayed": rows, "decoded": [{**r, "plain": {"tokens": 10, "time_s": 2.0}} for r in rows[:2]],
          "replay_check": None}))
-    (root / "train" / variant).mkdir(parents=True, exist_ok=True)
-    (root / "train" / variant / "metrics.json").write_text(json.dumps(tr))
+    (root / "train" / run).mkdir(parents=True, exist_ok=True)
+    (root / "train" / run / "metrics.json").write_text(json.dumps(tr))
 
 
 def _taus(base: float, **override) -> dict:
@@ -174,14 +175,28 @@ def test_train_metric_flat_or_nested():
 
 def test_report_tables_and_png(holding, tmp_path):
     out = tmp_path / "reports"
+    curve = holding / "train" / "auf-0" / "plots" / "metrics" / "heldout"  # a DVCLive series, as train logs it
+    curve.mkdir(parents=True)
+    (curve / "acceptance_length.tsv").write_text("step\tacceptance_length\n350\t1.2\n700\t1.3\n")
     write_report(holding / "eval", holding / "train", VARIANTS, out)
-    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "manifest.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "manifest.json", "plots", "report.md"]
+    # the data behind dvc.yaml's top-level plots: every run on one chart
+    plot = lambda name: json.loads((out / "plots" / f"{name}.json").read_text())
+    assert [(r["position"], r["acceptance"]) for r in plot("acceptance") if r["run"] == "auf"] == [(1, 0.8), (2, 0.6), (3, 0.4)]
+    assert {r["run"] for r in plot("acceptance")} == set(VARIANTS) and {r["block_size"] for r in plot("acceptance")} == {4}
+    tau = {(r["variant"], r["set"]): r for r in plot("tau")}
+    assert set(tau) == {(v, n) for v in VARIANTS for n in (*SETS, "overall")}
+    assert tau[("auf", "overall")]["block_size"] == 4 and tau[("auf", "overall")]["tau"] == pytest.approx(1.8)
+    assert tau[("auf", "overall")]["lo"] == pytest.approx(1.8) == tau[("auf", "overall")]["hi"]
+    assert plot("heldout_acceptance_length") == [{"run": "auf", "step": 350, "value": 1.2}, {"run": "auf", "step": 700, "value": 1.3}]
+    assert plot("loss") == []
     text = (out / "report.md").read_text()
     # overall table: tau B=2, tau B=4, speedup B=2, speedup B=4, plain tok/s, held-out acc, offline tau, best, peer
     assert "| auf | 1.700 | 1.800 | 1.20x | 2.40x | 250.0 | 0.380 | 1.620 | 2.40x | 1.50x (prompt lookup) |" in text
     assert "| decay | 1.500 | 1.600 | 0.90x | 1.80x | 250.0 | 0.420 | 1.450 | 1.80x | 1.20x (prompt lookup) |" in text
     assert "| auf_decay | 1.730 | 1.830 |" in text and "| 0.400 | 1.600 |" in text  # nested DVCLive keys read
     assert "## Eval set: humaneval" in text and "## Eval set: mt-bench" in text
+    assert "| auf | 4 | 1.800 [1.800, 1.800] | 1.800 [1.800, 1.800] | 1.800 [1.800, 1.800] |" in text  # tau with interval
     assert "| paper: DFlash | 2.40 | 2.61 | +0.21 |" in text
     assert "| paper: Domino (DFlash + causal GRU head) | 2.56 | 2.68 | +0.12 |" in text
     assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 |" in text
@@ -227,7 +242,7 @@ def _stage():
 
 
 def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys):
-    (holding / "train" / "auf" / "metrics.json").unlink()
+    (holding / "train" / "auf-0" / "metrics.json").unlink()
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  variants: [decay, auf]\n")
     out = tmp_path / "reports"
@@ -239,13 +254,13 @@ def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys)
                    "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
     assert code.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {holding / 'train' / 'auf' / 'metrics.json'}: missing (run the stage that produces it)"]
+    assert err == [f"error: {holding / 'train' / 'auf-0' / 'metrics.json'}: missing (run the stage that produces it)"]
     assert (out / "report.md").read_text() == "old"  # a failed report replaces nothing
-    (holding / "eval" / "auf_decay.details.json").unlink()
-    with pytest.raises(ArtifactError, match=r"eval/auf_decay\.details\.json: missing"):
+    (holding / "eval" / "auf_decay-0.details.json").unlink()
+    with pytest.raises(ArtifactError, match=r"eval/auf_decay-0\.details\.json: missing"):
         load_inputs(holding / "eval", holding / "train", ["decay", "auf_decay"])
-    (holding / "eval" / "decay.details.json").write_text('{"sets": {}}')
-    with pytest.raises(ArtifactError, match=r"eval/decay\.details\.json: no 'overall' section"):
+    (holding / "eval" / "decay-0.details.json").write_text('{"sets": {}}')
+    with pytest.raises(ArtifactError, match=r"eval/decay-0\.details\.json: no 'overall' section"):
         load_inputs(holding / "eval", holding / "train", ["decay"])
 
 
@@ -284,3 +299,28 @@ def test_dpace_claim_and_an_inconclusive_equivalence(holding):
     assert "| | tau decay | tau auf | auf - decay | tau dpace | auf - dpace |" in text.replace("|  |", "| |")
     assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 | 1.900 | -0.100 |" in text
     assert "| paper: DFlash | 2.40 | 2.61 | +0.21 | – | – |" in text
+
+
+def test_two_seeds_resample_seeds_too(tmp_path):
+    """auf beats decay by 0.2 under seed 0 and loses by 0.2 under seed 1: seed 0 alone holds,
+    both seeds together are not significant (the seeds are resampled), and every run has its row."""
+    m = tmp_path / "metrics"
+    for seed, auf_tau in ((0, 1.70), (1, 1.30)):
+        _write(m, "decay", _eval(_taus(1.50), speedup=1.0), _train(0.40 + seed / 10, 1.4), seed=seed)
+        _write(m, "auf", _eval(_taus(auf_tau), speedup=1.0), _train(0.30, 1.5), seed=seed)
+    one = load_inputs(m / "eval", m / "train", ["decay", "auf"], [0])
+    assert claim_auf_beats_decay(one)["status"] == HOLDS
+    out = tmp_path / "reports"
+    result = write_report(m / "eval", m / "train", ["decay", "auf"], out, seeds=[0, 1], resamples=500)
+    c1, c2 = result["claims"][:2]
+    overall = next(r for r in c1["rows"] if r["set"] == "overall" and r["block_size"] == 2)
+    assert overall["seeds"] == 2 and overall["diff"] == pytest.approx(0.0) and overall["lo"] < -0.1 and overall["hi"] > 0.1
+    assert c1["status"] == NOT_SIGNIFICANT
+    assert (c2["decay"], c2["auf"]) == (pytest.approx(0.45), pytest.approx(0.30))  # the mean over seeds
+    text = (out / "report.md").read_text()
+    assert "500 resamples, seed 0; 2 training seeds (0, 1), resampled as well as the prompts: two levels" in text
+    assert "| auf-0 | 1.700 |" in text and "| auf-1 | 1.300 |" in text and "the mean of 2 seeds" in text
+    assert "| this run: overall, inference B=2 | 1.500 | 1.500 | +0.000 |" in text  # pooled over seeds
+    assert json.loads((out / "manifest.json").read_text())["seeds"] == [0, 1]
+    with pytest.raises(ArtifactError, match=r"eval/decay-2\.details\.json: missing"):
+        load_inputs(m / "eval", m / "train", ["decay"], [0, 2])

@@ -37,7 +37,7 @@ def test_no_param_value_reaches_a_dvc_command():
     attempt through `dvc repro` is tests/test_safety.py::test_a_variant_name_cannot_run_a_command)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, spec in stages.items():
-        cmd = spec.get("do", spec)["cmd"]
+        cmd = spec["cmd"]
         # constant flags only: `--split eval` runs the rollouts/labels code on the eval prompts
         assert "${" not in cmd and re.fullmatch(rf"python stages/{name}\.py|python stages/{name.removeprefix('eval_')}\.py --split eval",
                                                 cmd), (name, cmd)
@@ -45,17 +45,25 @@ def test_no_param_value_reaches_a_dvc_command():
         parse_params({"train": {"variants": ["auf; rm -rf ~"]}})
 
 
-def test_stages_refuse_a_variant_outside_the_params(tmp_path, monkeypatch):
-    """A DVC_STAGE (or --variant) naming a variant that train.variants does not list is refused."""
+def test_stages_refuse_a_run_outside_the_params(tmp_path, monkeypatch):
+    """A DVC_STAGE (or --variant/--seed) naming a variant or seed that train.variants/train.seeds do
+    not list is refused; the matrix item `auf-1` is variant auf, seed 1."""
     from specauf.errors import UserError
-    from specauf.stage import stage_variant
+    from specauf.stage import stage_run
 
-    params = parse_params({"train": {"variants": ["decay", "auf"]}})
-    monkeypatch.setenv("DVC_STAGE", "train@auf")
-    assert stage_variant(params, "train", None) == "auf"
-    monkeypatch.setenv("DVC_STAGE", "train@full")
+    params = parse_params({"train": {"variants": ["decay", "auf"], "seeds": [0, 1]}})
+    monkeypatch.setenv("DVC_STAGE", "train@auf-1")
+    assert stage_run(params, "train", None, None) == ("auf", 1)
+    assert stage_run(params, "train", "decay", None) == ("decay", 0)  # a lone --variant: the first seed
+    monkeypatch.setenv("DVC_STAGE", "train@full-0")
     with pytest.raises(UserError, match=r"'full' is not in train.variants"):
-        stage_variant(params, "train", None)
-    monkeypatch.setenv("DVC_STAGE", "eval@auf")
+        stage_run(params, "train", None, None)
+    monkeypatch.setenv("DVC_STAGE", "train@auf-7")
+    with pytest.raises(UserError, match=r"--seed: 7 is not in train.seeds \(0, 1\)"):
+        stage_run(params, "train", None, None)
+    monkeypatch.setenv("DVC_STAGE", "train@auf")
+    with pytest.raises(UserError, match=r"not `train@<variant>-<seed>`"):
+        stage_run(params, "train", None, None)
+    monkeypatch.setenv("DVC_STAGE", "eval@auf-0")
     with pytest.raises(UserError, match="pass --variant"):
-        stage_variant(params, "train", None)
+        stage_run(params, "train", None, None)
