@@ -306,7 +306,7 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
         assert runtime.pick_precision("auto", CPU) == want
-    assert TrainParams().precision == "fp32"  # the library default; params.yaml asks for auto
+    assert TrainParams().precision == "auto"  # the default, as params.yaml ships it
     with pytest.raises(ValueError, match="precision"):
         TrainParams(precision="fp16")
 
