@@ -12,7 +12,7 @@ import yaml
 
 from specauf import rollouts as rollouts_mod
 from specauf.config import ParamsError
-from specauf.params_file import load_params
+from specauf.params_file import full_params, load_params
 from specauf.prompts import write_prompt_sets
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 from tests.test_launch import LAUNCH_ENV
@@ -26,7 +26,7 @@ def load_stage(name: str):
 
 def write_params(path, **launch):
     """The smoke preset, shrunk to 13 prompts in 5 shards of 3 (odd counts: ranks get unequal shares)."""
-    p = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    p = full_params(ROOT / "presets" / "smoke.yaml")
     p["rollouts"].update(max_new_tokens=8, batch_size=2, shard_size=3)
     p["labels"].update(batch_size=2, layer_ids=[0, 2])
     p["launch"] = {"processes": 1, **launch}

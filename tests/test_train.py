@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from specauf.params_file import full_params
 from specauf import train as train_mod
 from specauf.config import LabelsParams, RolloutsParams, TrainParams
 from specauf.dataset import LabelsDataset
@@ -481,7 +482,7 @@ def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
 
 
 def _params_file(path: Path, **train) -> Path:
-    params = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    params = full_params(ROOT / "presets" / "smoke.yaml")
     params["base"] |= {"torch_threads": 1, "device": "cpu", "seed": 0}
     params["train"] |= {k: v for k, v in BASE.items()} | train
     path.write_text(yaml.safe_dump(params))
