@@ -126,7 +126,7 @@ def sharegpt_encoded(tokenizer, n: int, max_prompt_tokens: int, skip: int = 0) -
     """The first n ShareGPT prompts (after `skip`) whose chat-templated first turn fits
     max_prompt_tokens, as {"prompt_id", "turns", "prompt_ids"}."""
     from specauf.generation import encode_chat
-    from specauf.prompts import sharegpt_prompts
+    from specauf.prompt_sources import sharegpt_prompts
 
     out, seen = [], 0
     for row in sharegpt_prompts():

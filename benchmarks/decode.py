@@ -48,7 +48,8 @@ def main() -> None:
     from specauf.artifacts import read_manifest
     from specauf.config import EvalParams
     from specauf.decode import DrafterProposer, speculative_generate
-    from specauf.drafter import BlockDrafter, DrafterConfig, default_target_layer_ids
+    from specauf.drafter import BlockDrafter, DrafterConfig
+    from specauf.target_access import default_target_layer_ids
     from specauf.evaluate import _hf_generate_time, decode_row_counts
     from specauf.linear_kernels import describe_plan, tune_linears
     from specauf.generation import encode_chat

@@ -63,7 +63,10 @@ def main() -> None:
     ap.add_argument("--workspace", default=str(ROOT), help="pipeline folder holding dvc.yaml (default: this repo)")
     args = ap.parse_args()
     workspace = Path(args.workspace).resolve()
-    params = yaml.safe_load(Path(args.preset).read_text())
+    sys.path.insert(0, str(ROOT))
+    from specauf.params_file import full_params
+
+    params = full_params(args.preset)  # a preset spells what it changes: every key, as a stage reads them
     for item in args.set:
         key, _, value = item.partition("=")
         set_key(params, key, value)

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    from specauf.decode import cache_kwarg, crop_cache
+    from specauf.target_access import cache_kwarg, crop_cache
     from specauf.linear_kernels import tune_linears
 
     model, tok, manifest, tdir = load_bench_target(args.target)

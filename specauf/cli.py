@@ -44,6 +44,7 @@ def new_workspace(dest: Path, preset: str) -> None:
         elif src.exists():
             shutil.copy2(src, dest / name)
     shutil.copy2(preset_file, dest / "params.yaml")
+    fill_params_file(dest / "params.yaml", backup=False)  # a preset spells what it changes; DVC needs every key
     shutil.copy2(root / ".gitignore", dest / ".gitignore")  # /data/ among them: no artifact reaches git
     bin_dir = str(Path(sys.executable).parent)  # the venv's dvc and python, also when PATH lacks them
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "specauf", "GIT_AUTHOR_EMAIL": "specauf@localhost",

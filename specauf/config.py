@@ -44,7 +44,7 @@ class TrainParams(Section):
     """decay_then_auf: fraction of steps trained with `decay` before switching to `auf`."""
     num_layers: int = Field(1, ge=1)
     """Drafter decoder layers."""
-    init_from_target: bool = True
+    init_from_target: bool = False
     """Initialise drafter layers from the target's top decoder layers instead of random init."""
     context_layer_norm: bool = False
     """RMS-normalise each target layer's features before the projection (tames outlier dims). Off
@@ -58,11 +58,11 @@ class TrainParams(Section):
     draft_vocab_size: int = Field(8192, ge=0)
     """Score only the most frequent N response tokens (0 = full vocabulary): a smaller lm_head
     makes CPU steps much cheaper; a label outside it ends its block (it can never be guessed)."""
-    anchors_per_seq: int = Field(64, ge=1)
+    anchors_per_seq: int = Field(32, ge=1)
     """Anchors (blocks) sampled per sequence per step, resampled every step."""
     max_seq_len: int = Field(512, ge=8)
     """Sequences are cut to this many tokens."""
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
     """Sequences per micro batch per process."""
     grad_accum: int = Field(1, ge=1)
     """Micro batches per optimizer step."""
@@ -70,7 +70,7 @@ class TrainParams(Section):
     """Data-parallel DeepSpeed ranks per machine (GPUs, or CPU processes), started by
     launch.launcher (and launch.hostfile for several machines) when > 1; the effective batch is
     micro_batch_size x grad_accum x ranks, so unlike the data stages the result depends on it."""
-    steps: int = Field(600, ge=1)
+    steps: int = Field(3400, ge=1)
     """Optimizer steps."""
     lr: float = Field(1e-3, gt=0.0)
     """Peak AdamW learning rate."""
@@ -84,16 +84,16 @@ class TrainParams(Section):
     """Gradient norm clip (0 = off)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage."""
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Training precision. bf16 keeps fp32 master weights (the saved drafter is fp32) and runs
     the drafter's matmuls in bf16: 1.74x the steps per second of fp32 on a CPU with native bf16
     (AVX512-BF16/AMX; `benchmarks/train.py`), about 10x FEWER on one without (AVX2). auto = bf16
     on a GPU that supports it and on such a CPU, else fp32; the drafter's manifest records it."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
-    eval_every: int = Field(100, ge=1)
+    eval_every: int = Field(350, ge=1)
     """Steps between held-out evaluations."""
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
     """Steps between checkpoints (resume after a kill restarts from the last one)."""
     log_every: int = Field(10, ge=1)
     """Steps between logged training metrics."""
@@ -124,9 +124,9 @@ class TrainParams(Section):
 class EvalParams(Section):
     sets: list[str] | None = None
     """Evaluation sets to decode (None = every set the prompts stage built)."""
-    prompts_per_set: int = Field(8, ge=1)
+    prompts_per_set: int = Field(4, ge=1)
     """Prompts decoded per evaluation set (the first ones by id)."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
     """Tokens generated per timed prompt (decoded prompts; at most replay_max_new_tokens)."""
     replay_max_new_tokens: int = Field(128, ge=1)
     """Length of the target's greedy answer to EVERY eval prompt (stages `eval_rollouts`,

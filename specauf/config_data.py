@@ -112,7 +112,7 @@ class PromptSource(Section):
 
 
 class PromptsParams(Section):
-    train: list[PromptSource] = [PromptSource(source="sharegpt", count=400)]
+    train: list[PromptSource] = [PromptSource(source="sharegpt", count=1000)]
     """Sources of the training prompts."""
     eval: dict[str, list[PromptSource]] = {
         "mt-bench": [PromptSource(source="mtbench", count=80)],
@@ -150,7 +150,7 @@ class RolloutsParams(Section):
     """Nucleus sampling mass (temperature > 0)."""
     top_k: int = Field(0, ge=0)
     """Top-k sampling (0 = off; temperature > 0)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
     """Prompts generated together (sorted by length to limit padding)."""
     shard_size: int = Field(128, ge=1)
     """Rows per Arrow shard: the unit of resume after a kill."""
@@ -170,7 +170,7 @@ class RolloutsParams(Section):
 
 
 class LaunchParams(Section):
-    processes: int = Field(1, ge=1)
+    processes: int = Field(2, ge=1)
     """Processes per machine for `rollouts` and `labels` (1 = no launcher; `train` has its own
     train.processes). Rank r of N does the shards
     i with i % N == r on its own device (CUDA: LOCAL_RANK); output bytes do not depend on N."""

@@ -14,7 +14,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from specauf.decode import _sync, cache_kwarg, crop_cache
+from specauf.decode import _sync
+from specauf.target_access import cache_kwarg, crop_cache
 
 REPEATS = 15
 

@@ -20,15 +20,15 @@ Accounting conventions (one `GenerationResult` per prompt):
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from specauf.drafter import DrafterCache, context_features_from_hidden_states
+from specauf.drafter import DrafterCache
 from specauf.sampling import SamplingParams, draft, verify
+from specauf.target_access import cache_kwarg, context_features_from_hidden_states, crop_cache
 
 
 # ---------------------------------------------------------------- proposers
@@ -200,18 +200,6 @@ def summarize(results: list[GenerationResult]) -> dict:
 
 
 # ---------------------------------------------------------------- engine
-
-def cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def crop_cache(cache, length: int) -> None:
-    """Drop cached positions >= length (a negative crop works on every transformers 4.x/5.x)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -83,9 +83,23 @@ def ensure_rank_env() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
+class _NotYetStarted(logging.Filter):
+    """Drops DeepSpeed's "Attempting to get learning rate from scheduler before it has started":
+    the engine reads the warmup schedule's lr once while it initialises, before any step, every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "scheduler before it has started" not in record.getMessage()
+
+
 def init_engine(model: torch.nn.Module, config: dict, device: torch.device):
     ensure_rank_env()
+    # Name the accelerator: left to detect it, DeepSpeed warns on every CPU start that it found none.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    if not any(isinstance(f, _NotYetStarted) for f in ds_logger.filters):
+        ds_logger.addFilter(_NotYetStarted())
 
     # The shared-memory comm op JIT-builds for minutes on first use, and DeepSpeed only uses it
     # in inference_all_reduce (tensor-parallel inference), never for training's gradient

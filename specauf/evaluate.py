@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from specauf.errors import UserError
 from specauf.config import EvalParams
 from specauf.cost_model import measure_cycle_costs, predict_speedups
 from specauf.decode import DrafterProposer, speculative_generate, summarize
@@ -29,27 +28,6 @@ log = logging.getLogger("specauf")
 
 class ExactnessError(ValueError):
     """Speculative output differed from plain greedy decoding (a bug: it must never happen)."""
-
-
-def check_drafter_fits(drafter, target, where: str) -> None:
-    """Refuse a drafter built for another target before any decoding: another hidden size would
-    only fail deep inside a forward pass, and another vocabulary would not fail at all (the drafter
-    borrows the target's lm_head), it would just propose junk and report a meaningless tau."""
-    c = drafter.config
-    hidden = target.get_input_embeddings().weight.shape[1]
-    vocab = target.get_output_embeddings().weight.shape[0]
-    layers = target.config.get_text_config().num_hidden_layers
-    if c.hidden_size != hidden:
-        raise UserError(f"{where}: drafter hidden size {c.hidden_size} does not match the target's {hidden} "
-                         "(trained for another target?)")
-    if c.vocab_size != vocab:
-        raise UserError(f"{where}: drafter vocabulary {c.vocab_size} does not match the target's {vocab} "
-                         "(trained for another target?)")
-    bad = [i for i in c.target_layer_ids if not 0 <= i < layers]
-    if bad:
-        raise UserError(f"{where}: drafter reads target layer {bad[0]}, the target has {layers} layers")
-    if c.mask_token_id is None or not 0 <= c.mask_token_id < vocab:
-        raise UserError(f"{where}: drafter mask token id {c.mask_token_id} is outside the target's vocabulary ({vocab})")
 
 
 def _median_run(fn, repeats: int):

@@ -7,10 +7,11 @@ other rows shared its batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
+
+from specauf.sampling import SamplingParams, filter_logits
+from specauf.target_access import cache_kwarg
 
 
 def encode_chat(tokenizer, turns: list[str], replies: list[str] | None = None) -> list[int]:
@@ -24,31 +25,7 @@ def encode_chat(tokenizer, turns: list[str], replies: list[str] | None = None) -
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to (..., V) logits; returns probabilities."""
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop_sorted = cum - sorted_p >= top_p  # keep the smallest prefix reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-
-def _next_tokens(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator] | None) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
     probs = filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k).cpu()
@@ -65,8 +42,6 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Dynam
     """KV cache of the whole batch, left-padded to its longest prompt, and each row's next-token
     logits. Rows are prefilled in groups of similar length, then their caches are left-padded to
     the batch width and stacked; the batch attention mask hides every pad slot."""
-    from specauf.decode import cache_kwarg
-
     n, width = len(prompts), max(len(p) for p in prompts)
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     layers: list[tuple[list, list]] = []
@@ -102,7 +77,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Dynam
 
 @torch.inference_mode()
 def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
-                   pad_id: int, sampling: Sampling = Sampling(),
+                   pad_id: int, sampling: SamplingParams = SamplingParams(),
                    generators: list[torch.Generator] | None = None, on_tokens=None) -> list[tuple[list[int], str]]:
     """Generate for a batch of prompts (left-padded); return (response ids, finish reason) per prompt.
 
@@ -118,8 +93,6 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop
     mask = mask.to(device)
     cache, logits = prefill(model, prompts, pad_id, device)
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
-    from specauf.decode import cache_kwarg
-
     kw = {cache_kwarg(model): cache, "use_cache": True}
 
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)

@@ -22,6 +22,7 @@ from specauf.artifacts import read_manifest, verify_shards, iter_shards
 from specauf.config import LabelsParams
 from specauf.launch import RankGroup, collect_entries, open_work
 from specauf.runtime import progress
+from specauf.target_access import context_features_from_hidden_states, default_target_layer_ids
 
 log = logging.getLogger("specauf")
 
@@ -33,7 +34,6 @@ FEATURE_DTYPES = {  # storage dtype -> (torch dtype, Arrow value type; bf16 trav
 
 
 def resolve_layer_ids(params: LabelsParams, num_target_layers: int) -> list[int]:
-    from specauf.drafter import default_target_layer_ids
 
     ids = params.layer_ids if params.layer_ids is not None else default_target_layer_ids(num_target_layers, params.num_feature_layers)
     for i in ids:
@@ -83,7 +83,7 @@ def label_batch(model, seqs: list[list[int]], starts: list[int], layer_ids: list
     logits = out.logits.float()
     torch_dtype = FEATURE_DTYPES[params.feature_dtype][0]
     if want_features:
-        feats = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1).to(torch_dtype)
+        feats = context_features_from_hidden_states(out.hidden_states, layer_ids).to(torch_dtype)
     rows = []
     for i, (s, start) in enumerate(zip(seqs, starts)):
         n = len(s)
@@ -186,7 +186,7 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
     rate = agree / total if total else 1.0
     if total and agree != total:
         msg = f"acceptance labels disagree with the response tokens at {total - agree} of {total} positions ({rate:.4%} agree)"
-        log.warning("WARNING: %s%s", msg, " although rollouts are greedy (dtype or batching changed the argmax)" if greedy else "")
+        log.warning("%s%s", msg, " although rollouts are greedy (dtype or batching changed the argmax)" if greedy else "")
     else:
         log.info("acceptance labels agree with the response tokens at all %d positions", total)
     rows = sum(e["rows"] for e in entries)

@@ -137,7 +137,13 @@ def _add_missing(doc, full, prefix: str, added: list[str]) -> None:
             _add_missing(d, f, f"{prefix.rstrip('.')}[{i}].", added)
 
 
-def fill_params_file(path: str | Path) -> list[str]:
+def full_params(path: str | Path) -> dict:
+    """A params file (a preset spells only what differs from the defaults) as the full params it
+    stands for, every key spelled, as plain data."""
+    return json.loads(load_params(path).model_dump_json())
+
+
+def fill_params_file(path: str | Path, backup: bool = True) -> list[str]:
     """Write every key the file leaves out, with its typed default, into the file itself.
 
     DVC tracks params by key and refuses a missing one. Round-trip YAML keeps the user's
@@ -149,7 +155,7 @@ def fill_params_file(path: str | Path) -> list[str]:
     from specauf.artifacts import write_bytes_atomic
 
     path = Path(path)
-    full = json.loads(load_params(path).model_dump_json())  # validates first: a bad file is never rewritten
+    full = full_params(path)  # validates first: a bad file is never rewritten
     text = path.read_text(encoding="utf-8")
     rt = YAML()
     rt.preserve_quotes = True
@@ -162,6 +168,7 @@ def fill_params_file(path: str | Path) -> list[str]:
     if added:
         out = StringIO()
         rt.dump(doc, out)
-        write_bytes_atomic(path.with_name(path.name + ".bak"), text.encode())
+        if backup:
+            write_bytes_atomic(path.with_name(path.name + ".bak"), text.encode())
         write_bytes_atomic(path, out.getvalue().encode())
     return added

@@ -19,10 +19,11 @@ import torch
 from specauf.errors import UserError
 from specauf.artifacts import MANIFEST, read_manifest, sha256_file, verify_shards, iter_shards
 from specauf.config import RolloutsParams
-from specauf.generation import Sampling, encode_chat, generate_batch
+from specauf.generation import encode_chat, generate_batch
+from specauf.sampling import SamplingParams
 from specauf.launch import RankGroup, collect_entries, open_work
 from specauf.runtime import pick_precision, progress
-from specauf.serving import VllmEngine
+from specauf.serving import VllmEngine, count_disagreements
 
 log = logging.getLogger("specauf")
 
@@ -82,7 +83,7 @@ def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int
 def answer_rows(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int], pad_id: int,
                 bar=None) -> dict[int, tuple[list[int], str]]:
     """The transformers backend: batches formed by prompt length within the given rows only."""
-    sampling = Sampling(params.temperature, params.top_p, params.top_k)
+    sampling = SamplingParams(params.temperature, params.top_p, params.top_k)
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["prompt_ids"]), i))
     results: dict[int, tuple[list[int], str]] = {}
     for start in range(0, len(order), params.batch_size):
@@ -93,6 +94,46 @@ def answer_rows(model, rows: list[dict], params: RolloutsParams, *, seed: int, s
                               on_tokens=(bar.update if bar is not None else None))
         results.update(zip(idx, outs))
     return results
+
+
+def start_vllm(target_dir, device, prompt_rows: list[dict], params, *, seed: int, trust_remote_code: bool = False):
+    """(engine, tokenizer, target manifest). Greedy: first answer the first `crosscheck_prompts`
+    prompts with the transformers backend and warn with the count of rows vLLM answers otherwise.
+
+    The transformers model is freed before vLLM starts: vLLM reserves most of the GPU's memory.
+    """
+    import gc
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from specauf.target import load_target, read_target_manifest
+
+    check = params.crosscheck_prompts if params.temperature == 0 else 0
+    if check:
+        model, tokenizer, manifest = load_target(target_dir, device, trust_remote_code=trust_remote_code)
+        rows = encode_prompts(tokenizer, prompt_rows, params)[0][:check]
+        stop_ids = manifest["stop_token_ids"]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        reference = answer_rows(model, rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        manifest = read_target_manifest(target_dir)
+        tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
+    engine = VllmEngine(target_dir, seed=seed, trust_remote_code=trust_remote_code)
+    if check and rows:
+        got = engine.answer(rows, params, row_seeds=None, stop_ids=manifest["stop_token_ids"])
+        differ = count_disagreements([reference[i] for i in range(len(rows))], got)
+        if differ:
+            log.warning("vLLM and transformers greedy answers differ on %d of the first %d prompts "
+                        "(kernels and reduction order differ across engines, most in bf16/fp16: exact "
+                        "agreement is not guaranteed)", differ, len(rows))
+        else:
+            log.info("vLLM and transformers greedy answers agree on the first %d prompts", len(rows))
+    return engine, tokenizer, manifest
 
 
 def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsParams, *, out_dir: str | Path,

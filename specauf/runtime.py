@@ -16,10 +16,23 @@ from specauf.errors import UserError
 log = logging.getLogger("specauf")
 
 
+class StageFormatter(logging.Formatter):
+    """`[stage] message`; a warning or worse names its level (`[stage] WARNING: message`), so it
+    stands out of a long log and `grep WARNING` finds it."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"[{self.stage}] {level}{record.getMessage()}"
+
+
 def setup_logging(stage: str) -> logging.Logger:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
+        handler.setFormatter(StageFormatter(stage))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -85,7 +98,22 @@ def setup(base, stage: str) -> torch.device:
     return device
 
 
+NON_TTY_INTERVAL = 60.0  # seconds between progress lines when stderr is a log file, not a terminal
+
+
+class _LogBar(tqdm):
+    """A bar for a log file: a new postfix (loss, shard) waits for the next line instead of forcing one."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress(iterable=None, *, total=None, desc: str, unit: str = "it"):
-    """A tqdm bar with a rate; quiet when stderr is not a terminal only if SPECAUF_NO_PROGRESS is set."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True,
-                mininterval=2.0, disable=bool(os.environ.get("SPECAUF_NO_PROGRESS")))
+    """A tqdm bar with a rate. On a terminal it redraws in place; into a log (DVC's, CI's) it writes
+    one plain line per minute instead of a redraw every 2 s (which made one 67 KB log line of a
+    stage); SPECAUF_NO_PROGRESS silences it."""
+    tty = sys.stderr.isatty()
+    return (tqdm if tty else _LogBar)(iterable, total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=tty,
+                mininterval=2.0 if tty else NON_TTY_INTERVAL, maxinterval=NON_TTY_INTERVAL * 2,
+                bar_format=None if tty else "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]\n",
+                disable=bool(os.environ.get("SPECAUF_NO_PROGRESS")))

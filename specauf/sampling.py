@@ -2,8 +2,8 @@
 
 Pure tensor functions, no models: the engine in `decode.py` calls them once per cycle, and the
 tests check them against exact probabilities. Token processing (temperature, top-k, top-p) is
-`generation.filter_logits`, shared with the rollouts, so "the target's sampling distribution"
-means the same thing everywhere in the project.
+`filter_logits` and its settings one `SamplingParams`, shared with the rollouts' generation loop,
+so "the target's sampling distribution" means the same thing everywhere in the project.
 """
 from __future__ import annotations
 
@@ -11,7 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-from specauf.generation import filter_logits
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to (..., V) logits; returns probabilities."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop_sorted = cum - sorted_p >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
 
 
 @dataclass(frozen=True)

@@ -52,47 +52,6 @@ class VllmEngine:
         return [normalise(o.outputs[0], stop_ids) for o in outs]
 
 
-def start_vllm(target_dir, device, prompt_rows: list[dict], params, *, seed: int, trust_remote_code: bool = False):
-    """(engine, tokenizer, target manifest). Greedy: first answer the first `crosscheck_prompts`
-    prompts with the transformers backend and warn with the count of rows vLLM answers otherwise.
-
-    The transformers model is freed before vLLM starts: vLLM reserves most of the GPU's memory.
-    """
-    import gc
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from specauf.rollouts import answer_rows, encode_prompts
-    from specauf.target import load_target, read_target_manifest
-
-    check = params.crosscheck_prompts if params.temperature == 0 else 0
-    if check:
-        model, tokenizer, manifest = load_target(target_dir, device, trust_remote_code=trust_remote_code)
-        rows = encode_prompts(tokenizer, prompt_rows, params)[0][:check]
-        stop_ids = manifest["stop_token_ids"]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        reference = answer_rows(model, rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    else:
-        manifest = read_target_manifest(target_dir)
-        tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
-    engine = VllmEngine(target_dir, seed=seed, trust_remote_code=trust_remote_code)
-    if check and rows:
-        got = engine.answer(rows, params, row_seeds=None, stop_ids=manifest["stop_token_ids"])
-        differ = count_disagreements([reference[i] for i in range(len(rows))], got)
-        if differ:
-            log.warning("WARNING: vLLM and transformers greedy answers differ on %d of the first %d prompts "
-                        "(kernels and reduction order differ across engines, most in bf16/fp16: exact "
-                        "agreement is not guaranteed)", differ, len(rows))
-        else:
-            log.info("vLLM and transformers greedy answers agree on the first %d prompts", len(rows))
-    return engine, tokenizer, manifest
-
-
 def normalise(completion, stop_ids: list[int]) -> tuple[list[int], str]:
     """vLLM's CompletionOutput -> our (ids, "stop" | "length") convention."""
     ids = list(completion.token_ids)

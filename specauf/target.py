@@ -52,7 +52,7 @@ def _check_causal(config, where: str) -> None:
 def _check_supported(config, where: str, model=None) -> None:
     """Refuse, before any compute, an architecture the drafter cannot use (GPT-2's learned
     positions, BERT's encoder, no `layers` list): the rollouts and labels would be wasted."""
-    from specauf.drafter import check_target_supported
+    from specauf.target_access import check_target_supported
 
     try:
         check_target_supported(config, model)

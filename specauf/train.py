@@ -22,7 +22,8 @@ from specauf.errors import UserError
 from specauf.blocks import build_blocks, collate_blocks, sample_anchors
 from specauf.config import NOT_PROVENANCE, TrainParams
 from specauf.dataset import LabelsDataset
-from specauf.drafter import BlockDrafter, DrafterConfig, context_features_from_hidden_states, init_from_target
+from specauf.drafter import BlockDrafter, DrafterConfig
+from specauf.target_access import context_features_from_hidden_states, init_from_target
 from specauf.distributed import deepspeed_config, init_engine, load_checkpoint, restore_master_weights, save_checkpoint
 from specauf.losses import compute_loss, default_gamma
 from specauf.runtime import pick_precision, progress

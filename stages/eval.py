@@ -8,7 +8,8 @@ from specauf.artifacts import loading, read_manifest, write_json
 from specauf.config import run_name
 from specauf.stage import add_run_args, stage_main, stage_run
 from specauf.errors import UserError
-from specauf.evaluate import check_drafter_fits, check_exactness, evaluate_drafter, headline, plot_rows
+from specauf.evaluate import check_exactness, evaluate_drafter, headline, plot_rows
+from specauf.target_access import check_drafter_fits
 from specauf.replay import check_replay
 from specauf.prompts import load_eval_prompts
 from specauf.runtime import setup

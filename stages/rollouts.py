@@ -41,7 +41,7 @@ def run(params, args):
                              "start the stage without a launcher")
         device = rank_device(setup(params.base, args.stage))
         if rollouts_params.backend == "vllm":
-            from specauf.serving import start_vllm
+            from specauf.rollouts import start_vllm
 
             model, tokenizer, target = start_vllm(args.target, device, prompts, rollouts_params, seed=params.base.seed,
                                                   trust_remote_code=params.target.trust_remote_code)

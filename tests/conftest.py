@@ -122,7 +122,9 @@ def built_smoke_params() -> str:
     """The smoke preset with BUILT_SMOKE_EDITS applied, as params.yaml text."""
     import yaml
 
-    params = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    from specauf.params_file import full_params
+
+    params = full_params(ROOT / "presets" / "smoke.yaml")
     for (section, key), value in BUILT_SMOKE_EDITS.items():
         params[section][key] = value
     params["prompts"]["train"][0]["count"] = BUILT_SMOKE_TRAIN_PROMPTS

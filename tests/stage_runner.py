@@ -51,6 +51,7 @@ class Workspace:
                         "eval": {"chat": [{"source": "jsonl", "count": 2, "path": str(root / "eval.jsonl")}]}},
             "rollouts": {"max_new_tokens": 6, "batch_size": 4, "shard_size": 3},
             "labels": {"layer_ids": [0, 2], "batch_size": 4},
+            "launch": {"processes": 1},  # in this process (the shipped default is 2: the two cores)
             "train": {"variants": ["auf"], "block_size": 4, "draft_vocab_size": 0, "anchors_per_seq": 4,
                       "micro_batch_size": 2, "steps": 3, "warmup_steps": 0, "heldout_fraction": 0.25,
                       "eval_every": 3, "checkpoint_every": 1, "log_every": 1},

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from specauf.config import EvalParams, LabelsParams, RolloutsParams, TargetParams, TrainParams
 from specauf.decode import DrafterProposer, OracleProposer, speculative_generate
-from specauf.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding, init_from_target
+from specauf.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
+from specauf.target_access import init_from_target
 from specauf.evaluate import evaluate_drafter
 from specauf.labels import run_labels
 from specauf.rollouts import load_rollouts, run_rollouts
@@ -162,16 +163,6 @@ def test_drafter_copies_rope_and_head_shapes(arch):
     assert drafter.layers[0].self_attn.q_proj.weight.shape == (4 * head_dim, 64)
 
 
-def test_rope_per_attention_type_takes_full_attention():
-    """transformers 5 nests rope per attention type for mixed models (Gemma 3: sliding 1e4, full
-    1e6); the drafter's layers are full attention. Reading it flat used to fall back to 1e4."""
-    from transformers import AutoConfig
-
-    from specauf.drafter import target_rope
-
-    assert target_rope(AutoConfig.for_model("gemma3_text")) == (1000000.0, {"rope_type": "default"})
-
-
 def _folder(path, model) -> str:
     """An HF folder with weights and a chat-templated tokenizer: everything but the architecture fits."""
     model.save_pretrained(path)
@@ -199,24 +190,6 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
             materialize_target(TargetParams(source="local", path=path), tmp_path / "out", seed=0, params_hash="x")
         assert str(e.value) == message
     assert not (tmp_path / "out").exists()
-
-
-def test_unsupported_rope_and_missing_layers_are_named():
-    """At drafter-build time too: a rope the drafter cannot reproduce, and a model whose decoder
-    layers are not where init_from_target looks."""
-    yarn = tiny_config("qwen2", rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
-                                                 "original_max_position_embeddings": 512})
-    with pytest.raises(ValueError, match=r"^Qwen2Config \(model type 'qwen2'\) cannot host the drafter: it lacks a supported "
-                                         r"rope type \(has 'yarn'; the drafter supports default, linear, llama3\) \("):
-        DrafterConfig.from_target_config(yarn, num_layers=1, block_size=BLOCK, mask_token_id=3)
-    from specauf.drafter import check_target_supported
-
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", num_layers=2))
-    check_target_supported(model.config, model)  # the intact model passes
-    model.get_decoder().layers = model.get_decoder().layers[:1]  # a layer list that does not match the config
-    with pytest.raises(ValueError, match=r"^LlamaForCausalLM \(model type 'llama'\) cannot host the drafter: it lacks "
-                                         r"decoder layers at model.get_decoder\(\).layers \("):
-        check_target_supported(model.config, model)
 
 
 @pytest.mark.slow

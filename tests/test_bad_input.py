@@ -309,7 +309,7 @@ def test_unknown_variant_flag(ws):
 
 def test_more_drafter_layers_than_target(ws):
     expect_error(ws, "train", r"^error: train\.num_layers: 9 drafter layers cannot start from the target's top layers: "
-                 r"it has only 4 \(lower it or set train\.init_from_target: false\)$", ws.params({"train": {"num_layers": 9}}))
+                 r"it has only 4 \(lower it or set train\.init_from_target: false\)$", ws.params({"train": {"num_layers": 9, "init_from_target": True}}))
 
 
 def test_heldout_fraction_leaves_nothing(ws):

@@ -6,10 +6,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from specauf.blocks import block_attention_mask, build_blocks, sample_anchors
-from specauf.drafter import (
-    BlockDrafter, DrafterCache, DrafterConfig, RotaryEmbedding, context_features_from_hidden_states,
-    default_target_layer_ids, init_from_target,
-)
+from specauf.drafter import BlockDrafter, DrafterCache, DrafterConfig, RotaryEmbedding
+from specauf.target_access import context_features_from_hidden_states
 from specauf.losses import compute_loss
 from specauf.tiny import build_tiny_target
 
@@ -29,14 +27,6 @@ def randomize(model, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
     return model
-
-
-def test_default_target_layer_ids():
-    assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B, the paper's setting
-    assert default_target_layer_ids(4, 1) == [2]
-    assert default_target_layer_ids(24, 2) == [1, 21]
-    with pytest.raises(ValueError):
-        DrafterConfig(num_target_layers=4, dflash_config={"mask_token_id": MASK, "target_layer_ids": [4]})
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
@@ -129,39 +119,6 @@ def test_cache_decoding_equals_full_context():
             full = model(embeds, feats[:, :anchor], torch.arange(anchor, anchor + B)[None],
                          torch.arange(anchor)[None])
             assert torch.allclose(out, full, atol=1e-5)
-
-
-def test_context_features_index_decoder_layer_outputs(llama_target):
-    ids = torch.randint(4, 200, (1, 9))
-    with torch.no_grad():
-        out = llama_target(ids, output_hidden_states=True)
-    feats = context_features_from_hidden_states(out.hidden_states, [0, 2])
-    assert feats.shape == (1, 9, 128)
-    assert torch.equal(feats[..., :64], out.hidden_states[1])
-    assert torch.equal(feats[..., 64:], out.hidden_states[3])
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_init_from_target_copies_top_layers(tmp_path, arch):
-    target = AutoModelForCausalLM.from_pretrained(build_tiny_target(tmp_path, arch=arch))
-    cfg = DrafterConfig.from_target_config(target.config, num_layers=2, block_size=4,
-                                           mask_token_id=MASK, target_layer_ids=[1, 2])
-    drafter = BlockDrafter(cfg)
-    copied = init_from_target(drafter, target)
-    t_layers = target.model.layers
-    assert torch.equal(drafter.layers[1].self_attn.q_proj.weight, t_layers[3].self_attn.q_proj.weight)
-    assert torch.equal(drafter.layers[0].mlp.down_proj.weight, t_layers[2].mlp.down_proj.weight)
-    assert torch.equal(drafter.norm.weight, target.model.norm.weight)
-    assert "layers.0.post_attention_layernorm.weight" in copied and "fc.weight" in copied
-    # the context projection starts as the identity on the highest feature layer (id 2 = chunk 1)
-    H = cfg.hidden_size
-    assert torch.equal(drafter.fc.weight[:, H:], torch.eye(H)) and not drafter.fc.weight[:, :H].any()
-    assert torch.equal(drafter.hidden_norm.weight, t_layers[2].input_layernorm.weight)
-    if arch == "qwen3":
-        assert torch.equal(drafter.layers[0].self_attn.k_norm.weight, t_layers[2].self_attn.k_norm.weight)
-    else:
-        assert "layers.0.self_attn.q_norm.weight" not in copied
-        assert torch.all(drafter.layers[0].self_attn.q_norm.weight == 1)
 
 
 def test_overfit_one_sequence_to_full_acceptance(llama_target):

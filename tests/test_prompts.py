@@ -8,9 +8,9 @@ import pytest
 
 from specauf.artifacts import ArtifactError
 from specauf.config import PromptSource, PromptsParams
-from specauf.prompts import (HUMANEVAL_TEMPLATE, PromptsError, build_prompt_sets, check_disjoint,
-                             gsm8k_like_prompts, humaneval_prompts, iter_json_array, load_prompt_set,
-                             mtbench_prompts, rank, sharegpt_prompts, write_prompt_sets)
+from specauf.prompt_sources import (HUMANEVAL_TEMPLATE, PromptsError, gsm8k_like_prompts, humaneval_prompts,
+                                    iter_json_array, mtbench_prompts, sharegpt_prompts)
+from specauf.prompts import build_prompt_sets, check_disjoint, load_prompt_set, rank, write_prompt_sets
 
 
 def jsonl_file(path, rows):

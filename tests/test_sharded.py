@@ -6,22 +6,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from specauf import rollouts as rollouts_mod
-from specauf.config import LaunchParams, ParamsError
-from specauf.errors import UserError
-from specauf.params_file import load_params
-from specauf.launch import launcher_argv, relaunch_if_needed
+from specauf.config import ParamsError
+from specauf.params_file import full_params, load_params
 from specauf.prompts import write_prompt_sets
-from specauf.serving import count_disagreements, normalise
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
-
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
+from tests.test_launch import LAUNCH_ENV
 
 def load_stage(name: str):
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
@@ -32,7 +26,7 @@ def load_stage(name: str):
 
 def write_params(path, **launch):
     """The smoke preset, shrunk to 13 prompts in 5 shards of 3 (odd counts: ranks get unequal shares)."""
-    p = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    p = full_params(ROOT / "presets" / "smoke.yaml")
     p["rollouts"].update(max_new_tokens=8, batch_size=2, shard_size=3)
     p["labels"].update(batch_size=2, layer_ids=[0, 2])
     p["launch"] = {"processes": 1, **launch}
@@ -97,28 +91,6 @@ def test_two_processes_write_the_bytes_of_one_and_resume(tiny_target, tmp_path, 
     assert len(l1) == 6 and l2 == l1
 
 
-def test_launcher_argv_is_a_list_of_plain_items():
-    py = "/venv/bin/python"
-    assert launcher_argv(LaunchParams(processes=4), "stages/labels.py", ["--out", "a b;c"], python=py) == [
-        py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "stages/labels.py", "--out", "a b;c"]
-    ds = LaunchParams(processes=8, launcher="deepspeed", hostfile="my hosts;$(x)")
-    assert launcher_argv(ds, "stages/rollouts.py", [], python=py, master_port=29555) == [
-        py, "-m", "deepspeed.launcher.runner", "--num_gpus", "8", "--master_port", "29555", "--no_local_rank",
-        "--hostfile", "my hosts;$(x)", "stages/rollouts.py"]
-
-
-def test_no_relaunch_for_one_process_or_under_a_launcher(monkeypatch, tmp_path):
-    for k in LAUNCH_ENV:
-        monkeypatch.delenv(k, raising=False)
-    relaunch_if_needed(LaunchParams(processes=1), "rollouts")  # returns: nothing to start
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    relaunch_if_needed(LaunchParams(processes=2), "rollouts")  # already a rank: returns
-    monkeypatch.delenv("RANK")
-    with pytest.raises(UserError, match="launch.hostfile: .*nohosts does not exist"):
-        relaunch_if_needed(LaunchParams(processes=2, launcher="deepspeed", hostfile=str(tmp_path / "nohosts")), "x")
-
-
 def test_missing_input_is_one_line_before_any_launch(tmp_path):
     params = write_params(tmp_path / "two.yaml", processes=2)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
@@ -160,11 +132,3 @@ def test_vllm_backend_missing_fails_first_with_one_line(tmp_path, capsys):
         "error: rollouts.backend=vllm needs vLLM: pip install vllm (GPU, Linux)"]
     assert not out.exists() and not (tmp_path / "work").exists()
 
-
-def test_vllm_completion_follows_our_stop_convention():
-    stop = [2, 7]
-    out = lambda ids, reason, stop_reason=None: SimpleNamespace(token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
-    assert normalise(out((5, 6, 7), "stop", 7), stop) == ([5, 6, 7], "stop")
-    assert normalise(out((5, 6), "stop", 2), stop) == ([5, 6, 2], "stop")  # an engine that drops the stop id
-    assert normalise(out((5, 6, 9), "length"), stop) == ([5, 6, 9], "length")
-    assert count_disagreements([([1, 2], "stop"), ([3], "length")], [([1, 2], "stop"), ([3, 4], "length")]) == 1

@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from specauf.params_file import full_params
 from specauf import train as train_mod
 from specauf.config import LabelsParams, RolloutsParams, TrainParams
 from specauf.dataset import LabelsDataset
@@ -306,7 +307,7 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
         assert runtime.pick_precision("auto", CPU) == want
-    assert TrainParams().precision == "fp32"  # the library default; params.yaml asks for auto
+    assert TrainParams().precision == "auto"  # the default, as params.yaml ships it
     with pytest.raises(ValueError, match="precision"):
         TrainParams(precision="fp16")
 
@@ -481,7 +482,7 @@ def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
 
 
 def _params_file(path: Path, **train) -> Path:
-    params = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    params = full_params(ROOT / "presets" / "smoke.yaml")
     params["base"] |= {"torch_threads": 1, "device": "cpu", "seed": 0}
     params["train"] |= {k: v for k, v in BASE.items()} | train
     path.write_text(yaml.safe_dump(params))
