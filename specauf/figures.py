@@ -53,9 +53,10 @@ def overlay_rows(data: dict, train_dir: str | Path, resamples: int) -> dict[str,
     return {"acceptance": acceptance, "tau": tau, **curves}
 
 
-def plot_acceptance(data: dict, resamples: int = evidence.RESAMPLES) -> bytes:
+def plot_acceptance(data: dict, tau_rows: list[dict]) -> bytes:
     """PNG bytes: acceptance rate by block position (overall, each run's largest inference block
-    size) and tau per eval set per variant at that size with its 95% interval (error bars)."""
+    size) and tau per eval set per variant at that size with its 95% interval (error bars): the
+    `tau` rows of overlay_rows, so the bootstrap runs once for both figures."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,9 +85,10 @@ def plot_acceptance(data: dict, resamples: int = evidence.RESAMPLES) -> bytes:
     grouped = by_variant(data)
     width = 0.8 / max(len(grouped), 1)
     top = 0.0
-    for i, (v, d) in enumerate(grouped.items()):
-        sizes = block_sizes(d["eval"]["overall"])
-        cis = [tau_interval(d, sizes[-1], n, resamples) if sizes else None for n in [*set_names, None]]
+    by_key = {(r["variant"], r["set"]): r for r in tau_rows}
+    for i, v in enumerate(grouped):
+        cis = [by_key.get((v, n)) for n in [*set_names, "overall"]]
+        cis = [{"value": c["tau"], "lo": c["lo"], "hi": c["hi"]} if c else None for c in cis]
         vals = [c["value"] if c else 0.0 for c in cis]
         err = [[c["value"] - c["lo"] if c else 0.0 for c in cis], [c["hi"] - c["value"] if c else 0.0 for c in cis]]
         ax2.bar([j + i * width for j in range(len(cis))], vals, width=width, yerr=err, capsize=3, label=v)

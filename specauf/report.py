@@ -277,8 +277,8 @@ def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str
     at all); return the claims and goals."""
     data = load_inputs(eval_dir, train_dir, variants, seeds)
     text = render_markdown(data, resamples)
-    png = plot_acceptance(data, resamples)
     overlays = overlay_rows(data, train_dir, resamples)
+    png = plot_acceptance(data, overlays["tau"])
     with atomic_dir(out_dir, "report") as tmp:
         write_bytes_atomic(tmp / "acceptance.png", png)
         write_bytes_atomic(tmp / "report.md", text.encode())
