@@ -91,22 +91,35 @@ def equivalence(diff: dict, margin: float = EQUIVALENCE_MARGIN) -> str:
     return INCONCLUSIVE
 
 
+def _by_seed(rows) -> dict:
+    """{seed: {(set, prompt_id): row}}; a row without "seed" is seed 0."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r.get("seed", 0), {})[(r["set"], r["prompt_id"])] = r
+    return out
+
+
+def _shared_prompts(indexes: list[dict]) -> list:
+    """The prompts of the first index that every index has, in the first one's order."""
+    return [p for p in (indexes[0] if indexes else {}) if all(p in idx for idx in indexes)]
+
+
+def _field(indexes: dict, seeds: list, prompts: list, *path: str) -> np.ndarray:
+    """A seeds x prompts array of one field (`row[path[0]][path[1]]`)."""
+    return np.array([[float(indexes[s][p][path[0]][path[1]]) for p in prompts] for s in seeds],
+                    float).reshape(len(seeds), len(prompts))
+
+
 def paired_rows(rows_a: list[dict], rows_b: list[dict], key: str, set_name: str | None = None):
     """(num_a, den_a, num_b, den_b) of block size `key` ("b4"), each a seeds x prompts array, for the
     prompts every seed of both runs has, matched by (set, prompt_id) and paired by training seed
     (a row without "seed" is seed 0); `set_name` None pools every set."""
-    def index(rows):
-        out: dict = {}
-        for r in rows:
-            if key in r and (set_name is None or r["set"] == set_name):
-                out.setdefault(r.get("seed", 0), {})[(r["set"], r["prompt_id"])] = r
-        return out
-    ia, ib = index(rows_a), index(rows_b)
+    keep = lambda rows: [r for r in rows if key in r and (set_name is None or r["set"] == set_name)]
+    ia, ib = _by_seed(keep(rows_a)), _by_seed(keep(rows_b))
     seeds = sorted(set(ia) & set(ib))
-    order = [p for p in (ia[seeds[0]] if seeds else {}) if all(p in ia[s] and p in ib[s] for s in seeds)]
-    cols = [[[float(idx[s][p][key][f]) for p in order] for s in seeds]
-            for idx, f in ((ia, "emitted"), (ia, "cycles"), (ib, "emitted"), (ib, "cycles"))]
-    return tuple(np.array(c, float).reshape(len(seeds), len(order)) for c in cols)
+    order = _shared_prompts([idx[s] for s in seeds for idx in (ia, ib)])
+    return (_field(ia, seeds, order, key, "emitted"), _field(ia, seeds, order, key, "cycles"),
+            _field(ib, seeds, order, key, "emitted"), _field(ib, seeds, order, key, "cycles"))
 
 
 def speedup_ci(rows: list[dict], key: str, resamples: int = RESAMPLES, seed: int = SEED) -> dict | None:
@@ -116,13 +129,11 @@ def speedup_ci(rows: list[dict], key: str, resamples: int = RESAMPLES, seed: int
     rows = [r for r in rows if key in r and "plain" in r]
     if not rows:
         return None
-    by_seed: dict = {}
-    for r in rows:
-        by_seed.setdefault(r.get("seed", 0), {})[(r["set"], r["prompt_id"])] = r
+    by_seed = _by_seed(rows)
     seeds = sorted(by_seed)
-    order = [p for p in by_seed[seeds[0]] if all(p in by_seed[s] for s in seeds)]
-    fields = (("plain", "time_s"), ("plain", "tokens"), (key, "time_s"), (key, "emitted"))
-    pt, pn, st, sn = (np.array([[float(by_seed[s][p][a][b]) for p in order] for s in seeds]) for a, b in fields)
+    order = _shared_prompts([by_seed[s] for s in seeds])
+    pt, pn, st, sn = (_field(by_seed, seeds, order, a, b)
+                      for a, b in (("plain", "time_s"), ("plain", "tokens"), (key, "time_s"), (key, "emitted")))
     draws = _draws(len(seeds), len(order), resamples, seed)
     samples = _ratio(pt, pn, draws) / np.maximum(_ratio(st, sn, draws), 1e-12)
     lo, hi = _interval(samples)
