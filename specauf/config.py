@@ -70,7 +70,11 @@ class TrainParams(Section):
     """Data-parallel DeepSpeed ranks per machine (GPUs, or CPU processes), started by
     launch.launcher (and launch.hostfile for several machines) when > 1; the effective batch is
     micro_batch_size x grad_accum x ranks, so unlike the data stages the result depends on it."""
-    steps: int = Field(3400, ge=1)
+    torch_threads: int | None = Field(2, ge=1)
+    """torch intra-op threads of each training rank (null: base.torch_threads). Training times
+    nothing, and with one rank on a 2-core machine the second core would idle: 2 threads run 1.55x
+    the steps per second of 1 here (docs/benchmarks.md). The drafter's bytes depend on it."""
+    steps: int = Field(1600, ge=1)
     """Optimizer steps."""
     lr: float = Field(1e-3, gt=0.0)
     """Peak AdamW learning rate."""
@@ -91,7 +95,7 @@ class TrainParams(Section):
     on a GPU that supports it and on such a CPU, else fp32; the drafter's manifest records it."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
-    eval_every: int = Field(350, ge=1)
+    eval_every: int = Field(400, ge=1)
     """Steps between held-out evaluations."""
     checkpoint_every: int = Field(200, ge=1)
     """Steps between checkpoints (resume after a kill restarts from the last one)."""
@@ -124,7 +128,7 @@ class TrainParams(Section):
 class EvalParams(Section):
     sets: list[str] | None = None
     """Evaluation sets to decode (None = every set the prompts stage built)."""
-    prompts_per_set: int = Field(4, ge=1)
+    prompts_per_set: int = Field(2, ge=1)
     """Prompts decoded per evaluation set (the first ones by id)."""
     max_new_tokens: int = Field(48, ge=1)
     """Tokens generated per timed prompt (decoded prompts; at most replay_max_new_tokens)."""

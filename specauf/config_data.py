@@ -112,13 +112,13 @@ class PromptSource(Section):
 
 
 class PromptsParams(Section):
-    train: list[PromptSource] = [PromptSource(source="sharegpt", count=1000)]
+    train: list[PromptSource] = [PromptSource(source="sharegpt", count=500)]
     """Sources of the training prompts."""
     eval: dict[str, list[PromptSource]] = {
         "mt-bench": [PromptSource(source="mtbench", count=80)],
         "humaneval": [PromptSource(source="humaneval", count=164)],
-        "gsm8k-like": [PromptSource(source="gsm8k_like", count=100)],
-        "alpaca-like": [PromptSource(source="sharegpt", count=100)],
+        "gsm8k-like": [PromptSource(source="gsm8k_like", count=128)],
+        "alpaca-like": [PromptSource(source="sharegpt", count=128)],
     }
     """Named evaluation sets, each from one or more sources. No evaluation prompt ever appears in
     training: shared texts are removed from the training set."""

@@ -19,7 +19,8 @@ def run(params, args):
     from specauf.target import load_target_for
     from specauf.train import train_variant
 
-    device = rank_device(setup(params.base, f"train {run}"))
+    threads = params.train.torch_threads or params.base.torch_threads
+    device = rank_device(setup(params.base.model_copy(update={"torch_threads": threads}), f"train {run}"))
     target, _, target_manifest = load_target_for(args.target, args.labels, "labels", device, params.target.trust_remote_code)
     extra = stage_manifest_extra(params, "base", "train", target=target_manifest, labels=args.labels)
     train_variant(params.train, args.variant, target=target, target_manifest=target_manifest, labels_dir=args.labels,

@@ -145,9 +145,15 @@ def built_smoke(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("built") / "ws"
     git_dvc_workspace(ws)
     (ws / "params.yaml").write_text(built_smoke_params())
-    dvc(ws, "repro")
+    # the log of this first whole repro, for tests that check what it ran (built_smoke_repro_log)
+    (ws.parent / "repro.log").write_text(dvc(ws, "repro").stdout)
     git_commit_all(ws, "smoke pipeline built")
     return ws
+
+
+def built_smoke_repro_log(built: Path) -> str:
+    """The stdout of the `dvc repro` that built the built_smoke workspace."""
+    return (built.parent / "repro.log").read_text()
 
 
 def copy_workspace(src: Path, dest: Path) -> Path:

@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from tests.conftest import dvc, git_dvc_workspace
+from tests.conftest import built_smoke_repro_log, copy_workspace, dvc
 
 
 # stage -> stages it reads from; DVC may run independent stages in any order
@@ -33,11 +33,8 @@ def edit(ws, section: str, key: str, value):
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_repro_status_and_param_edits_rerun_exactly(tmp_path):
-    ws = git_dvc_workspace(tmp_path / "ws")
-    first = dvc(ws, "repro", "labels").stdout
-    assert ran(first) == sorted(["inputs", "target", "prompts", "rollouts", "labels"])
-    assert (ws / "data/rollouts/manifest.json").is_file() and (ws / "data/labels/manifest.json").is_file()
+def test_repro_status_and_param_edits_rerun_exactly(built_smoke, tmp_path):
+    ws = copy_workspace(built_smoke, tmp_path / "ws")
     status = dvc(ws, "status", "labels").stdout
     assert "up to date" in status.lower(), status
 
@@ -51,13 +48,13 @@ def test_repro_status_and_param_edits_rerun_exactly(tmp_path):
     assert "up to date" in dvc(ws, "status", "labels").stdout.lower()
 
 
-def test_whole_dag_through_report_and_metrics_show(tmp_path):
+def test_whole_dag_through_report_and_metrics_show(built_smoke, tmp_path):
     """`dvc repro` of the smoke preset runs every stage; metrics list tau per variant; an
     eval-only change reruns only eval and report."""
     import json
 
-    ws = git_dvc_workspace(tmp_path / "ws")
-    out = dvc(ws, "repro").stdout
+    ws = copy_workspace(built_smoke, tmp_path / "ws")
+    out = built_smoke_repro_log(built_smoke)  # the fixture's first `dvc repro` of the whole DAG
     assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay-0", "train@auf-0",
                                "eval_rollouts", "eval_labels", "eval@decay-0", "eval@auf-0", "export@decay-0", "export@auf-0",
                                "report"]), out

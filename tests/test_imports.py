@@ -1,6 +1,6 @@
 """The shape of specauf/: no import circle (lazy imports inside functions count too), no module
-past 400 lines, and the drafter module holds the model only (what it reads from a target lives in
-specauf/target_access.py)."""
+past 400 lines, every module has its tests/test_<module>.py, and the drafter module holds the model
+only (what it reads from a target lives in specauf/target_access.py)."""
 from __future__ import annotations
 
 import ast
@@ -59,6 +59,13 @@ def test_the_checker_finds_a_circle(tmp_path, monkeypatch):
 def test_no_module_past_400_lines():
     long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_every_module_has_its_test_file():
+    """A newcomer changing specauf/<module>.py finds its tests in tests/test_<module>.py."""
+    tests = PACKAGE.parent / "tests"
+    missing = sorted(p.name for p in PACKAGE.glob("*.py") if p.stem != "__init__" and not (tests / f"test_{p.stem}.py").is_file())
+    assert not missing, missing
 
 
 def test_drafter_module_is_the_model_only():

@@ -117,7 +117,7 @@ def base_run(tiny_model, data, tmp_path_factory):
 # --------------------------------------------------------------------------- single process
 
 
-def test_single_process_trains_saves_and_reloads(base_run, tiny_model, data):
+def test_single_process_training_learns(base_run, tiny_model, data):
     p = base_run["params"]
     # the loss falls: mean of the first vs last 5 logged steps (one micro batch each)
     loss = logged(base_run["metrics"], "loss")
@@ -132,6 +132,9 @@ def test_single_process_trains_saves_and_reloads(base_run, tiny_model, data):
     assert after["heldout/blocks"] == before["heldout/blocks"] > 0  # the same fixed held-out blocks
     assert after["heldout/token_accuracy"] > before["heldout/token_accuracy"] + 0.05, (before, after)
 
+
+def test_the_saved_drafter_is_the_trained_one(base_run, tiny_model):
+    p, (_, _, manifest) = base_run["params"], tiny_model
     out = base_run["out"]
     assert {f.name for f in out.iterdir()} == OUT_FILES
     assert not base_run["work"].exists()  # checkpoints only serve a resume
@@ -145,11 +148,14 @@ def test_single_process_trains_saves_and_reloads(base_run, tiny_model, data):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, trained[k]), k
     assert loaded.mask_token_id == manifest["mask_token_id"] and loaded.target_layer_ids == [0, 2]
-    # the lr followed WarmupCosineLR down to lr * min_lr_ratio
+    assert json.loads((out / "ds_config.json").read_text()) == deepspeed_config(p)
+
+
+def test_the_lr_follows_warmup_cosine_to_its_floor(base_run):
+    p = base_run["params"]
     lr = dict(logged(base_run["metrics"], "lr"))
     assert lr[p.steps] == pytest.approx(p.lr * p.min_lr_ratio)
     assert max(lr.values()) <= p.lr and max(lr.values()) > 0.9 * p.lr
-    assert json.loads((out / "ds_config.json").read_text()) == deepspeed_config(p)
 
 
 def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
@@ -339,7 +345,8 @@ def test_variants_see_identical_batches_and_curriculum_switches(tiny_model, data
     m = json.loads((tmp_path / "decay_then_auf" / "out" / "manifest.json").read_text())
     assert m["loss_schedule"] == "decay then auf"
 
-    # Trainer.loss_name and step_rows directly
+
+def test_loss_schedule_and_row_order_are_functions_of_the_step(tiny_model, data):
     model, _, manifest = tiny_model
     ds = LabelsDataset(data["offline"])
     p = TrainParams(**{**BASE, "steps": 20, "curriculum_switch": 0.25})

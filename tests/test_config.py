@@ -1,16 +1,14 @@
-"""params.yaml validation: one-line errors naming the key, nothing written; docs and DVC in sync."""
+"""The typed params: one-line errors naming the key, nothing written; defaults, provenance and DVC in sync."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from specauf.stage import stage_main
 from specauf.config import NOT_PROVENANCE, Params, ParamsError
-from specauf.params_file import load_params, params_doc
+from specauf.params_file import load_params
 from tests.conftest import ROOT
 
 BAD = [
@@ -49,18 +47,6 @@ def test_bad_params_one_line_error(tmp_path, text, key, message):
     assert line.startswith(f"{path}: {key}") and message in line, line
 
 
-def test_malformed_yaml_names_line(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text("base:\n  seed: 0\n rollouts: [\n")
-    with pytest.raises(ParamsError, match=r"params.yaml: line \d+: malformed YAML"):
-        load_params(path)
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(ParamsError, match="params file not found"):
-        load_params(tmp_path / "nope.yaml")
-
-
 def test_stage_exits_2_and_writes_nothing(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("rollouts:\n  batch_size: -3\n")
@@ -75,46 +61,6 @@ def test_stage_exits_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {params}: rollouts.batch_size: Input should be greater than or equal to 1 (got -3)"]
     assert not out.exists()
-
-
-def test_shipped_params_are_complete_and_valid():
-    """DVC tracks params by key and fails on keys missing from the file: spell every key out."""
-    def keys(d, prefix=""):
-        out = set()
-        for k, v in d.items():
-            out.add(prefix + k)
-            if isinstance(v, dict) and k not in ("eval",) or (isinstance(v, dict) and prefix == ""):
-                out |= keys(v, prefix + k + ".")
-        return out
-
-    full = yaml.safe_load(Params().model_dump_json())
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    missing = {k for k in keys(full) if not k.startswith("prompts.eval.")} - keys(data)
-    assert not missing, f"params.yaml lacks {sorted(missing)}"
-
-
-def test_presets_spell_only_what_they_change():
-    """A preset is its differences from the defaults (so a changed default reaches it, and a
-    reader sees what the preset is about); `specauf new` fills in the rest."""
-    defaults = json.loads(Params().model_dump_json())
-
-    def same(data, base, where=""):
-        if isinstance(data, dict) and isinstance(base, dict) and not where.endswith("prompts.eval"):
-            return [k for key, v in data.items() for k in same(v, base.get(key), f"{where}.{key}".lstrip("."))]
-        return [where] if data == base else []
-
-    for path in sorted((ROOT / "presets").glob("*.yaml")):
-        load_params(path)
-        assert not same(yaml.safe_load(path.read_text()), defaults), f"{path.name} repeats defaults"
-
-
-def test_params_doc_is_current():
-    assert (ROOT / "docs" / "params.md").read_text() == params_doc(), \
-        "docs/params.md is stale: run `specauf params-doc > docs/params.md`"
-    for name, field in Params.model_fields.items():
-        section = field.annotation
-        for key, f in section.model_fields.items():
-            assert f.description, f"{name}.{key} has no docstring"
 
 
 def test_typed_defaults_are_the_shipped_params_yaml():
@@ -151,12 +97,6 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
     for stage, want in expected.items():
         spec = dvc[stage].get("do", dvc[stage])
         assert set(spec.get("params", [])) == want, stage
-
-
-def test_cli_check_params():
-    proc = subprocess.run([sys.executable, "-m", "specauf.cli", "check-params", str(ROOT / "params.yaml")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and "ok" in proc.stdout
 
 
 def test_the_variant_list_is_not_a_drafters_provenance():
