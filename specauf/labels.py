@@ -47,9 +47,7 @@ def schema(params: LabelsParams, feature_width: int) -> pa.Schema:
         ("prompt_id", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("response_start", pa.int32()),
-        ("loss_mask", pa.list_(pa.bool_())),
         ("acceptance_ids", pa.list_(pa.int32())),
-        ("response_logprobs", pa.list_(pa.float32())),
     ]
     if params.top_k:
         fields += [("topk_ids", pa.list_(pa.list_(pa.int32(), params.top_k))),
@@ -88,12 +86,7 @@ def label_batch(model, seqs: list[list[int]], starts: list[int], layer_ids: list
     for i, (s, start) in enumerate(zip(seqs, starts)):
         n = len(s)
         pred = logits[i, start - 1: n - 1]  # predictions for response positions start..n-1
-        resp = ids[i, start:n].to(device)
-        logp = torch.log_softmax(pred, dim=-1)
-        row = {
-            "acceptance_ids": pred.argmax(-1).int().cpu().numpy(),
-            "response_logprobs": logp.gather(-1, resp[:, None])[:, 0].cpu().numpy(),
-        }
+        row = {"acceptance_ids": pred.argmax(-1).int().cpu().numpy()}
         if params.top_k:
             probs = torch.softmax(pred / params.verify_temperature, dim=-1)
             top = torch.topk(probs, params.top_k, dim=-1)
@@ -129,9 +122,7 @@ def label_shard(model, rollouts: pa.Table, params: LabelsParams, layer_ids: list
         "prompt_id": pa.array([rollouts.column("prompt_id")[i].as_py() for i in keep], pa.string()),
         "input_ids": pa.array([seqs[i] for i in keep], pa.list_(pa.int32())),
         "response_start": pa.array([starts[i] for i in keep], pa.int32()),
-        "loss_mask": pa.array([[False] * starts[i] + [True] * len(responses[i]) for i in keep], pa.list_(pa.bool_())),
         "acceptance_ids": pa.array([results[i]["acceptance_ids"] for i in keep], pa.list_(pa.int32())),
-        "response_logprobs": pa.array([results[i]["response_logprobs"] for i in keep], pa.list_(pa.float32())),
     }
     if params.top_k:
         for name, typ in (("topk_ids", pa.int32()), ("topk_probs", pa.float32())):
