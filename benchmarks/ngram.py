@@ -19,13 +19,13 @@ import torch
 
 from specauf.params_file import load_params
 from specauf.dataset import LabelsDataset
-from specauf.train import split_heldout
+from specauf.train_data import split_heldout
 
 
 def sequences(ds: LabelsDataset, rows: list[int]):
     for i in rows:
         item = ds[i]
-        yield item["input_ids"].tolist(), item["label_ids"].tolist(), item["response_start"]
+        yield item["input_ids"].tolist(), item["acceptance_ids"].tolist(), item["response_start"]
 
 
 def anchors(ids: list[int], start: int):
@@ -44,19 +44,22 @@ def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_
     anchor, with the true prefix (position 2 scored whether or not position 1 was right)."""
     from specauf.drafter import BlockDrafter
     from specauf.train import Trainer
+    from specauf.train_data import TrainData
 
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     train_params = params.train.model_copy(update={"block_size": drafter.block_size,
                                                    "draft_vocab_size": drafter.config.draft_vocab_size})
-    t = Trainer(train_params, "full", target, manifest, ds, params.base.seed,
-                torch.device("cpu"), train_params.draft_vocab_size)
+    cpu = torch.device("cpu")
+    data = TrainData(train_params, ds, params.base.seed, manifest["mask_token_id"],
+                     target.get_output_embeddings().weight.shape[0], target, cpu)
+    t = Trainer(train_params, "full", target, manifest, data, params.base.seed, cpu)
     if getattr(drafter, "d2t", None) is not None and not torch.equal(drafter.d2t, t.drafter.d2t):
         raise SystemExit(f"error: --drafter {drafter_dir}: its draft vocabulary is not the one these labels give")
     t.drafter = drafter
     hits, counts = [0, 0], [0, 0]
     for b in range(0, len(held), 2):
-        batch = t.make_batch(held[b: b + 2], None, 10**9)  # every anchor
-        if not batch:
+        batch = data.batch(held[b: b + 2], None, 10**9)  # every anchor
+        if batch is None:
             continue
         logits, labels, validity = t.forward(drafter, batch)
         right = logits.argmax(-1) == labels

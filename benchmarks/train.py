@@ -8,7 +8,7 @@ built once (~1 min) and cached under benchmarks/.cache/train-labels.
 A `Trainer` with the settings the recorded figures used (`BENCH_TRAIN`: 1 drafter layer initialised
 from the target, block 8, draft vocabulary 8192, 64 anchors per sequence, micro batch 4, ZeRO 0;
 fp32 but where named) makes the batches
-exactly as the train stage does (`step_rows` + `make_batch`), before timing. Four identical
+exactly as the train stage does (`TrainData.train_batch`), before timing. Four identical
 copies of the drafter then train side by side, one step each per round on the same batch:
 
 - deepspeed/decay: `specauf.distributed.init_engine` + `deepspeed_config`, decay loss;
@@ -79,6 +79,7 @@ def main() -> None:
     from specauf.distributed import deepspeed_config, init_engine
     from specauf.losses import compute_loss
     from specauf.train import Trainer
+    from specauf.train_data import TrainData
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     print_header("Training: DeepSpeed engine vs plain AdamW; AUF vs decay loss")
@@ -86,11 +87,12 @@ def main() -> None:
     ds = LabelsDataset(labels_dir)
     p = TrainParams(**BENCH_TRAIN)
     device = torch.device("cpu")
-    t = Trainer(p, "decay", model, manifest, ds, seed=0, device=device, draft_vocab_size=p.draft_vocab_size)
-    batches = [t.make_batch(t.step_rows(s, 0, 1), s, p.anchors_per_seq) for s in range(args.batches)]
-    make_s = median(timed(t.make_batch, t.step_rows(s, 0, 1), s, p.anchors_per_seq)[0] for s in range(args.batches))
-    tokens = [int(b["validity"].sum()) for b in batches]
-    shapes = [tuple(b["block_input_ids"].shape) + (b["context_features"].shape[1],) for b in batches]
+    data = TrainData(p, ds, 0, manifest["mask_token_id"], model.get_output_embeddings().weight.shape[0], model, device)
+    t = Trainer(p, "decay", model, manifest, data, seed=0, device=device)
+    batches = [data.train_batch(s, 0, 1) for s in range(args.batches)]
+    make_s = median(timed(data.train_batch, s, 0, 1)[0] for s in range(args.batches))
+    tokens = [int(b.validity.sum()) for b in batches]
+    shapes = [tuple(b.block_input_ids.shape) + (b.context_features.shape[1],) for b in batches]
     print(f"labels {rel(labels_dir)} ({how}): {len(ds)} real sequences, {ds.manifest['tokens']} tokens, "
           f"features {ds.manifest['features']} {ds.manifest['feature_dtype']} layers {ds.manifest['layer_ids']}")
     print(f"TrainParams defaults: block {p.block_size}, {p.num_layers} layer(s), init_from_target {p.init_from_target}, "

@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("drafter", type=Path, help="a train output, e.g. data/drafters/auf")
     p.add_argument("out", type=Path, help="output folder (absent, empty, or an earlier export)")
     p.add_argument("--target", type=Path, help="its target folder (needed for a draft vocabulary; checks the fingerprint)")
-    p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
+    p.add_argument("--strict", metavar="ENGINE",
+                   help="fail unless ENGINE runs exactly the evaluated drafter (engines: the export manifest's `engines`)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the target's own model code run to read its lm_head (only for a target you trust)")
     p.add_argument("--force", action="store_true", help="replace OUT even if it is not an earlier export")
@@ -109,11 +110,11 @@ def main(argv=None) -> None:
             from specauf.export import export_drafter
             from specauf.runtime import setup_logging
 
-            setup_logging("export")  # its warning (a drafter the engines run differently) must show
+            setup_logging("export")
             m = export_drafter(args.drafter, args.out, args.target, strict=args.strict,
                                trust_remote_code=args.trust_remote_code, force=args.force)
-            print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors"
-                  + ("" if m["reference_equivalent"] else "; NOT reference-equivalent, see `differences` in its manifest.json"))
+            print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors; exactly the evaluated drafter in: "
+                  + (", ".join(e for e, v in m["engines"].items() if v["exact"]) or "no engine"))
 
 
 if __name__ == "__main__":

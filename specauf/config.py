@@ -46,15 +46,6 @@ class TrainParams(Section):
     """Drafter decoder layers."""
     init_from_target: bool = False
     """Initialise drafter layers from the target's top decoder layers instead of random init."""
-    context_layer_norm: bool = False
-    """RMS-normalise each target layer's features before the projection (tames outlier dims). Off
-    by default: no serving engine has this norm, so a drafter trained with it exports only
-    approximately (see `specauf export`), and on the embedded target it did not help
-    (docs/benchmarks.md, training levers)."""
-    context_feature_scale: bool = False
-    """Divide every context-feature dimension by its RMS over training sequences (a saved
-    buffer): a few outlier dims hold >90% of a real target's feature energy, so without it the
-    projection starts out blind to the informative ones."""
     draft_vocab_size: int = Field(8192, ge=0)
     """Score only the most frequent N response tokens (0 = full vocabulary): a smaller lm_head
     makes CPU steps much cheaper; a label outside it ends its block (it can never be guessed)."""

@@ -24,7 +24,7 @@ def _values(column: pa.ChunkedArray, row: int) -> np.ndarray:
 
 
 class LabelsDataset(torch.utils.data.Dataset):
-    """One item per labelled sequence: token ids, loss mask, acceptance labels (+ top-k) and,
+    """One item per labelled sequence: token ids, loss mask, acceptance_ids (+ top-k) and,
     in offline mode, the context features as a (S, n*H) tensor viewing the mapped shard."""
 
     def __init__(self, directory: str | Path, verify: bool = True, rows: list[int] | None = None):
@@ -49,12 +49,13 @@ class LabelsDataset(torch.utils.data.Dataset):
         input_ids = torch.from_numpy(_values(table.column("input_ids"), r).to_numpy(zero_copy_only=True).astype(np.int64))
         start = table.column("response_start")[r].as_py()
         acceptance = torch.from_numpy(_values(table.column("acceptance_ids"), r).to_numpy(zero_copy_only=True).astype(np.int64))
-        # label_ids[p] = what verification accepts at position p; prompt positions keep their token.
-        label_ids = input_ids.clone()
-        label_ids[start:] = acceptance
+        # acceptance_ids[p] = what greedy verification accepts at position p (the shard's column,
+        # response positions); prompt positions keep their own token.
+        acceptance_ids = input_ids.clone()
+        acceptance_ids[start:] = acceptance
         item = {
             "prompt_id": table.column("prompt_id")[r].as_py(),
-            "input_ids": input_ids, "response_start": start, "label_ids": label_ids,
+            "input_ids": input_ids, "response_start": start, "acceptance_ids": acceptance_ids,
             "loss_mask": torch.arange(len(input_ids)) >= start,
         }
         if "topk_ids" in table.column_names:

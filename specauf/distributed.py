@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import torch
 
 from specauf.errors import UserError
 from specauf.config import TrainParams
+from specauf.launch import free_port
 
 log = logging.getLogger("specauf")
 
@@ -70,17 +70,11 @@ def restore_master_weights(engine) -> None:
             p.copy_(master[id(old)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_rank_env() -> None:
     """Single process without a launcher: pretend to be rank 0 of 1 (no MPI discovery)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 class _NotYetStarted(logging.Filter):

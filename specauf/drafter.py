@@ -23,6 +23,8 @@ from transformers.activations import ACT2FN
 
 from specauf.target_access import check_target_supported, default_target_layer_ids, target_rope, text_config, validate_target_layer_ids
 
+REMOVED_LEVERS = ("context_layer_norm", "context_feature_scale")
+
 
 class DrafterConfig(PretrainedConfig):
     """Drafter hyper-parameters; mask token and feature layers live in `dflash_config` as in the reference."""
@@ -47,14 +49,6 @@ class DrafterConfig(PretrainedConfig):
     block_size: int = 16
     num_target_layers: int = 4
     dflash_config: dict | None = None
-    # Parameter-free RMS norm of each target layer's chunk before `fc`: real targets carry
-    # outlier dims (~25k at position 0) that would otherwise dominate the projection. No
-    # weights, so the checkpoint layout stays the reference's.
-    context_layer_norm: bool = True
-    # Per-dimension scale of the (layer-normalised) context features, a `feature_scale` buffer
-    # set from training data: equalises dims whose energy differs by 100x. Foldable into `fc`
-    # (W diag(s)) when exporting.
-    context_feature_scale: bool = False
     # Draft vocabulary: the drafter scores only these target ids (the `d2t` buffer). About half a
     # CPU training step is the 49k-way lm_head; the most frequent few thousand response tokens
     # cover almost every label. 0 = the full target vocabulary.
@@ -62,6 +56,11 @@ class DrafterConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Two conditioning levers measured as no help were removed (docs/benchmarks.md, "Removed
+        # levers"); a drafter trained with one computes something this model no longer can.
+        removed = sorted(k for k in REMOVED_LEVERS if kwargs.pop(k, False))
+        if removed:
+            raise ValueError(f"drafter config sets {', '.join(removed)}, a removed training lever: retrain the drafter")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.dflash_config is None:
@@ -124,12 +123,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Parameter-free RMS normalisation over the last dim, in float32."""
-    h = x.float()
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -290,8 +283,6 @@ class BlockDrafter(PreTrainedModel):
         self.layers = nn.ModuleList(DrafterLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        if config.context_feature_scale:
-            self.register_buffer("feature_scale", torch.ones(n * config.hidden_size))
         if config.draft_vocab_size:
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long))
         self.post_init()
@@ -334,18 +325,7 @@ class BlockDrafter(PreTrainedModel):
 
     def project_context(self, context_features: torch.Tensor) -> torch.Tensor:
         """(N,C,n*H) raw target features -> (N,C,H) normalised context stream."""
-        return self.hidden_norm(self.fc(self.condition_features(context_features).to(self.fc.weight.dtype)))
-
-    def condition_features(self, context_features: torch.Tensor, scale: bool = True) -> torch.Tensor:
-        """The parameter-free conditioning in front of `fc`: per-layer RMS norm, per-dim scale."""
-        if self.config.context_layer_norm:
-            N, C, nH = context_features.shape
-            H = self.config.hidden_size
-            chunks = context_features.view(N, C, nH // H, H)
-            context_features = rms_normalize(chunks, self.config.rms_norm_eps).view(N, C, nH)
-        if scale and self.config.context_feature_scale:
-            context_features = context_features * self.feature_scale.to(context_features.dtype)
-        return context_features
+        return self.hidden_norm(self.fc(context_features.to(self.fc.weight.dtype)))
 
     def forward(self, block_embeds, context_features=None, block_position_ids=None,
                 context_position_ids=None, attention_mask=None, past_key_values=None,

@@ -9,21 +9,15 @@ z-lab/Qwen3-8B-DFlash-b16), read `block_size`, `num_target_layers` and `dflash_c
 already are the reference's, so the weights are copied bit for bit. tests/fixtures/dflash_layout.json
 records the layout and where it was read from.
 
-Three things of ours have no counterpart in the reference model and are handled here:
-
-- a draft vocabulary (`d2t`, train.draft_vocab_size > 0): written as vLLM's draft-vocabulary
-  convention, `draft_vocab_size` in the config, `d2t` as offsets (target id = draft id + d2t)
-  and `lm_head.weight` = the target's lm_head rows of the draft vocabulary, so vLLM drafts over
-  exactly the vocabulary we trained. That needs the target (`--target`). SGLang and the reference
-  transformers code ignore these two tensors and draft over the full vocabulary with the target's
-  lm_head: still lossless, possibly a little less acceptance.
-- `feature_scale` (train.context_feature_scale, a per-dimension scale of the features before `fc`):
-  folded into the projection, fc.weight * feature_scale (column-wise), the same linear map.
-- `context_layer_norm` (a parameter-free RMS norm of each feature layer before `fc`): no loader
-  has it. With one feature layer it changes nothing (the RMSNorm after `fc` is scale-invariant);
-  with more, the engines run a drafter that differs from the evaluated one (outputs stay exact,
-  acceptance drops). The export says so loudly, records it (`reference_equivalent: false`), and
-  `strict=True` refuses it. Train with `train.context_layer_norm: false` for a drafter to serve.
+One thing of ours has no counterpart in the reference model: a draft vocabulary (`d2t`,
+train.draft_vocab_size > 0). It is written as vLLM's draft-vocabulary convention,
+`draft_vocab_size` in the config, `d2t` as offsets (target id = draft id + d2t) and
+`lm_head.weight` = the target's lm_head rows of the draft vocabulary, so vLLM drafts over exactly
+the vocabulary we trained; that needs the target (`--target`). SGLang and the reference
+transformers code ignore these two tensors and draft over the full vocabulary with the target's
+lm_head: still lossless, but not the drafter we evaluated. So the manifest states, per engine
+(ENGINES), whether it runs exactly the evaluated drafter and why not, and `strict=ENGINE`
+refuses an export that engine would not run exactly.
 """
 from __future__ import annotations
 
@@ -87,8 +81,6 @@ def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None
     }
     if draft_vocab_size:
         out["draft_vocab_size"] = int(draft_vocab_size)
-    if getattr(config, "context_layer_norm", False):
-        out["context_layer_norm"] = True  # ours; no loader reads it (see module docstring)
     if dtype:
         out["dtype"] = out["torch_dtype"] = dtype
     return out
@@ -119,13 +111,9 @@ def _target_lm_head(target_dir: Path, trust_remote_code: bool) -> torch.Tensor:
 
 
 def reference_tensors(state: dict[str, torch.Tensor], lm_head: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Our state dict -> the DFlash layout: same names and bytes, except that `feature_scale` is
-    folded into `fc` (fc(x * s) = (W diag s) x) and `d2t` (target ids) becomes vLLM's offsets and
-    brings the draft vocabulary's lm_head rows."""
-    out = {k: v.contiguous() for k, v in state.items() if k not in ("d2t", "feature_scale")}
-    if "feature_scale" in state:
-        w = state["fc.weight"]
-        out["fc.weight"] = (w.float() * state["feature_scale"].float()[None, :]).to(w.dtype).contiguous()
+    """Our state dict -> the DFlash layout: same names and bytes, except that `d2t` (target ids)
+    becomes vLLM's offsets and brings the draft vocabulary's lm_head rows."""
+    out = {k: v.contiguous() for k, v in state.items() if k != "d2t"}
     if "d2t" in state:
         d2t = state["d2t"].to(torch.long)
         if lm_head is None:
@@ -137,7 +125,34 @@ def reference_tensors(state: dict[str, torch.Tensor], lm_head: torch.Tensor | No
     return out
 
 
-def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = False, trust_remote_code: bool = False,
+# What each engine runs of an exported drafter: None = exactly the evaluated drafter, else why not.
+# `how` says what the statement rests on.
+IGNORES_D2T = ("ignores the draft vocabulary (d2t, lm_head.weight) and drafts over the full vocabulary "
+               "with the target's lm_head: lossless, but not the evaluated drafter (train with "
+               "train.draft_vocab_size: 0 for it)")
+ENGINES = {
+    "vllm": {"how": "format: vLLM speculators read draft_vocab_size, d2t offsets and lm_head rows",
+             "differs": lambda draft_vocab: None},
+    "sglang": {"how": "format: SGLang's DFlash loader has no draft vocabulary",
+               "differs": lambda draft_vocab: IGNORES_D2T if draft_vocab else None},
+    "transformers_reference": {"how": "measured: z-lab/dflash DFlashDraftModel computes our logits (max |diff| 0.0) "
+                                      "and reads no d2t",
+                               "differs": lambda draft_vocab: IGNORES_D2T if draft_vocab else None},
+    "llama.cpp": {"how": "format: llama.cpp's draft-dflash reads a GGUF drafter",
+                  "differs": lambda draft_vocab: "needs a GGUF drafter, which this export does not write"},
+}
+
+
+def engine_table(draft_vocab: int) -> dict[str, dict]:
+    """{engine: {"exact", "reason", "how"}} for an export with this draft vocabulary size."""
+    table = {}
+    for name, e in ENGINES.items():
+        reason = e["differs"](draft_vocab)
+        table[name] = {"exact": reason is None, "reason": reason, "how": e["how"]}
+    return table
+
+
+def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None = None, trust_remote_code: bool = False,
                    force: bool = False, manifest_extra: dict | None = None) -> dict:
     """Write drafter_dir (a `train` output) to out_dir in the DFlash layout; return the manifest.
 
@@ -165,16 +180,12 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = Fals
     if "d2t" in state and target_dir is None:
         raise UserError(f"{drafter_dir}: has a {len(state['d2t'])}-token draft vocabulary (train.draft_vocab_size): "
                          "pass --target TARGET_DIR, the exported drafter carries its rows of the target's lm_head")
-    differences = []
-    n_features = len(config.target_layer_ids)
-    if config.context_layer_norm and n_features > 1:
-        differences.append(
-            f"context_layer_norm: trained with a per-layer RMS norm of its {n_features} feature layers "
-            "before fc, which SGLang/vLLM/the reference do not apply: served acceptance will be lower "
-            "than evaluated (outputs stay exact); retrain with train.context_layer_norm: false")
-        if strict:
-            raise UserError(f"{drafter_dir}: not exportable exactly: {differences[0]}")
-        log.warning("export %s: %s", drafter_dir, differences[0])
+    engines = engine_table(len(state["d2t"]) if "d2t" in state else 0)
+    if strict is not None:
+        if strict not in engines:
+            raise UserError(f"--strict: no engine {strict!r} (have: {', '.join(engines)})")
+        if not engines[strict]["exact"]:
+            raise UserError(f"{drafter_dir}: {strict} would not run the evaluated drafter: {engines[strict]['reason']}")
     lm_head = None
     if target_dir is not None:
         tm = read_target_manifest(target_dir)
@@ -196,8 +207,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = Fals
             "schema_version": SCHEMA_VERSION, "kind": "export", "format": "dflash",
             "architecture": ARCHITECTURE, "variant": dm.get("variant"),
             "block_size": cfg["block_size"], "draft_vocab_size": draft_vocab,
-            "reference_equivalent": not differences, "differences": differences,
-            "folded": ["feature_scale into fc.weight"] if "feature_scale" in state else [],
+            "engines": engines,
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in sorted(tensors.items())},
             "weights_sha256": sha256_file(tmp / WEIGHTS),
@@ -208,4 +218,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: bool = Fals
         write_json(tmp / MANIFEST, manifest)
     log.info("wrote %s: %s, %d tensors, block size %d%s", out_dir, ARCHITECTURE, len(tensors), cfg["block_size"],
              f", draft vocabulary {draft_vocab}" if draft_vocab else "")
+    for engine, e in engines.items():
+        if not e["exact"]:
+            log.warning("export %s: %s would not run the evaluated drafter: %s", out_dir, engine, e["reason"])
     return manifest

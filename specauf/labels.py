@@ -189,8 +189,7 @@ def run_labels(model, rollouts_dir: str | Path, params: LabelsParams, *, out_dir
         "feature_bytes_per_token": bytes_per_token, "feature_bytes_total": bytes_per_token * tokens,
         "top_k": params.top_k, "verify_temperature": params.verify_temperature,
         "label_agreement": {"agree": agree, "total": total, "rate": rate, "greedy_rollouts": greedy},
-        "rollouts_manifest_sha256": manifest_extra.get("rollouts_manifest_sha256"),
-        **manifest_extra,
+        **manifest_extra,  # params hash, versions, target fingerprint, rollouts_manifest_sha256
     }  # no timings: a manifest's bytes must depend only on its inputs (downstream stages hash it)
     manifest = work.finish(out_dir, entries, manifest)
     log.info("wrote %s: %d sequences, %d tokens, %.1f MB of features; %.1f tokens/s", out_dir, rows, tokens,

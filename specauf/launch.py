@@ -35,7 +35,8 @@ def under_launcher(env: dict | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,7 +54,7 @@ def launcher_argv(launch: LaunchParams, script: str, args: list[str], python: st
         # --standalone: a local rendezvous on a free port (several runs may share a machine).
         return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n, script, *args]
     argv = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n,
-            "--master_port", str(master_port or _free_port()), "--no_local_rank"]
+            "--master_port", str(master_port or free_port()), "--no_local_rank"]
     if launch.hostfile is not None:
         argv += ["--hostfile", launch.hostfile]
     return [*argv, script, *args]

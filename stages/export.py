@@ -21,7 +21,8 @@ def add_args(p):
     p.add_argument("--drafter", help="a train output (default data/drafters/VARIANT-SEED)")
     p.add_argument("--target", default="data/target", help="the target it was trained with (lm_head rows of a draft vocabulary)")
     p.add_argument("--out", help="default data/export/VARIANT-SEED")
-    p.add_argument("--strict", action="store_true", help="fail unless the engines run exactly the evaluated drafter")
+    p.add_argument("--strict", metavar="ENGINE",
+                   help="fail unless ENGINE runs exactly the evaluated drafter (engines: the export manifest's `engines`)")
 
 
 if __name__ == "__main__":

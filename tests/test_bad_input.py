@@ -320,12 +320,12 @@ def test_heldout_fraction_leaves_nothing(ws):
 def test_draft_vocab_larger_than_vocabulary_means_full(ws, tiny_model):
     """Accepted on purpose (the default 8192 must work on the smoke target): no draft vocabulary."""
     from specauf.dataset import LabelsDataset
-    from specauf.train import build_draft_vocab
+    from specauf.draft_vocab import DraftVocab
 
     ds = LabelsDataset(ws / "data/labels")
     vocab = tiny_model[0].get_output_embeddings().weight.shape[0]
-    assert build_draft_vocab(ds, list(range(len(ds))), vocab + 1000, vocab) is None
-    assert len(build_draft_vocab(ds, list(range(len(ds))), 5, vocab)) == 5
+    assert DraftVocab.build(ds, list(range(len(ds))), vocab + 1000, vocab) is None
+    assert len(DraftVocab.build(ds, list(range(len(ds))), 5, vocab).d2t) == 5
 
 
 def test_zero_warmup_steps_means_no_warmup():

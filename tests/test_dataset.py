@@ -37,7 +37,7 @@ def test_rows_follow_shard_order_and_subsets_pick_them(labels_dir):
 
 def test_item_fields_say_what_verification_accepts(labels_dir):
     for item in LabelsDataset(labels_dir):
-        start, ids, labels = item["response_start"], item["input_ids"], item["label_ids"]
+        start, ids, labels = item["response_start"], item["input_ids"], item["acceptance_ids"]
         assert torch.equal(labels[:start], ids[:start])  # prompt positions keep their own token
         assert torch.equal(item["loss_mask"], torch.arange(len(ids)) >= start)
         feats = item["features"]

@@ -152,3 +152,21 @@ def test_overfit_one_sequence_to_full_acceptance(llama_target):
     full = blocks["validity"].all(1)
     assert diag["token_accuracy"].item() == 1.0, f"accuracy {diag['token_accuracy']:.3f} after {step} steps"
     assert torch.all(diag["acceptance_lengths"][full] == B)
+
+
+def test_a_drafter_trained_with_a_removed_lever_is_refused(tmp_path):
+    """context_layer_norm and context_feature_scale were removed (measured as no help): a drafter
+    saved with one of them on computes what this model cannot, so loading it fails in one line."""
+    import json
+
+    from specauf.artifacts import ArtifactError, loading
+
+    with pytest.raises(ValueError, match="sets context_layer_norm, a removed training lever: retrain"):
+        DrafterConfig(context_layer_norm=True)
+    config = DrafterConfig(context_layer_norm=False, context_feature_scale=False)  # off: the same model as today
+    BlockDrafter(config).save_pretrained(tmp_path / "d", safe_serialization=True)
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert "context_layer_norm" not in cfg
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**cfg, "context_feature_scale": True}))
+    with pytest.raises(ArtifactError, match="context_feature_scale, a removed training lever"), loading(tmp_path / "d"):
+        BlockDrafter.from_pretrained(tmp_path / "d")

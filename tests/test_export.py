@@ -65,14 +65,14 @@ def check_config(cfg: dict, config: DrafterConfig):
 def test_export_matches_reference_layout_bit_for_bit(tmp_path):
     config = DrafterConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, block_size=4,
-                           num_target_layers=6, rope_theta=5000.0, context_layer_norm=False,
+                           num_target_layers=6, rope_theta=5000.0,
                            dflash_config={"mask_token_id": 5, "target_layer_ids": [1, 2, 4]})
     drafter = save_drafter(tmp_path / "drafter", config)
     manifest = export_drafter(tmp_path / "drafter", tmp_path / "out")
 
     cfg = json.loads((tmp_path / "out/config.json").read_text())
     check_config(cfg, config)
-    assert "draft_vocab_size" not in cfg and "context_layer_norm" not in cfg and cfg["dtype"] == "float32"
+    assert "draft_vocab_size" not in cfg and cfg["dtype"] == "float32"
     tensors = load_file(str(tmp_path / "out/model.safetensors"))
     shapes = expected_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
@@ -81,7 +81,10 @@ def test_export_matches_reference_layout_bit_for_bit(tmp_path):
     source = drafter.state_dict()
     for name, t in tensors.items():
         assert t.dtype == source[name].dtype and torch.equal(t, source[name]), name
-    assert manifest["reference_equivalent"] and manifest["differences"] == [] and manifest["kind"] == "export"
+    assert manifest["kind"] == "export"
+    # without a draft vocabulary every HF-layout engine runs exactly this drafter
+    assert {e: v["exact"] for e, v in manifest["engines"].items()} == {
+        "vllm": True, "sglang": True, "transformers_reference": True, "llama.cpp": False}
     assert (tmp_path / "out/manifest.json").is_file()
 
     # transformers reads it as the Qwen3Config the reference model is built on, RoPE included
@@ -119,49 +122,46 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_draft_vocab_feature_scale_and_context_norm(tiny_target, tiny_model, tmp_path, capsys):
+def test_draft_vocab_and_which_engines_run_it(tiny_target, tiny_model, tmp_path, capsys, caplog):
     """A draft vocabulary is exported in vLLM's form (offsets + the target's lm_head rows, which
-    need --target); feature_scale is folded into fc; context_layer_norm over several feature
-    layers is flagged, and refused with --strict."""
+    need --target); the manifest says which engines ignore it, and --strict ENGINE refuses those."""
     target_dir, tm = tiny_target
     model = tiny_model[0]
     config = DrafterConfig.from_target_config(model.config, num_layers=1, block_size=4, mask_token_id=tm["mask_token_id"],
-                                              target_layer_ids=[0, 2], draft_vocab_size=10, context_feature_scale=True)
+                                              target_layer_ids=[0, 2], draft_vocab_size=10)
     drafter = save_drafter(tmp_path / "drafter", config, tm["fingerprint"])
     d2t = torch.randperm(tm["vocab_size"], generator=torch.Generator().manual_seed(1))[:10]
     drafter.d2t.copy_(d2t)
-    drafter.feature_scale.copy_(torch.rand(drafter.feature_scale.shape) + 0.5)
     drafter.save_pretrained(tmp_path / "drafter", safe_serialization=True)
 
     cli = [tmp_path / "drafter", tmp_path / "out"]
     code, _, err = run_cli(capsys, *cli)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and "--target" in err, err
     assert not (tmp_path / "out").exists()
-    code, _, err = run_cli(capsys, *cli, "--target", target_dir, "--strict")
-    assert code == 2 and err.count("\n") == 1 and "context_layer_norm" in err, err
+    code, _, err = run_cli(capsys, *cli, "--target", target_dir, "--strict", "sglang")
+    assert code == 2 and err.count("\n") == 1 and "sglang would not run the evaluated drafter: ignores the draft vocabulary" in err, err
     assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, *cli, "--target", target_dir, "--strict", "tgi")
+    assert code == 2 and "--strict: no engine 'tgi' (have: vllm, sglang, transformers_reference, llama.cpp)" in err, err
 
-    code, out, err = run_cli(capsys, *cli, "--target", target_dir)
-    assert code == 0 and "NOT reference-equivalent" in out, (out, err)
+    code, out, err = run_cli(capsys, *cli, "--target", target_dir, "--strict", "vllm")
+    assert code == 0 and "exactly the evaluated drafter in: vllm\n" in out, (out, err)
+    assert "transformers_reference would not run the evaluated drafter: ignores the draft vocabulary" in caplog.text
     cfg = json.loads((tmp_path / "out/config.json").read_text())
     check_config(cfg, config)
-    assert cfg["draft_vocab_size"] == 10 and cfg["context_layer_norm"] is True
+    assert cfg["draft_vocab_size"] == 10
     tensors = load_file(str(tmp_path / "out/model.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_shapes(cfg, draft_vocab=10)
     assert torch.equal(tensors["d2t"] + torch.arange(10), d2t)  # vLLM: target id = draft id + d2t[draft id]
     lm_head = model.get_output_embeddings().weight.detach()
     assert torch.equal(tensors["lm_head.weight"], lm_head[d2t].to(tensors["lm_head.weight"].dtype))
     source = drafter.state_dict()
-    for name in set(tensors) - {"d2t", "lm_head.weight", "fc.weight"}:
+    for name in set(tensors) - {"d2t", "lm_head.weight"}:
         assert torch.equal(tensors[name], source[name]), name
-    # the folded projection computes the same map on conditioned (layer-normed) features
-    x = drafter.condition_features(torch.randn(1, 3, 2 * config.hidden_size), scale=False)
-    with torch.no_grad():
-        ours = drafter.fc(x * drafter.feature_scale)
-    torch.testing.assert_close(x @ tensors["fc.weight"].T, ours)
     m = json.loads((tmp_path / "out/manifest.json").read_text())
-    assert m["reference_equivalent"] is False and "context_layer_norm" in m["differences"][0]
-    assert m["folded"] == ["feature_scale into fc.weight"] and m["target_fingerprint"] == tm["fingerprint"]
+    assert {e: v["exact"] for e, v in m["engines"].items()} == {
+        "vllm": True, "sglang": False, "transformers_reference": False, "llama.cpp": False}
+    assert m["engines"]["transformers_reference"]["how"].startswith("measured") and m["target_fingerprint"] == tm["fingerprint"]
 
     # a target other than the drafter's is refused
     write_json(tmp_path / "drafter/manifest.json", {"schema_version": SCHEMA_VERSION, "kind": "drafter",

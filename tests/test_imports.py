@@ -72,5 +72,5 @@ def test_drafter_module_is_the_model_only():
     """Top-level definitions of specauf/drafter.py: the config, the modules and their helpers."""
     tree = ast.parse((PACKAGE / "drafter.py").read_text())
     names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert names == {"DrafterConfig", "RMSNorm", "rms_normalize", "RotaryEmbedding", "rotate_half", "apply_rope",
+    assert names == {"DrafterConfig", "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope",
                      "DrafterCache", "DrafterAttention", "DrafterMLP", "DrafterLayer", "BlockDrafter"}, names

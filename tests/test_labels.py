@@ -50,7 +50,7 @@ def test_features_and_labels_exact(tiny_model, greedy_rollouts, tmp_path):
         assert torch.equal(item["features"], want)  # same dtype rounding, bit for bit
         start = item["response_start"]
         argmax = out.logits[0, start - 1:-1].argmax(-1)
-        assert torch.equal(item["label_ids"][start:], argmax)
+        assert torch.equal(item["acceptance_ids"][start:], argmax)
         assert item["loss_mask"].sum() == len(ids) - start and not item["loss_mask"][:start].any()
         probs = torch.softmax(out.logits[0, start - 1:-1], -1)
         assert torch.equal(item["topk_ids"][:, 0].long(), argmax)
@@ -65,7 +65,7 @@ def test_batched_features_match_unbatched(tiny_model, greedy_rollouts, tmp_path)
     label(model, greedy_rollouts, tmp_path / "many", batch_size=4)
     a, b = LabelsDataset(tmp_path / "one"), LabelsDataset(tmp_path / "many")
     for x, y in zip(a, b):
-        assert torch.equal(x["label_ids"], y["label_ids"])
+        assert torch.equal(x["acceptance_ids"], y["acceptance_ids"])
         assert torch.allclose(x["features"].float(), y["features"].float(), atol=2e-2, rtol=1e-2)
 
 
@@ -74,7 +74,7 @@ def test_sampled_rollouts_report_true_disagreement(tiny_model, tmp_path):
     rollouts = make_rollouts(model, tok, manifest, tmp_path / "sampled", temperature=1.5)
     m = label(model, rollouts, tmp_path / "labels")
     ds = LabelsDataset(tmp_path / "labels")
-    agree = sum(int((it["label_ids"][it["response_start"]:] == it["input_ids"][it["response_start"]:]).sum()) for it in ds)
+    agree = sum(int((it["acceptance_ids"][it["response_start"]:] == it["input_ids"][it["response_start"]:]).sum()) for it in ds)
     assert m["label_agreement"]["agree"] == agree < m["label_agreement"]["total"]
     assert m["label_agreement"]["greedy_rollouts"] is False
 

@@ -30,6 +30,7 @@ from specauf.drafter import BlockDrafter
 from specauf.labels import run_labels
 from specauf.rollouts import run_rollouts
 from specauf.train import Trainer, train_variant
+from specauf.train_data import TrainData, split_heldout
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
 CPU = torch.device("cpu")
@@ -41,6 +42,14 @@ BASE = dict(variants=["auf"], block_size=4, draft_vocab_size=0, anchors_per_seq=
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def trainer(params: TrainParams, tiny_model, labels_dir, variant: str = "auf") -> Trainer:
+    """The Trainer a run of these params builds, without training (its data at .data)."""
+    model, _, manifest = tiny_model
+    data = TrainData(params, LabelsDataset(labels_dir), 0, manifest["mask_token_id"],
+                     model.get_output_embeddings().weight.shape[0], model, CPU)
+    return Trainer(params, variant, model, manifest, data, 0, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +135,7 @@ def test_single_process_training_learns(base_run, tiny_model, data):
     assert last < 0.7 * first, (first, last)
     # and held-out token accuracy rises above the untrained drafter's (same seed = same init)
     model, _, manifest = tiny_model
-    fresh = Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, p.draft_vocab_size)
+    fresh = trainer(p, tiny_model, data["offline"])
     before = fresh.evaluate(fresh.drafter.eval())
     after = base_run["manifest"]["heldout"]
     assert after["heldout/blocks"] == before["heldout/blocks"] > 0  # the same fixed held-out blocks
@@ -322,63 +331,50 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch):
 
 
 def test_variants_see_identical_batches_and_curriculum_switches(tiny_model, data, tmp_path, monkeypatch):
-    real_batch, real_loss = Trainer.make_batch, train_mod.compute_loss
-    batches, names = [], []
-    monkeypatch.setattr(Trainer, "make_batch", lambda self, *a: batches.append(real_batch(self, *a)) or batches[-1])
-    monkeypatch.setattr(train_mod, "compute_loss", lambda name, *a, **k: names.append(name) or real_loss(name, *a, **k))
-    seen, losses = {}, {}
+    """The loop trains on TrainData.train_batch(step * grad_accum + micro, rank, world), a pure
+    function of those and the seed, which no variant enters: recorded, the indices are the same
+    for every variant, and so are the batches rebuilt from them."""
+    asked = []
+    real = TrainData.train_batch
+    monkeypatch.setattr(TrainData, "train_batch", lambda self, *a: asked.append(a) or real(self, *a))
+    seen = {}
     for variant in ("auf", "decay", "decay_then_auf"):
-        batches.clear(), names.clear()
-        train(tiny_model, data["offline"], tmp_path / variant, variant, steps=10, curriculum_switch=0.3,
+        asked.clear()
+        train(tiny_model, data["offline"], tmp_path / variant, variant, steps=5, grad_accum=2, curriculum_switch=0.4,
               eval_every=100, log_every=5)
-        seen[variant], losses[variant] = list(batches), [n for n in names if n != "full"]  # "full" = evaluation
-    assert losses["auf"] == ["auf"] * 10 and losses["decay"] == ["decay"] * 10
-    assert losses["decay_then_auf"] == ["decay"] * 3 + ["auf"] * 7
-    for variant in ("decay", "decay_then_auf"):
-        assert len(seen[variant]) == len(seen["auf"]) > 10  # training batches + evaluation batches
-        for x, y in zip(seen["auf"], seen[variant]):
-            assert x.keys() == y.keys()
-            for k in x:
-                assert torch.equal(x[k], y[k]), (variant, k)
+        seen[variant] = list(asked)
+    assert seen["auf"] == seen["decay"] == seen["decay_then_auf"] == [(i, 0, 1) for i in range(10)]
+    one, other = (trainer(TrainParams(**BASE), tiny_model, data["offline"]).data for _ in range(2))
+    for i in range(10):
+        a, b = vars(one.train_batch(i, 0, 1)), vars(other.train_batch(i, 0, 1))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if a[k] is not None), i
     # ...and the losses do make a difference
     assert not torch.equal(weights(tmp_path / "auf" / "out")["fc.weight"], weights(tmp_path / "decay" / "out")["fc.weight"])
     m = json.loads((tmp_path / "decay_then_auf" / "out" / "manifest.json").read_text())
     assert m["loss_schedule"] == "decay then auf"
 
 
-def test_loss_schedule_and_row_order_are_functions_of_the_step(tiny_model, data):
-    model, _, manifest = tiny_model
-    ds = LabelsDataset(data["offline"])
+def test_the_loss_schedule_is_a_function_of_the_step(tiny_model, data):
     p = TrainParams(**{**BASE, "steps": 20, "curriculum_switch": 0.25})
-    t = {v: Trainer(p, v, model, manifest, ds, 0, CPU, 0) for v in ("auf", "decay", "decay_then_auf")}
+    t = {v: trainer(p, tiny_model, data["offline"], v) for v in ("auf", "decay_then_auf")}
     assert [t["decay_then_auf"].loss_name(s) for s in range(20)] == ["decay"] * 5 + ["auf"] * 15
     assert {t["auf"].loss_name(s) for s in range(20)} == {"auf"}
-    for s in range(12):
-        rows = t["auf"].step_rows(s, 0, 1)
-        assert rows == t["decay"].step_rows(s, 0, 1) == t["decay_then_auf"].step_rows(s, 0, 1)
-    # every training row once per epoch; two ranks never share a row within an epoch
-    one = Trainer(p.model_copy(update={"micro_batch_size": 1}), "auf", model, manifest, ds, 0, CPU, 0)
-    n = len(one.train_rows)
-    assert sorted(r for s in range(n) for r in one.step_rows(s, 0, 1)) == sorted(one.train_rows)
-    r0 = [r for s in range(n // 2) for r in one.step_rows(s, 0, 2)]
-    r1 = [r for s in range(n // 2) for r in one.step_rows(s, 1, 2)]
-    assert len(set(r0 + r1)) == 2 * (n // 2)
 
 
 # --------------------------------------------------------------------------- draft vocabulary
 
 
 def test_draft_vocabulary(tiny_model, data, tmp_path):
-    model, _, manifest = tiny_model
+    model = tiny_model[0]
     ds = LabelsDataset(data["offline"])
     size = 10
     p = TrainParams(**{**BASE, "draft_vocab_size": size, "steps": 2, "eval_every": 100})
-    small = Trainer(p, "auf", model, manifest, ds, 0, CPU, size)
-    full = Trainer(p, "auf", model, manifest, ds, 0, CPU, 0)
+    small = trainer(p, tiny_model, data["offline"])
+    full = trainer(p.model_copy(update={"draft_vocab_size": 0}), tiny_model, data["offline"])
     counts = Counter()
-    for i in small.train_rows:
+    for i in small.data.train_rows:
         it = ds[i]
-        counts.update(it["label_ids"][it["response_start"]:].tolist())
+        counts.update(it["acceptance_ids"][it["response_start"]:].tolist())
     assert len(counts) > size  # some labels fall outside
     want = sorted(sorted(counts, key=lambda t: (-counts[t], t))[:size])
     assert small.drafter.d2t.tolist() == want
@@ -388,13 +384,13 @@ def test_draft_vocabulary(tiny_model, data, tmp_path):
     inside[want] = True
     cut = 0
     for s in range(6):
-        rows = small.step_rows(s, 0, 1)
-        a, b = small.make_batch(rows, 100 + s, 8), full.make_batch(rows, 100 + s, 8)
-        assert torch.equal(a["block_input_ids"], b["block_input_ids"])
-        keep = inside[b["labels"]].long().cummin(1).values.bool()
-        assert torch.equal(a["validity"], b["validity"] & keep)
-        assert torch.equal(small.drafter.d2t[a["labels"]][a["validity"]], b["labels"][a["validity"]])
-        cut += int((b["validity"] & ~a["validity"]).sum())
+        rows = small.data.rows_at(s, 0, 1)
+        a, b = small.data.batch(rows, 100 + s, 8), full.data.batch(rows, 100 + s, 8)
+        assert torch.equal(a.block_input_ids, b.block_input_ids)
+        keep = inside[b.labels].long().cummin(1).values.bool()
+        assert torch.equal(a.validity, b.validity & keep)
+        assert torch.equal(small.drafter.d2t[a.labels][a.validity], b.labels[a.validity])
+        cut += int((b.validity & ~a.validity).sum())
     assert cut > 0
 
     run = train(tiny_model, data["offline"], tmp_path, draft_vocab_size=size, steps=2, eval_every=100)
@@ -420,28 +416,29 @@ def test_distillation_reads_the_targets_top_k_of_each_label(tiny_model, data, tm
                pad_id=0, manifest_extra={"target_fingerprint": manifest["fingerprint"]})
     ds = LabelsDataset(tmp_path / "topk")
     p = TrainParams(**{**BASE, "distill_weight": 0.5, "steps": 2, "eval_every": 100})
-    full, small = Trainer(p, "auf", model, manifest, ds, 0, CPU, 0), Trainer(p, "auf", model, manifest, ds, 0, CPU, 10)
+    full = trainer(p, tiny_model, tmp_path / "topk")
+    small = trainer(p.model_copy(update={"draft_vocab_size": 10}), tiny_model, tmp_path / "topk")
     for s in range(4):
-        rows = full.step_rows(s, 0, 1)
-        a, b = full.make_batch(rows, 100 + s, 8), small.make_batch(rows, 100 + s, 8)
-        v = a["validity"]
-        assert a["soft_ids"].shape == (*a["labels"].shape, 4) and v.any()
+        rows = full.data.rows_at(s, 0, 1)
+        a, b = full.data.batch(rows, 100 + s, 8), small.data.batch(rows, 100 + s, 8)
+        v = a.validity
+        assert a.soft_ids.shape == (*a.labels.shape, 4) and v.any()
         # the stored top-k of position a+k: its top-1 is that position's acceptance label, probs renormalised
-        assert torch.equal(a["soft_ids"][..., 0][v], a["labels"][v])
-        assert (a["soft_probs"][v].diff(dim=-1) <= 0).all()
-        assert torch.allclose(a["soft_probs"].sum(-1)[v], torch.ones(int(v.sum())))
+        assert torch.equal(a.soft_ids[..., 0][v], a.labels[v])
+        assert (a.soft_probs[v].diff(dim=-1) <= 0).all()
+        assert torch.allclose(a.soft_probs.sum(-1)[v], torch.ones(int(v.sum())))
         # in a draft vocabulary the mass outside it is dropped and the rest renormalised
         inside = torch.zeros(model.config.vocab_size, dtype=torch.bool)
         inside[small.drafter.d2t] = True
-        keep = inside[a["soft_ids"]] & v[..., None]
-        want = torch.where(keep, a["soft_probs"], 0.0)
+        keep = inside[a.soft_ids] & v[..., None]
+        want = torch.where(keep, a.soft_probs, 0.0)
         want = want / want.sum(-1, keepdim=True).clamp_min(1e-12)
-        assert torch.equal(small.drafter.d2t[b["soft_ids"]][keep], a["soft_ids"][keep])
-        assert torch.allclose(torch.where(v[..., None], b["soft_probs"], 0.0), want, atol=1e-6)
+        assert torch.equal(small.drafter.d2t[b.soft_ids][keep], a.soft_ids[keep])
+        assert torch.allclose(torch.where(v[..., None], b.soft_probs, 0.0), want, atol=1e-6)
     run = train(tiny_model, tmp_path / "topk", tmp_path / "run", distill_weight=0.5, steps=2, eval_every=100)
     assert run["manifest"]["distill_weight"] == 0.5
     with pytest.raises(ValueError, match=r"train.distill_weight = 0.5 .*labels.top_k > 0"):
-        Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, 0)
+        trainer(p, tiny_model, data["offline"])
 
 
 # --------------------------------------------------------------------------- online features
@@ -450,15 +447,14 @@ def test_distillation_reads_the_targets_top_k_of_each_label(tiny_model, data, tm
 def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
     model, _, manifest = tiny_model
     p = TrainParams(**BASE)
-    off = Trainer(p, "auf", model, manifest, LabelsDataset(data["offline"]), 0, CPU, 0)
-    on = Trainer(p, "auf", model, manifest, LabelsDataset(data["online"]), 0, CPU, 0)
+    off, on = trainer(p, tiny_model, data["offline"]).data, trainer(p, tiny_model, data["online"]).data
     assert on.online and not off.online and on.train_rows == off.train_rows
     for s in range(4):
-        rows = off.step_rows(s, 0, 1)
-        a, b = off.make_batch(rows, 7 + s, 8), on.make_batch(rows, 7 + s, 8)
+        rows = off.rows_at(s, 0, 1)
+        a, b = vars(off.batch(rows, 7 + s, 8)), vars(on.batch(rows, 7 + s, 8))
         assert a.keys() == b.keys()
         for k in a:
-            if k != "context_features":
+            if k != "context_features" and a[k] is not None:
                 assert torch.equal(a[k], b[k]), k
         # the same features at every real position (fp16 storage: atol 1e-2); past a shorter
         # sequence, offline pads with zeros and online holds the target's output for padding
@@ -557,38 +553,3 @@ def test_train_processes_param_relaunches_under_the_launcher(tiny_target, data, 
         assert torch.equal(outs["param"][k], outs["by_hand"][k]), k
 
 
-def test_rows_without_an_anchor_within_max_seq_len_are_left_out(data):
-    """A response starting at or past max_seq_len offers no anchor: such rows never reach a batch."""
-    from specauf.dataset import LabelsDataset
-    from specauf.train import split_heldout
-
-    ds = LabelsDataset(data["offline"])
-    starts = [ds[i]["response_start"] for i in range(len(ds))]
-    cut = sorted(starts)[len(starts) // 2]  # about half the prompts end at or past the cut
-    train_rows, held = split_heldout(ds, 0.25, 0, max_seq_len=cut)
-    kept = sorted(train_rows + held)
-    assert kept == [i for i, s in enumerate(starts) if s < min(len(ds[i]["input_ids"]), cut)]
-    assert 0 < len(kept) < len(ds)
-    all_train, all_held = split_heldout(ds, 0.25, 0)
-    assert set(train_rows) <= set(all_train) and set(held) <= set(all_held)  # same split, fewer rows
-
-
-def test_context_feature_scale_is_the_inverse_rms_per_dim_and_saved(tiny_model, data, tmp_path):
-    """The scale equalises every conditioned feature dim to unit RMS over the fixed first rows,
-    and travels with the drafter (a buffer in model.safetensors)."""
-    from specauf.dataset import LabelsDataset
-    from specauf.drafter import BlockDrafter
-
-    run = train(tiny_model, data["offline"], tmp_path, steps=2, eval_every=2, checkpoint_every=100,
-                context_feature_scale=True, context_layer_norm=True)
-    drafter = BlockDrafter.from_pretrained(run["out"])
-    ds = LabelsDataset(data["offline"])
-    from specauf.train import split_heldout
-
-    rows = split_heldout(ds, BASE["heldout_fraction"], 0, 512)[0][:64]
-    feats = torch.cat([drafter.condition_features(ds[i]["features"][:512].float()[None], scale=False)[0] for i in rows])
-    expected = torch.rsqrt(feats.pow(2).mean(0) + 1e-6)
-    torch.testing.assert_close(drafter.feature_scale, expected, rtol=1e-5, atol=1e-6)
-    scaled = drafter.condition_features(feats[None])[0]
-    torch.testing.assert_close(scaled.pow(2).mean(0), torch.ones(feats.shape[1]), rtol=1e-3, atol=1e-3)
-    assert "feature_scale" in weights(run["out"])
