@@ -225,6 +225,17 @@ def headline(metrics: dict, resamples: int) -> dict:
     return out
 
 
+def without_headline(metrics: dict, top: dict) -> dict:
+    """The details: `metrics` less the figures the headline holds (tau per set and block size, the
+    overall speedup), so no figure is stored twice; specauf.report.load_inputs joins them back."""
+    def section(detail: dict, head: dict) -> dict:
+        return {k: ({f: x for f, x in v.items() if f not in head[k]} if k in head and isinstance(v, dict) else v)
+                for k, v in detail.items()}
+
+    return {**metrics, "overall": section(metrics["overall"], top["overall"]),
+            "sets": {name: section(s, top["sets"][name]) for name, s in metrics["sets"].items()}}
+
+
 def check_exactness(metrics: dict, gate: bool) -> None:
     bad = metrics["exactness"]["mismatches"]
     if bad and gate:

@@ -1,7 +1,7 @@
 """Stage `report`: one markdown report and one figure comparing every trained loss variant.
 
 Inputs are the outputs of every run (a loss variant trained with one seed, `<variant>-<seed>`): the
-`eval` stage's `metrics/eval/<run>.details.json` and `.prompts.json` and the DVCLive summaries of
+`eval` stage's `metrics/eval/<run>.json` (the headline), `.details.json` and `.prompts.json` and the DVCLive summaries of
 the `train` stage (`metrics/train/<run>/metrics.json`). The paper's
 qualitative claims (docs/method.md) and the issue's speed goals are judged from those
 numbers, never assumed: a claim that the numbers do not support is reported as not holding.
@@ -46,6 +46,7 @@ def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]
             ev = read_json(ev_path)
             if not isinstance(ev, dict) or not isinstance(ev.get("overall"), dict):
                 raise ArtifactError(f"{ev_path}: no 'overall' section (not an eval stage metrics file)")
+            ev = with_headline(ev, read_json(Path(eval_dir) / f"{run}.json"), Path(eval_dir) / f"{run}.json")
             tr_path = Path(train_dir) / run / "metrics.json"
             tr = read_json(tr_path)
             if not isinstance(tr, dict):
@@ -57,6 +58,20 @@ def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]
                                                    "prompts": tag(rows.get("replayed")),
                                                    "decoded": tag(rows.get("decoded"))}
     return data
+
+
+def with_headline(details: dict, top, where: Path) -> dict:
+    """The details file with the figures the eval stage keeps only in its headline (DVC's metrics
+    file) joined back: tau per set and block size, the overall speedup."""
+    if not isinstance(top, dict) or not isinstance(top.get("overall"), dict):
+        raise ArtifactError(f"{where}: no 'overall' section (not an eval stage headline)")
+
+    def section(detail: dict, head: dict) -> dict:
+        return {k: ({**v, **{f: x for f, x in head[k].items() if f in ("tau", "speedup")}}
+                    if isinstance(head.get(k), dict) and isinstance(v, dict) else v) for k, v in detail.items()}
+
+    return {**details, "overall": section(details["overall"], top["overall"]),
+            "sets": {n: section(s, (top.get("sets") or {}).get(n, {})) for n, s in (details.get("sets") or {}).items()}}
 
 
 # ------------------------------------------------------------------------------ markdown

@@ -8,7 +8,7 @@ from specauf.artifacts import loading, read_manifest, write_json
 from specauf.config import run_name
 from specauf.stage import add_run_args, stage_main, stage_run
 from specauf.errors import UserError
-from specauf.evaluate import check_exactness, evaluate_drafter, headline, plot_rows
+from specauf.evaluate import check_exactness, evaluate_drafter, headline, plot_rows, without_headline
 from specauf.target_access import check_drafter_fits
 from specauf.replay import check_replay
 from specauf.prompts import load_eval_prompts
@@ -58,7 +58,7 @@ def run(params, args):
     check_rows = metrics["replay_check"].pop("rows") if "replay_check" in metrics else None
     write_json(args.prompts_out, {"variant": args.variant, "seed": args.seed, "replayed": metrics.pop("replay_prompts"),
                                   "decoded": metrics.pop("prompts"), "replay_check": check_rows})
-    write_json(args.details, metrics)
+    write_json(args.details, without_headline(metrics, top))
     write_json(args.metrics, top)  # last: DVC records the stage only when all outputs exist
 
 

@@ -7,7 +7,7 @@ import torch
 from specauf import decode
 from specauf.config import EvalParams
 from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.evaluate import ExactnessError, check_exactness, evaluate_drafter, headline, plot_rows
+from specauf.evaluate import ExactnessError, check_exactness, evaluate_drafter, headline, plot_rows, without_headline
 from specauf.config import LabelsParams, RolloutsParams
 from specauf.labels import run_labels
 from specauf.rollouts import run_rollouts
@@ -72,6 +72,17 @@ def test_metrics_accounting_and_peers(setup):
     assert h["replay_check_max_difference"] == 0
     leaves = lambda d: sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
     assert leaves(h) < 40  # a screenful, not the details
+    # ...and the details hold no figure of the headline; the report joins them back to the same values
+    from specauf.report import with_headline
+
+    d = without_headline(m, h)
+    assert all(f not in d[part][key] for part, key, f in (("overall", "b2", "tau"), ("overall", "b4", "speedup")))
+    assert "tau" not in d["sets"]["a"]["b4"] and "speedup" in d["sets"]["a"]["b4"]  # per-set speed: details only
+    assert d["overall"]["b4"]["acceptance_per_position"] == m["overall"]["b4"]["acceptance_per_position"]
+    joined = with_headline(d, h, "headline")
+    for key in ("b2", "b4"):
+        assert joined["overall"][key]["tau"] == m["overall"][key]["tau"]
+        assert joined["sets"]["b"][key]["tau"] == m["sets"]["b"][key]["tau"]
     assert set(m["peers"]) == {"hf_plain", "hf_prompt_lookup"}
     assert m["peers"]["hf_plain"]["speedup_vs_hf_plain"] == 1.0
     assert m["machine"]["torch_threads"] == torch.get_num_threads()

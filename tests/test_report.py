@@ -10,6 +10,7 @@ import pytest
 from specauf.artifacts import ArtifactError
 from specauf.stage import stage_main
 from specauf.claims import HOLDS, NOT_SIGNIFICANT, UNMEASURED, claim_auf_beats_decay, claim_decay_more_accurate, goals
+from specauf.evaluate import without_headline
 from specauf.report import load_inputs, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +69,17 @@ def _prompt_rows(ev: dict, per_set: int = 4) -> list[dict]:
 
 
 def _write(root: Path, variant: str, ev: dict, tr: dict, seed: int = 0, rows: list[dict] | None = None) -> None:
+    """The eval stage's three files for one run, split as the stage splits them: tau per set and
+    block size and the overall speedup only in the headline (DVC's metrics file)."""
     run = f"{variant}-{seed}"
     (root / "eval").mkdir(parents=True, exist_ok=True)
-    (root / "eval" / f"{run}.details.json").write_text(json.dumps(ev))  # NaN stays NaN, as json.dumps writes it
+    blocks = lambda s, keys: {k: {f: v[f] for f in keys if f in v} for k, v in s.items() if k.startswith("b")}
+    top = {"overall": blocks(ev["overall"], ("tau", "speedup")),
+           "sets": {n: blocks(s, ("tau",)) for n, s in ev["sets"].items()}}
+    (root / "eval" / f"{run}.json").write_text(json.dumps(top))
+    details = without_headline(ev, top)
+    assert "tau" not in details["overall"]["b2"]
+    (root / "eval" / f"{run}.details.json").write_text(json.dumps(details))  # NaN stays NaN, as json.dumps writes it
     rows = _prompt_rows(ev) if rows is None else rows
     (root / "eval" / f"{run}.prompts.json").write_text(json.dumps(
         {"variant": variant, "replayed": rows, "decoded": [{**r, "plain": {"tokens": 10, "time_s": 2.0}} for r in rows[:2]],
