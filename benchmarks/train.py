@@ -162,7 +162,7 @@ def main() -> None:
     print()
     print_table(["contender", "median step s", "valid tokens/s (median over steps)"], [
         [n, med[n], median(tok_ / s for s, tok_ in runs[n])] for n in names])
-    print(f"- make_batch (data prep, same for all, not in the step times): median {make_s:.3f} s per micro batch")
+    print(f"- TrainData.train_batch (data prep, same for all, not in the step times): median {make_s:.3f} s per micro batch")
     ds_rel = ratio(med["plain/decay"], med["deepspeed/decay"])
     auf_slow = ratio(med["deepspeed/auf"], med["deepspeed/decay"]) - 1
     print(f"- DeepSpeed / plain throughput (ratio of median step times, same batches): {ds_rel:.3f}")
