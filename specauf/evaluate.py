@@ -241,20 +241,3 @@ def check_exactness(metrics: dict, gate: bool) -> None:
     if bad and gate:
         raise ExactnessError(f"exactness gate: speculative output differs from plain greedy on {len(bad)} prompt(s): "
                              + ", ".join(bad[:20]))
-
-
-def plot_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
-    """Rows for `dvc plots`: acceptance rate by block position and emitted-length histogram."""
-    acceptance, emitted = [], []
-    for set_name, m in [("overall", metrics["overall"]), *metrics["sets"].items()]:
-        for key, s in m.items():
-            if key == "plain":
-                continue
-            for k, rate in enumerate(s["acceptance_per_position"], start=1):
-                acceptance.append({"set": set_name, "block_size": key, "position": k,
-                                   "acceptance": None if rate != rate else rate})
-            if set_name == "overall":
-                for length, count in enumerate(s["length_histogram"]):
-                    if length:
-                        emitted.append({"block_size": key, "emitted_length": length, "cycles": count})
-    return acceptance, emitted

@@ -8,7 +8,7 @@ from specauf.artifacts import loading, read_manifest, write_json
 from specauf.config import run_name
 from specauf.stage import add_run_args, stage_main, stage_run
 from specauf.errors import UserError
-from specauf.evaluate import check_exactness, evaluate_drafter, headline, plot_rows, without_headline
+from specauf.evaluate import check_exactness, evaluate_drafter, headline, without_headline
 from specauf.target_access import check_drafter_fits
 from specauf.replay import check_replay
 from specauf.prompts import load_eval_prompts
@@ -49,9 +49,6 @@ def run(params, args):
     check_exactness(metrics, params.eval.exactness_gate)
     if "replay_check" in metrics:
         check_replay(metrics["replay_check"])
-    acceptance, emitted = plot_rows(metrics)
-    write_json(Path(args.plots) / "acceptance.json", acceptance)
-    write_json(Path(args.plots) / "emitted.json", emitted)
     # DVC's metrics file holds the headline numbers; the rest (per-prompt rows, histograms, settings,
     # machine, kernel plan, cost model) go to plain JSON outputs beside it
     top = headline(metrics, params.eval.bootstrap_resamples)
@@ -69,7 +66,6 @@ def add_args(p):
     p.add_argument("--eval-labels", default="data/eval_labels", help="greedy eval answers with features (the replay's input)")
     p.add_argument("--drafter")
     p.add_argument("--metrics")
-    p.add_argument("--plots")
     p.add_argument("--prompts-out", help="per-prompt replayed and decoded rows (default: beside --metrics, .prompts.json)")
     p.add_argument("--details", help="everything but the headline (default: beside --metrics, .details.json)")
 
@@ -80,7 +76,6 @@ def main():
         args.run = run_name(args.variant, args.seed)
         args.drafter = args.drafter or f"data/drafters/{args.run}"
         args.metrics = args.metrics or f"metrics/eval/{args.run}.json"
-        args.plots = args.plots or f"plots/eval/{args.run}"
         args.prompts_out = args.prompts_out or str(Path(args.metrics).with_suffix(".prompts.json"))
         args.details = args.details or str(Path(args.metrics).with_suffix(".details.json"))
         run(params, args)

@@ -73,7 +73,7 @@ class Workspace:
         d = {k: str(self.root / v) for k, v in {
             "target": "data/target", "prompts": "data/prompts", "rollouts": "data/rollouts",
             "labels": "data/labels", "drafter": "data/drafters/auf", "metrics": "metrics/eval/auf.json",
-            "plots": "plots/eval/auf", "eval_rollouts": "data/eval_rollouts", "eval_labels": "data/eval_labels"}.items()}
+            "eval_rollouts": "data/eval_rollouts", "eval_labels": "data/eval_labels"}.items()}
         return {
             "target": {"out": d["target"]},
             "prompts": {"out": d["prompts"]},
@@ -88,7 +88,7 @@ class Workspace:
             "train": {"variant": "auf", "target": d["target"], "labels": d["labels"], "out": d["drafter"],
                       "work": str(self.root / "work/train"), "metrics": str(self.root / "metrics/train/auf")},
             "eval": {"variant": "auf", "target": d["target"], "prompts": d["prompts"], "drafter": d["drafter"],
-                     "metrics": d["metrics"], "plots": d["plots"], "eval-labels": d["eval_labels"]},
+                     "metrics": d["metrics"], "eval-labels": d["eval_labels"]},
         }[stage]
 
     def run(self, stage: str, params: Path | None = None, **flags) -> tuple[int, list[str]]:
@@ -130,7 +130,7 @@ def snapshot(path: Path) -> dict:
 def expect_error(ws: Workspace, stage: str, message: str, params: Path | None = None, **flags) -> str:
     """Run a stage on bad input: exit 2, one `error:` line matching `message` (regex), the output
     the workspace already holds for that stage untouched. Returns the line."""
-    outputs = [ws / p for p in {"eval": ["metrics/eval/auf.json", "plots/eval/auf"]}.get(stage, [])] or \
+    outputs = [ws / p for p in {"eval": ["metrics/eval/auf.json"]}.get(stage, [])] or \
         [Path(ws.flags(stage)["out"])]
     before = [snapshot(p) for p in outputs]
     code, err = ws.run(stage, params, **flags)
@@ -171,5 +171,4 @@ def built_workspace(root: Path, target_dir: Path) -> Workspace:
         assert code == 0, (stage, err)
     save_drafter(ws / "data/drafters/auf", ws / "data/target")
     artifacts.write_json(ws / "metrics/eval/auf.json", {"overall": {"previous": "result"}})
-    artifacts.write_json(ws / "plots/eval/auf/acceptance.json", [{"previous": "result"}])
     return ws

@@ -7,7 +7,7 @@ import torch
 from specauf import decode
 from specauf.config import EvalParams
 from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.evaluate import ExactnessError, check_exactness, evaluate_drafter, headline, plot_rows, without_headline
+from specauf.evaluate import ExactnessError, check_exactness, evaluate_drafter, headline, without_headline
 from specauf.config import LabelsParams, RolloutsParams
 from specauf.labels import run_labels
 from specauf.rollouts import run_rollouts
@@ -92,8 +92,6 @@ def test_metrics_accounting_and_peers(setup):
     assert all(set(by_rows) == {1, 2, 3, 4} for by_rows in kernels["plan"].values())
     assert not any("_specauf_kernels" in mod.__dict__ for mod in setup[0].modules())  # target restored
     assert run(setup, linear_kernels="stock", prompt_lookup_num_tokens=0)["linear_kernels"] == {"mode": "stock", "plan": None}
-    acceptance, emitted = plot_rows(m)
-    assert {r["block_size"] for r in acceptance} == {"b2", "b4"} and emitted
 
 
 def test_exactness_gate_catches_a_broken_cache(setup, monkeypatch):

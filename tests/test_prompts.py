@@ -119,7 +119,7 @@ def test_default_build_is_byte_identical_and_disjoint(tmp_path):
     assert first == second
     tr, ev, stats = first
     assert len(tr) == PromptsParams().train[0].count and {n: len(r) for n, r in ev.items()} == {
-        "alpaca-like": 100, "gsm8k-like": 100, "humaneval": 164, "mt-bench": 80}
+        "alpaca-like": 128, "gsm8k-like": 128, "humaneval": 164, "mt-bench": 80}  # the evidence issue's counts
     assert set(ids(tr)).isdisjoint(ids(ev["alpaca-like"]))  # held-out ShareGPT ids never train...
     assert stats["sets"]["train"]["dropped_overlap"] == 0  # ...because training never even draws them
     assert all(len(set(ids(rows))) == len(rows) for rows in [tr, *ev.values()])
