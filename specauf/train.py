@@ -243,7 +243,8 @@ def finish(run: Run, params: TrainParams, variant: str, seed: int, out_dir, metr
     if run.rank != 0:
         return final
     t, data = run.trainer, run.trainer.data
-    run.live.summary.update({k: v for k, v in final.items()})
+    # the final (fp32) held-out figures replace the last logged ones under the same keys: one value each
+    run.live.summary["heldout"] = {k.split("/", 1)[1]: v for k, v in final.items()}
     run.live.end()
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant, "seed": seed,

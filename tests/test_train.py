@@ -158,6 +158,10 @@ def test_the_saved_drafter_is_the_trained_one(base_run, tiny_model):
         assert torch.equal(v, trained[k]), k
     assert loaded.mask_token_id == manifest["mask_token_id"] and loaded.target_layer_ids == [0, 2]
     assert json.loads((out / "ds_config.json").read_text()) == deepspeed_config(p)
+    # DVCLive's summary holds each held-out figure once: the final (saved) drafter's, as the manifest
+    summary = json.loads((base_run["metrics"] / "metrics.json").read_text())
+    assert not [k for k in summary if k.startswith("heldout/")]
+    assert {f"heldout/{k}": v for k, v in summary["heldout"].items()} == m["heldout"]
 
 
 def test_the_lr_follows_warmup_cosine_to_its_floor(base_run):
