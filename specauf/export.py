@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from specauf.errors import UserError
+from specauf.target_access import rope_config_keys
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, loading, read_manifest, sha256_file,
                                versions, write_json)
 
@@ -42,11 +43,8 @@ WEIGHTS = "model.safetensors"
 def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None) -> dict:
     """config.json of the DFlash layout for a DrafterConfig (no weights needed).
 
-    RoPE is written both ways: `rope_theta`/`rope_scaling` (transformers 4 readers) and
-    `rope_parameters` (transformers 5 readers); they agree."""
+    RoPE is written both ways (`rope_config_keys`)."""
     n = config.num_hidden_layers
-    scaling = dict(config.rope_scaling) if config.rope_scaling else None
-    rope_parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": float(config.rope_theta)}
     out = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -64,9 +62,7 @@ def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None
         "hidden_act": config.hidden_act,
         "max_position_embeddings": int(config.max_position_embeddings),
         "rms_norm_eps": float(config.rms_norm_eps),
-        "rope_theta": float(config.rope_theta),
-        "rope_scaling": scaling,
-        "rope_parameters": rope_parameters,
+        **rope_config_keys(config.rope_theta, config.rope_scaling),
         "attention_bias": bool(config.attention_bias),
         "attention_dropout": float(config.attention_dropout),
         "initializer_range": float(config.initializer_range),

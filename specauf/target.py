@@ -141,6 +141,23 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     return sorted(ids)
 
 
+def _write_rope_both_ways(config_json: Path, config) -> None:
+    """Add the transformers-4 RoPE keys to a config.json saved by transformers 5, so every engine
+    that reads data/target (vLLM, SGLang, the DFlash reference, llama.cpp's converter) sees the
+    same RoPE base as our own code."""
+    from specauf.target_access import rope_config_keys, target_rope, text_config
+
+    theta, scaling = target_rope(config)
+    if theta is None:
+        return
+    data = json.loads(config_json.read_text())
+    # A multimodal config nests the text model's keys; write them where the text config lives.
+    where = data.get("text_config", data) if text_config(config) is not config else data
+    for key, value in rope_config_keys(theta, scaling).items():
+        where.setdefault(key, value)
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, params_hash: str) -> dict:
     model, tok, described = _load_source(params, seed)
     if not tok.chat_template:
@@ -156,6 +173,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, "target") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        _write_rope_both_ways(tmp / "config.json", config)
         tok.save_pretrained(tmp)
         fingerprint = weights_fingerprint(tmp)
         manifest = {

@@ -65,6 +65,17 @@ def target_rope(target_config) -> tuple[float | None, dict]:
     return theta, params
 
 
+def rope_config_keys(theta: float, scaling: dict | None) -> dict:
+    """The RoPE entries of a config.json that transformers 4 and 5 readers both parse the same way.
+
+    transformers 5 writes only `rope_parameters`; a transformers 4 reader (vLLM, SGLang, the
+    DFlash reference code) then falls back to its default `rope_theta` (10000) and computes wrong
+    logits without a word. So both spellings are written, and they agree."""
+    scaling = dict(scaling) if scaling and scaling.get("rope_type", scaling.get("type")) != "default" else None
+    return {"rope_theta": float(theta), "rope_scaling": scaling,
+            "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": float(theta)}}
+
+
 def target_incompatibilities(target_config, model=None) -> list[str]:
     """What a target lacks for the drafter (empty: none), so an unsupported architecture is
     refused in one line when the target is materialised instead of failing deep inside training

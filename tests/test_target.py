@@ -77,3 +77,20 @@ def test_mask_token_choice(tiny_model):
     assert choose_mask_token(tok, manifest["vocab_size"], 7) == (7, "target.mask_token_id param")
     with pytest.raises(TargetError, match="outside the vocabulary"):
         choose_mask_token(tok, manifest["vocab_size"], 10**6)
+
+
+def test_config_states_rope_for_transformers_4_and_5_readers(tiny_target, tmp_path):
+    """transformers 5 saves only `rope_parameters`; a transformers 4 reader (vLLM, SGLang, the
+    DFlash reference) would silently use rope_theta 10000 instead of the target's base."""
+    shutil.copytree(tiny_target[0], tmp_path / "src")
+    cfg = tmp_path / "src" / "config.json"
+    data = json.loads(cfg.read_text())
+    data.pop("rope_theta", None)
+    data["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 123456.0}
+    cfg.write_text(json.dumps(data))
+    materialize_target(TargetParams(source="local", path=str(tmp_path / "src")), tmp_path / "t", seed=0, params_hash="x")
+    written = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert written["rope_theta"] == 123456.0 and written["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert written["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 123456.0}
+    model, _, _ = load_target(tmp_path / "t")
+    assert model.config.rope_parameters["rope_theta"] == 123456.0
