@@ -83,7 +83,12 @@ def main(argv=None) -> None:
                    help="fail unless ENGINE runs exactly the evaluated drafter (engines: the export manifest's `engines`)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the target's own model code run to read its lm_head (only for a target you trust)")
+    p.add_argument("--gguf", metavar="TARGET_GGUF", type=Path,
+                   help="also write OUT/drafter.gguf for llama.cpp, with this target GGUF's tokenizer (e.g. data/target_gguf/f32.gguf)")
     p.add_argument("--force", action="store_true", help="replace OUT even if it is not an earlier export")
+    p = sub.add_parser("llamacpp", help="build llama.cpp's tools from the pinned sdist (cached), or print where they are")
+    p.add_argument("action", choices=("install", "where"))
+    p.add_argument("--server", action="store_true", help="also build llama-server (the README's serving command)")
     args = parser.parse_args(argv)
     with one_line_errors():
         if args.cmd == "check-params":
@@ -112,9 +117,19 @@ def main(argv=None) -> None:
 
             setup_logging("export")
             m = export_drafter(args.drafter, args.out, args.target, strict=args.strict,
-                               trust_remote_code=args.trust_remote_code, force=args.force)
+                               trust_remote_code=args.trust_remote_code, force=args.force, gguf_tokenizer=args.gguf)
             print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors; exactly the evaluated drafter in: "
                   + (", ".join(e for e, v in m["engines"].items() if v["exact"]) or "no engine"))
+        elif args.cmd == "llamacpp":
+            from specauf import llamacpp
+            from specauf.runtime import setup_logging
+
+            if args.action == "install":
+                setup_logging("llamacpp")
+                print(llamacpp.install(server=args.server))
+            else:
+                for name in (*llamacpp.TOOLS, *([llamacpp.SERVER] if args.server else [])):
+                    print(llamacpp.tool(name))
 
 
 if __name__ == "__main__":

@@ -167,6 +167,30 @@ class EvalParams(Section):
         return self
 
 
+class ServeParams(Section):
+    engine: Literal["llama.cpp", "none"] = "llama.cpp"
+    """Serving engine the `serve` stage measures each drafter in (and `export` writes a GGUF
+    drafter for): llama.cpp's draft-dflash, built from a pinned sdist (`specauf llamacpp install`);
+    none = skip (no GGUF, no build; the smoke preset's random target has no tokenizer llama.cpp reads)."""
+    threads: int = Field(1, ge=1)
+    """llama.cpp threads for every measured run (one: comparable across machines and with the eval)."""
+    targets: list[Literal["f32", "source"]] = ["f32", "source"]
+    """Target GGUFs to serve: f32 = converted from data/target (the eval's numerics: its tau should
+    equal ours), source = the target's original GGUF (target.source gguf; the quantised model a CPU
+    user runs)."""
+    ngram: Literal["ngram-simple", "ngram-map-k", "ngram-mod"] | None = "ngram-simple"
+    """llama.cpp's own n-gram speculation, measured beside the drafter as a peer (null = skip)."""
+    ngram_n_max: int = Field(3, ge=1)
+    """Draft tokens per cycle of the n-gram peer."""
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("targets: a non-empty list without repeats (f32, source)")
+        return v
+
+
 class Params(Section):
     base: BaseParams = BaseParams()
     """Shared settings."""
@@ -184,6 +208,8 @@ class Params(Section):
     """Stage `train` (one per loss variant)."""
     eval: EvalParams = EvalParams()
     """Stage `eval` (one per trained drafter)."""
+    serve: ServeParams = ServeParams()
+    """Stages `target_gguf` and `serve` (each trained drafter in a serving engine) and the GGUF export."""
 
     @model_validator(mode="after")
     def _cross(self):
@@ -197,6 +223,9 @@ class Params(Section):
         empty = [n for n, sources in self.prompts.eval.items() if sum(s.count for s in sources) == 0]
         if empty:
             raise ValueError(f"prompts.eval.{empty[0]}: no prompts (its sources' counts add up to 0)")
+        if self.serve.engine != "none" and "source" in self.serve.targets and self.target.source != "gguf":
+            raise ValueError(f"serve.targets: `source` serves the target's original GGUF, and target.source "
+                             f"is {self.target.source!r}, not gguf (serve f32 only)")
         unknown = [s for s in self.eval.sets or [] if s not in self.prompts.eval]
         if unknown:
             raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} in prompts.eval "

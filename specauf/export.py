@@ -38,6 +38,7 @@ log = logging.getLogger("specauf")
 ARCHITECTURE = "DFlashDraftModel"
 MODEL_TYPE = "qwen3"  # the reference's config class is Qwen3Config; engines parse the config as one
 WEIGHTS = "model.safetensors"
+GGUF = "drafter.gguf"  # the same drafter for llama.cpp, beside the safetensors
 
 
 def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None) -> dict:
@@ -134,28 +135,40 @@ ENGINES = {
     "transformers_reference": {"how": "measured: z-lab/dflash DFlashDraftModel computes our logits (max |diff| 0.0) "
                                       "and reads no d2t",
                                "differs": lambda draft_vocab: IGNORES_D2T if draft_vocab else None},
-    "llama.cpp": {"how": "format: llama.cpp's draft-dflash reads a GGUF drafter",
-                  "differs": lambda draft_vocab: "needs a GGUF drafter, which this export does not write"},
+    "llama.cpp": {"how": "measured: llama.cpp 0c1e570 draft-dflash on drafter.gguf (tests/test_llamacpp.py: its first "
+                         "draft is ours, its output plain greedy; the serve stage's tau beside ours)",
+                  "differs": lambda draft_vocab, target_model_type, gguf: (
+                      "needs drafter.gguf: export with serve.engine llama.cpp (or `specauf export --gguf`)" if not gguf
+                      else f"its {target_model_type} graph exposes no layer inputs to a DFlash draft (it feeds: "
+                           f"{', '.join(LLAMACPP_DFLASH_TARGETS)})" if target_model_type not in LLAMACPP_DFLASH_TARGETS
+                      else None)},
 }
+# Target architectures whose llama.cpp graph captures layer inputs for a DFlash draft (llama.cpp
+# 0c1e570, src/models/*.cpp calling the extraction hook; read, not copied): other targets load but
+# cannot feed the drafter its context features.
+LLAMACPP_DFLASH_TARGETS = ("llama", "mistral", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "gpt_oss",
+                           "lfm2", "gemma4", "gemma4_text", "nemotron_h", "minimax_m2")
 
 
-def engine_table(draft_vocab: int) -> dict[str, dict]:
-    """{engine: {"exact", "reason", "how"}} for an export with this draft vocabulary size."""
+def engine_table(draft_vocab: int, target_model_type: str | None = None, gguf: bool = False) -> dict[str, dict]:
+    """{engine: {"exact", "reason", "how"}} for an export with this draft vocabulary size (and, for
+    llama.cpp, whether a GGUF drafter was written and for which target architecture)."""
     table = {}
     for name, e in ENGINES.items():
-        reason = e["differs"](draft_vocab)
+        reason = e["differs"](draft_vocab, target_model_type, gguf) if name == "llama.cpp" else e["differs"](draft_vocab)
         table[name] = {"exact": reason is None, "reason": reason, "how": e["how"]}
     return table
 
 
 def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None = None, trust_remote_code: bool = False,
-                   force: bool = False, manifest_extra: dict | None = None) -> dict:
+                   force: bool = False, manifest_extra: dict | None = None, gguf_tokenizer=None) -> dict:
     """Write drafter_dir (a `train` output) to out_dir in the DFlash layout; return the manifest.
 
     With target_dir, the target must be the one the drafter was trained with (fingerprint).
     `trust_remote_code` comes from target.trust_remote_code or the CLI flag, never from an
     artifact: a manifest is data anyone can edit. out_dir must be absent, empty or an earlier
-    export (`force` overrides that, for a folder you mean to lose)."""
+    export (`force` overrides that, for a folder you mean to lose). With `gguf_tokenizer` (a target
+    GGUF, data/target_gguf/f32.gguf) the folder also holds drafter.gguf for llama.cpp (specauf.gguf_export)."""
     from safetensors.torch import load_file, save_file
 
     from specauf.drafter import DrafterConfig
@@ -176,7 +189,12 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
     if "d2t" in state and target_dir is None:
         raise UserError(f"{drafter_dir}: has a {len(state['d2t'])}-token draft vocabulary (train.draft_vocab_size): "
                          "pass --target TARGET_DIR, the exported drafter carries its rows of the target's lm_head")
-    engines = engine_table(len(state["d2t"]) if "d2t" in state else 0)
+    target_type = None
+    if target_dir is not None:
+        target_type = read_target_manifest(target_dir, verify=False).get("model_type")
+    if gguf_tokenizer is not None and target_dir is None:
+        raise UserError("a GGUF export needs --target TARGET_DIR (its architecture decides whether llama.cpp can feed the drafter)")
+    engines = engine_table(len(state["d2t"]) if "d2t" in state else 0, target_type, gguf_tokenizer is not None)
     if strict is not None:
         if strict not in engines:
             raise UserError(f"--strict: no engine {strict!r} (have: {', '.join(engines)})")
@@ -199,6 +217,13 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS, 0o644)  # readable by whoever serves it, like every other artifact
         write_json(tmp / "config.json", cfg)
+        gguf = None
+        if gguf_tokenizer is not None:
+            from specauf.gguf_export import write_drafter_gguf
+
+            gguf = write_drafter_gguf(config, state, lm_head, Path(gguf_tokenizer), tmp / GGUF)
+            gguf["sha256"] = sha256_file(tmp / GGUF)
+            os.chmod(tmp / GGUF, 0o644)
         manifest = {
             "schema_version": SCHEMA_VERSION, "kind": "export", "format": "dflash",
             "architecture": ARCHITECTURE, "variant": dm.get("variant"),
@@ -209,6 +234,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
             "weights_sha256": sha256_file(tmp / WEIGHTS),
             "drafter_manifest_sha256": sha256_file(drafter_dir / MANIFEST),
             "target_fingerprint": target_fp, "versions": versions(),
+            **({"gguf": gguf} if gguf else {}),
             **(manifest_extra or {}),
         }
         write_json(tmp / MANIFEST, manifest)

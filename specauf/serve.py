@@ -1,0 +1,149 @@
+"""Each trained drafter served by llama.cpp, measured on the eval's timed prompts.
+
+Why in the pipeline: a CPU user decodes with llama.cpp, not with our transformers loop, so the
+question "what does this drafter buy" has a second answer there. On the prompts the eval times
+(`eval.prompts_per_set` per set, `eval.max_new_tokens`), interleaved per prompt on one thread:
+plain greedy, draft-dflash at each eval block size B (llama.cpp drafts B-1 tokens per cycle), and
+llama.cpp's own n-gram speculation as a peer. Every speculative output must equal plain greedy
+(the eval's exactness gate). With the f32 target GGUF (the eval's numerics) llama.cpp's tau is put
+beside our decode's tau on the same prompts; the original (quantised) GGUF shows what a user gets.
+
+One layout difference is known and stated in the metrics: llama.cpp runs a cycle of n guesses as
+an (n+1)-token block (our eval.block_layout `short`); the eval's default layout `trained` runs the
+trained B-token block and keeps n. At B = train.block_size the two are the same block.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from specauf.artifacts import ArtifactError, MANIFEST, SCHEMA_VERSION, atomic_dir, read_json, read_manifest, sha256_file, versions, write_json
+from specauf.errors import UserError
+from specauf.gguf_export import TARGET_FILES
+from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
+
+
+def build_target_ggufs(params, target_dir: Path, source_gguf: Path | None, out_dir: Path) -> dict:
+    """data/target_gguf: the target as llama.cpp runs it (serve.targets); `f32` is always written
+    (the drafter GGUF copies its tokenizer)."""
+    from specauf import llamacpp
+    from specauf.target import read_target_manifest
+
+    tm = read_target_manifest(target_dir)
+    with atomic_dir(out_dir, "target_gguf") as tmp:
+        files = {}
+        if params.serve.engine != "none":
+            llamacpp.tool("llama-completion")  # built before any work, or one line saying how
+            log.info("converting %s to f32 GGUF with llama.cpp %s's converter", target_dir, llamacpp.SDIST_COMMIT)
+            llamacpp.convert_target(Path(target_dir), tmp / TARGET_FILES["f32"], "f32")
+            if "source" in params.serve.targets:
+                if source_gguf is None:
+                    raise UserError("serve.targets: `source` needs target.source gguf")
+                shutil.copyfile(source_gguf, tmp / TARGET_FILES["source"])
+                log.info("copied the original GGUF %s", source_gguf.name)
+            files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.gguf"))}
+        manifest = {"schema_version": SCHEMA_VERSION, "kind": "target_gguf", "engine": params.serve.engine,
+                    "files": files, "source_gguf": source_gguf.name if source_gguf else None,
+                    "target_fingerprint": tm["fingerprint"], "versions": versions(),
+                    **({"llama_cpp": {"sdist": llamacpp.SDIST, "commit": llamacpp.SDIST_COMMIT}}
+                       if params.serve.engine != "none" else {})}
+        write_json(tmp / MANIFEST, manifest)
+    log.info("wrote %s: %s", out_dir, ", ".join(files) or "nothing (serve.engine none)")
+    return manifest
+
+
+def timed_prompts(tokenizer, prompts_dir: Path, eval_params) -> list[dict]:
+    """The eval's timed prompts as chat-template text: [{set, prompt_id, text}], in the eval's order."""
+    from specauf.prompts import load_eval_prompts
+
+    sets = load_eval_prompts(prompts_dir, eval_params.sets)
+    out = []
+    for name, rows in sets.items():
+        for row in rows[: eval_params.prompts_per_set]:
+            messages = [{"role": "user", "content": row["turns"][0]}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out.append({"set": name, "prompt_id": row["prompt_id"], "text": text})
+    return out
+
+
+def _pool(rows: list[dict], key: str, n_max: int | None) -> dict:
+    """Pooled speed and, for a speculative contender, tau and acceptance by position."""
+    tokens = sum(r[key]["tokens"] for r in rows)
+    secs = sum(r[key]["tokens"] / r[key]["tokens_per_s"] for r in rows)
+    out = {"tokens_per_s": tokens / secs if secs else None}
+    if n_max is not None:
+        cycles = [a for r in rows for a in r[key]["accepted"]]
+        out["cycles"] = len(cycles)
+        out["tau"] = (sum(cycles) + len(cycles)) / len(cycles) if cycles else None
+        out["acceptance"] = [sum(a > i for a in cycles) / len(cycles) if cycles else None for i in range(n_max)]
+    return out
+
+
+def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, prompts: list[dict],
+                  eval_prompts_file: Path) -> tuple[dict, list[dict]]:
+    """(metrics, per-prompt rows) of one drafter in llama.cpp; raises when an output differs from plain greedy."""
+    from specauf import llamacpp
+
+    sp, ep = params.serve, params.eval
+    drafter = export_dir / read_manifest(export_dir, kind="export").get("gguf", {}).get("file", "drafter.gguf")
+    if not drafter.is_file():
+        raise ArtifactError(f"{drafter}: missing (rerun the export stage with serve.engine llama.cpp)")
+    sizes = sorted(set(ep.block_sizes) - {1})
+    ours = {(r["set"], r["prompt_id"]): r for r in read_json(eval_prompts_file)["decoded"]}
+    targets, rows, mismatches = {}, [], []
+    n = ep.max_new_tokens
+    total = len(sp.targets) * len(prompts)
+    with progress(total=total, desc=f"serve {run}", unit="prompt") as bar:
+        for name in sp.targets:
+            model = target_gguf_dir / TARGET_FILES[name]
+            t_rows = []
+            for p in prompts:
+                plain = llamacpp.decode_plain(model, p["text"], n, sp.threads)
+                row = {"target": name, "set": p["set"], "prompt_id": p["prompt_id"],
+                       "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
+                contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
+                if sp.ngram:
+                    contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
+                for key, draft, n_max, kind in contenders:
+                    quiet = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind)
+                    loud = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind, verbose=True)
+                    same = quiet.text == plain.text and loud.text == plain.text
+                    if not same:
+                        mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
+                    row[key] = {"tokens": quiet.tokens, "tokens_per_s": quiet.tokens_per_s, "accepted": loud.accepted,
+                                "equals_plain": same}
+                t_rows.append(row)
+                bar.update(1)
+            section = {"plain": _pool(t_rows, "plain", None)}
+            for key, _, n_max, _ in contenders:
+                section[key] = _pool(t_rows, key, n_max)
+                section[key]["speedup"] = section[key]["tokens_per_s"] / section["plain"]["tokens_per_s"]
+            if name == "f32":
+                for b in sizes:
+                    mine = [ours[(r["set"], r["prompt_id"])][f"b{b}"] for r in t_rows if (r["set"], r["prompt_id"]) in ours]
+                    tau_ours = sum(m["emitted"] for m in mine) / sum(m["cycles"] for m in mine) if mine else None
+                    section[f"b{b}"]["tau_ours_decoded"] = tau_ours
+                    section[f"b{b}"]["tau_minus_ours"] = (section[f"b{b}"]["tau"] - tau_ours
+                                                           if tau_ours and section[f"b{b}"]["tau"] else None)
+            targets[name] = section
+            rows += t_rows
+    metrics = {"engine": "llama.cpp", "llama_cpp_commit": llamacpp.SDIST_COMMIT, "threads": sp.threads,
+               "run_flags": list(llamacpp.RUN_FLAGS), "prompts": len(prompts), "max_new_tokens": n,
+               "block_layout": "short (an (n+1)-token block per cycle of n guesses)",
+               "targets": targets, "exactness": {"checked": len(rows), "mismatches": mismatches}}
+    if "f32" in targets and "source" in targets:
+        metrics["quantisation_tau_drop"] = {f"b{b}": targets["f32"][f"b{b}"]["tau"] - targets["source"][f"b{b}"]["tau"]
+                                            for b in sizes if targets["f32"][f"b{b}"]["tau"] and targets["source"][f"b{b}"]["tau"]}
+    return metrics, rows
+
+
+def check_exact(metrics: dict, gate: bool) -> None:
+    """The eval's exactness gate, for llama.cpp's outputs."""
+    bad = metrics.get("exactness", {}).get("mismatches", [])
+    if bad and gate:
+        raise RuntimeError(f"llama.cpp speculative output differs from its plain greedy output: {', '.join(bad[:5])}")
+    if bad:
+        log.warning("llama.cpp speculative output differs from plain greedy: %s", ", ".join(bad[:5]))

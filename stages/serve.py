@@ -1,0 +1,43 @@
+"""Stage `serve`: one trained drafter in llama.cpp (draft-dflash) on the eval's timed prompts."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
+
+from specauf.artifacts import write_json
+from specauf.config import run_name
+from specauf.serve import check_exact, serve_drafter, timed_prompts
+from specauf.stage import add_run_args, stage_main, stage_run
+
+
+def run(params, args):
+    run = run_name(*stage_run(params, "serve", args.variant, args.seed))
+    metrics_file = Path(args.metrics or f"metrics/serve/{run}.json")
+    rows = []
+    if params.serve.engine == "none":
+        metrics = {"engine": "none"}
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+        prompts = timed_prompts(tokenizer, Path(args.prompts), params.eval)
+        metrics, rows = serve_drafter(params, run, Path(args.target_gguf), Path(args.export or f"data/export/{run}"),
+                                      prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"))
+        check_exact(metrics, params.eval.exactness_gate)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
+    write_json(metrics_file, metrics)  # last: DVC records the stage only when all outputs exist
+
+
+def add_args(p):
+    add_run_args(p)
+    p.add_argument("--target", default="data/target", help="its tokenizer renders the prompts")
+    p.add_argument("--prompts", default="data/prompts")
+    p.add_argument("--target-gguf", default="data/target_gguf")
+    p.add_argument("--export", help="default data/export/VARIANT-SEED (holds drafter.gguf)")
+    p.add_argument("--eval-prompts", help="the eval's per-prompt rows (default metrics/eval/VARIANT-SEED.prompts.json)")
+    p.add_argument("--metrics", help="default metrics/serve/VARIANT-SEED.json")
+
+
+if __name__ == "__main__":
+    stage_main("serve", run, add_args)
