@@ -7,7 +7,7 @@ with the writer of the same sdist (specauf.llamacpp.gguf_module), and nothing of
 - `general.architecture = dflash` and Qwen3-shaped hyper-parameters under `dflash.*`;
 - `dflash.block_size`, `dflash.target_layers` = our target_layer_ids + 1 (llama.cpp captures a
   layer's INPUT; our ids name hidden_states[i + 1], the OUTPUT of layer i),
-  `dflash.causal_attention = false` (the block attends bidirectionally),
+  `dflash.attention.causal = false` (the block attends bidirectionally),
   `dflash.sample_from_anchor = true` (slot 0 of a block is the anchor, our layout);
 - the target's tokenizer keys (llama.cpp checks that drafter and target share a vocabulary) with
   `tokenizer.ggml.mask_token_id`;
@@ -18,18 +18,48 @@ with the writer of the same sdist (specauf.llamacpp.gguf_module), and nothing of
 from __future__ import annotations
 
 import logging
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from specauf.artifacts import ArtifactError
+from specauf.artifacts import MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, sha256_file, versions, write_json
 from specauf.errors import UserError
 
 log = logging.getLogger("specauf")
 
 # data/target_gguf: the target as llama.cpp runs it, by the serve.targets names.
 TARGET_FILES = {"f32": "f32.gguf", "source": "source.gguf"}
+
+
+def build_target_ggufs(params, target_dir: Path, source_gguf: Path | None, out_dir: Path) -> dict:
+    """data/target_gguf: the target as llama.cpp runs it (serve.targets); `f32` is always written
+    (the drafter GGUF copies its tokenizer)."""
+    from specauf import llamacpp
+    from specauf.target import read_target_manifest
+
+    tm = read_target_manifest(target_dir)
+    with atomic_dir(out_dir, "target_gguf") as tmp:
+        files = {}
+        if params.serve.engine != "none":
+            llamacpp.tool("llama-completion")  # built before any work, or one line saying how
+            log.info("converting %s to f32 GGUF with llama.cpp %s's converter", target_dir, llamacpp.SDIST_COMMIT)
+            llamacpp.convert_target(Path(target_dir), tmp / TARGET_FILES["f32"], "f32")
+            if "source" in params.serve.targets:
+                if source_gguf is None:
+                    raise UserError("serve.targets: `source` needs target.source gguf")
+                shutil.copyfile(source_gguf, tmp / TARGET_FILES["source"])
+                log.info("copied the original GGUF %s", source_gguf.name)
+            files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.gguf"))}
+        manifest = {"schema_version": SCHEMA_VERSION, "kind": "target_gguf", "engine": params.serve.engine,
+                    "files": files, "source_gguf": source_gguf.name if source_gguf else None,
+                    "target_fingerprint": tm["fingerprint"], "versions": versions(),
+                    **({"llama_cpp": {"sdist": llamacpp.SDIST, "commit": llamacpp.SDIST_COMMIT}}
+                       if params.serve.engine != "none" else {})}
+        write_json(tmp / MANIFEST, manifest)
+    log.info("wrote %s: %s", out_dir, ", ".join(files) or "nothing (serve.engine none)")
+    return manifest
 
 
 def tokenizer_gguf(target_gguf_dir: Path) -> Path:

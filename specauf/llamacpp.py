@@ -10,7 +10,6 @@ transformers target (convert_target): writer, converter and runtime are one comm
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,9 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_
 # Q4_1 target on an AMX Xeon here (segfault in ggml_backend_amx_mul_mat); the plain kernels run
 # everywhere. Every command we run and print carries these flags.
 RUN_FLAGS = ("--no-repack",)
+# How many tokens a cycle drafts, per spec type (llama.cpp 0c1e570 names it per method).
+NGRAM_N_MAX = {"ngram-simple": ("--spec-ngram-simple-size-m",), "ngram-map-k": ("--spec-ngram-map-k-size-m",),
+               "ngram-mod": ("--spec-ngram-mod-n-max",)}
 BUILD_PACKAGES = {"cmake": "cmake", "g++": "g++", "ninja": "ninja-build"}
 
 
@@ -162,8 +163,11 @@ def convert_target(model_dir: Path, out_file: Path, outtype: str = "f32") -> Non
     if not script.is_file():
         raise UserError(f"{script}: missing: run `specauf llamacpp install`")
     env = {**os.environ, "PYTHONPATH": str(source_dir() / "gguf-py"), "NO_LOCAL_GGUF": ""}
-    subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out_file), "--outtype", outtype],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    res = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out_file), "--outtype", outtype],
+                         env=env, capture_output=True, text=True, errors="replace")
+    if res.returncode != 0:
+        tail = "\n".join(res.stderr.strip().splitlines()[-6:])
+        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir} (exit {res.returncode}):\n{tail}")
 
 
 @dataclass
@@ -186,32 +190,40 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
     return res
 
 
-def _common(model: Path, prompt: str, n: int, threads: int) -> list[str]:
+# KV caches in f32 (llama.cpp's default is f16): with an f32 target GGUF, llama.cpp then computes
+# what our fp32 target computes, near-ties included; the serve stage's quantised target keeps the
+# default a user gets.
+F32_CACHE = ("-ctk", "f32", "-ctv", "f32")
+F32_DRAFT_CACHE = ("-ctkd", "f32", "-ctvd", "f32")
+
+
+def _common(model: Path, prompt: str, n: int, threads: int, f32_cache: bool = True) -> list[str]:
     return ["-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0", "--seed", "0", "-t", str(threads),
-            "-tb", str(threads), "-c", "4096", *RUN_FLAGS]
+            "-tb", str(threads), "-c", "4096", *RUN_FLAGS, *(F32_CACHE if f32_cache else ())]
 
 
-def decode_plain(model: Path, prompt: str, n: int, threads: int = 1) -> Decoded:
+def decode_plain(model: Path, prompt: str, n: int, threads: int = 1, f32_cache: bool = True) -> Decoded:
     """Greedy decoding with llama-completion (raw prompt text, special tokens parsed)."""
-    res = _run([tool("llama-completion"), *_common(model, prompt, n, threads), "-no-cnv", "--no-display-prompt"],
+    res = _run([tool("llama-completion"), *_common(model, prompt, n, threads, f32_cache), "-no-cnv", "--no-display-prompt"],
                "llama-completion")
     m = re.search(r"eval time =\s*([\d.]+) ms /\s*(\d+) runs", res.stderr.split("prompt eval time")[-1])
     if m is None:
         raise RuntimeError(f"llama-completion printed no eval time:\n{res.stderr[-2000:]}")
     ms, runs = float(m.group(1)), int(m.group(2))
-    text = res.stdout.removesuffix(" [end of text]\n")
+    # stdout: the continuation, " [end of text]\n" when it stopped at EOS, then "\n\n"
+    text = res.stdout.removesuffix("\n\n").removesuffix(" [end of text]\n")
     return Decoded(text=text, tokens=runs, tokens_per_s=runs / (ms / 1000) if ms else float("nan"))
 
 
 def decode_speculative(model: Path, draft: Path | None, prompt: str, n: int, n_max: int, threads: int = 1,
-                       spec_type: str = "draft-dflash", verbose: bool = False) -> Decoded:
+                       spec_type: str = "draft-dflash", verbose: bool = False, f32_cache: bool = True) -> Decoded:
     """Speculative greedy decoding with llama-speculative-simple (draft: a GGUF drafter, or None
-    for an n-gram spec_type). `verbose` logs every cycle (accepted/drafted) and costs time: the
-    timed run is the quiet one."""
-    cmd = [tool("llama-speculative-simple"), *_common(model, prompt, n, threads), "--spec-type", spec_type,
-           "--draft-max", str(n_max), "--draft-min", "0"]
+    for an n-gram spec_type). It emits n+1 to n+n_max+1 tokens (it stops after the cycle passing
+    n). `verbose` logs every cycle (accepted/drafted) and costs time: the timed run is the quiet one."""
+    cmd = [tool("llama-speculative-simple"), *_common(model, prompt, n, threads, f32_cache), "--spec-type", spec_type,
+           *NGRAM_N_MAX.get(spec_type, ("--spec-draft-n-max",)), str(n_max)]
     if draft is not None:
-        cmd += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
+        cmd += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads), *(F32_DRAFT_CACHE if f32_cache else ())]
     if verbose:
         cmd += ["-v"]
     res = _run(cmd, "llama-speculative-simple")
@@ -221,8 +233,9 @@ def decode_speculative(model: Path, draft: Path | None, prompt: str, n: int, n_m
         raise RuntimeError(f"llama-speculative-simple printed no decode time:\n{res.stderr[-2000:]}")
     tokens, secs = int(m.group(1)), float(m.group(2))
     cycles = re.findall(r"accepted (\d+)/(\d+) draft tokens", log_text)
-    out = res.stdout.removeprefix("\n\n")
-    # stdout is "\n\n" + the prompt's pieces + the continuation + "\n\n"; the prompt is ours
-    out = out.removeprefix(prompt) if out.startswith(prompt) else out
-    return Decoded(text=out.removesuffix("\n\n"), tokens=tokens, tokens_per_s=tokens / secs if secs else float("nan"),
+    # stdout: "\n\n" + the prompt's pieces + the continuation + "\n\n\n\n"
+    head = "\n\n" + prompt
+    if not res.stdout.startswith(head):
+        raise RuntimeError(f"llama-speculative-simple did not echo the prompt as given: {res.stdout[:200]!r}")
+    return Decoded(text=res.stdout[len(head):].removesuffix("\n\n\n\n"), tokens=tokens, tokens_per_s=tokens / secs if secs else float("nan"),
                    accepted=[int(a) for a, _ in cycles], drafted=[int(d) for _, d in cycles])

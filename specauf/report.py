@@ -236,6 +236,45 @@ def render_markdown(data: dict, resamples: int = evidence.RESAMPLES) -> str:
     return "\n".join(L)
 
 
+def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
+    """"Served by llama.cpp": each run's serve stage metrics (metrics/serve/RUN.json), when present."""
+    found = {label: read_json(Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json") for label, d in data.items()
+             if (Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json").is_file()}
+    found = {k: v for k, v in found.items() if v.get("engine") == "llama.cpp"}
+    if not found:
+        return []
+    any_m = next(iter(found.values()))
+    sizes = sorted({int(k[1:]) for m in found.values() for t in m["targets"].values() for k in t if k[1:].isdigit()})
+    L = ["## Served by llama.cpp", "",
+         f"llama.cpp {any_m['llama_cpp_commit']} (`llama-speculative-simple --spec-type draft-dflash`, "
+         f"{' '.join(any_m['run_flags'])}, {any_m['threads']} thread) on the eval's {any_m['prompts']} timed prompts, "
+         f"{any_m['max_new_tokens']} new tokens, interleaved per prompt. tau = 1 + accepted per cycle; speedup = "
+         "tokens/s over llama.cpp's plain greedy on the same GGUF; f32 = converted from data/target (the eval's "
+         "numerics: \"ours\" is our decode's tau on the same prompts), source = the original GGUF. "
+         f"llama.cpp runs a cycle of n guesses as an (n+1)-token block (layout `short`).", ""]
+    rows = []
+    for label, m in found.items():
+        for name, t in m["targets"].items():
+            cells = [label, name, _fmt(t["plain"]["tokens_per_s"], 1)]
+            for b in sizes:
+                c = t.get(f"b{b}") or {}
+                ours = c.get("tau_ours_decoded")
+                cells.append(f"{_fmt(c.get('tau'))}" + (f" ({_fmt(ours)})" if ours is not None else "")
+                             + f", {_fmt(c.get('speedup'), 2)}x")
+            ng = t.get("ngram")
+            cells.append("–" if ng is None else f"{_fmt(ng.get('tau'))}, {_fmt(ng.get('speedup'), 2)}x")
+            rows.append(cells)
+    L += _table(["run", "target GGUF", "plain tokens/s", *(f"B={b}: tau (ours), speedup" for b in sizes),
+                 "n-gram peer: tau, speedup"], rows)
+    exact = [f"{label}: {m['exactness']['checked']} prompt runs, "
+             + ("every speculative output equals plain greedy" if not m["exactness"]["mismatches"]
+                else f"{len(m['exactness']['mismatches'])} differ") for label, m in found.items()]
+    drops = [f"{label} " + ", ".join(f"{k} {v:+.3f}" for k, v in m.get("quantisation_tau_drop", {}).items())
+             for label, m in found.items() if m.get("quantisation_tau_drop")]
+    L += ["Exactness: " + "; ".join(exact) + "."] + (["", "tau drop f32 -> source GGUF: " + "; ".join(drops) + "."] if drops else []) + [""]
+    return L
+
+
 def _tau_ci(d: dict, k: int, set_name: str | None, resamples: int) -> str:
     ci = tau_interval(d, k, set_name, resamples)
     return "–" if ci is None else f"{ci['value']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
@@ -287,11 +326,13 @@ def _kernels(k) -> str:
 # ------------------------------------------------------------------------------ entry point
 
 def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path,
-                 seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES) -> dict:
+                 seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES, serve_dir: str | Path | None = None) -> dict:
     """Read every run's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
     at all); return the claims and goals."""
     data = load_inputs(eval_dir, train_dir, variants, seeds)
     text = render_markdown(data, resamples)
+    if serve_dir is not None and (served := served_lines(serve_dir, data)):
+        text = text.replace("## Runs: exactness gate and machine", "\n".join(served) + "\n## Runs: exactness gate and machine", 1)
     overlays = overlay_rows(data, train_dir, resamples)
     png = plot_acceptance(data, overlays["tau"])
     with atomic_dir(out_dir, "report") as tmp:

@@ -15,44 +15,13 @@ trained B-token block and keeps n. At B = train.block_size the two are the same 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from specauf.artifacts import ArtifactError, MANIFEST, SCHEMA_VERSION, atomic_dir, read_json, read_manifest, sha256_file, versions, write_json
-from specauf.errors import UserError
+from specauf.artifacts import ArtifactError, read_json, read_manifest
 from specauf.gguf_export import TARGET_FILES
 from specauf.runtime import progress
 
 log = logging.getLogger("specauf")
-
-
-def build_target_ggufs(params, target_dir: Path, source_gguf: Path | None, out_dir: Path) -> dict:
-    """data/target_gguf: the target as llama.cpp runs it (serve.targets); `f32` is always written
-    (the drafter GGUF copies its tokenizer)."""
-    from specauf import llamacpp
-    from specauf.target import read_target_manifest
-
-    tm = read_target_manifest(target_dir)
-    with atomic_dir(out_dir, "target_gguf") as tmp:
-        files = {}
-        if params.serve.engine != "none":
-            llamacpp.tool("llama-completion")  # built before any work, or one line saying how
-            log.info("converting %s to f32 GGUF with llama.cpp %s's converter", target_dir, llamacpp.SDIST_COMMIT)
-            llamacpp.convert_target(Path(target_dir), tmp / TARGET_FILES["f32"], "f32")
-            if "source" in params.serve.targets:
-                if source_gguf is None:
-                    raise UserError("serve.targets: `source` needs target.source gguf")
-                shutil.copyfile(source_gguf, tmp / TARGET_FILES["source"])
-                log.info("copied the original GGUF %s", source_gguf.name)
-            files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.gguf"))}
-        manifest = {"schema_version": SCHEMA_VERSION, "kind": "target_gguf", "engine": params.serve.engine,
-                    "files": files, "source_gguf": source_gguf.name if source_gguf else None,
-                    "target_fingerprint": tm["fingerprint"], "versions": versions(),
-                    **({"llama_cpp": {"sdist": llamacpp.SDIST, "commit": llamacpp.SDIST_COMMIT}}
-                       if params.serve.engine != "none" else {})}
-        write_json(tmp / MANIFEST, manifest)
-    log.info("wrote %s: %s", out_dir, ", ".join(files) or "nothing (serve.engine none)")
-    return manifest
 
 
 def timed_prompts(tokenizer, prompts_dir: Path, eval_params) -> list[dict]:
@@ -95,13 +64,15 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     ours = {(r["set"], r["prompt_id"]): r for r in read_json(eval_prompts_file)["decoded"]}
     targets, rows, mismatches = {}, [], []
     n = ep.max_new_tokens
+    longest = max([b - 1 for b in sizes] + ([sp.ngram_n_max] if sp.ngram else []))
     total = len(sp.targets) * len(prompts)
     with progress(total=total, desc=f"serve {run}", unit="prompt") as bar:
         for name in sp.targets:
             model = target_gguf_dir / TARGET_FILES[name]
             t_rows = []
             for p in prompts:
-                plain = llamacpp.decode_plain(model, p["text"], n, sp.threads)
+                # long enough to hold every speculative run (they overshoot n by up to n_max + 1)
+                plain = llamacpp.decode_plain(model, p["text"], n + longest + 1, sp.threads)
                 row = {"target": name, "set": p["set"], "prompt_id": p["prompt_id"],
                        "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
                 contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
@@ -110,7 +81,8 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
                 for key, draft, n_max, kind in contenders:
                     quiet = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind)
                     loud = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind, verbose=True)
-                    same = quiet.text == plain.text and loud.text == plain.text
+                    same = plain.text.startswith(quiet.text) and quiet.text == loud.text \
+                        and (quiet.tokens > n or plain.text == quiet.text)
                     if not same:
                         mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
                     row[key] = {"tokens": quiet.tokens, "tokens_per_s": quiet.tokens_per_s, "accepted": loud.accepted,

@@ -10,7 +10,8 @@ from specauf.report import write_report
 
 def run(params, args):
     result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out,
-                          seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples)
+                          seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples,
+                          serve_dir=args.serve_metrics)
     for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf",
                                                 "auf tau > dpace tau")):
         print(f"{label}: {claim['status']}")
@@ -21,6 +22,7 @@ def add_args(p):
     p.add_argument("--out", default="reports")
     p.add_argument("--eval-metrics", default="metrics/eval")
     p.add_argument("--train-metrics", default="metrics/train")
+    p.add_argument("--serve-metrics", default="metrics/serve", help="the serve stages' metrics (a table when present)")
 
 
 def main():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.serve import build_target_ggufs
+from specauf.gguf_export import build_target_ggufs
 from specauf.stage import stage_main
 from specauf.target import gguf_path
 
