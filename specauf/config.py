@@ -176,8 +176,8 @@ class ServeParams(Section):
     """llama.cpp threads for every measured run (one: comparable across machines and with the eval)."""
     targets: list[Literal["f32", "source"]] = ["f32", "source"]
     """Target GGUFs to serve: f32 = converted from data/target (the eval's numerics: its tau should
-    equal ours), source = the target's original GGUF (target.source gguf; the quantised model a CPU
-    user runs)."""
+    equal ours), source = the target's original GGUF, the quantised model a CPU user runs (only when
+    target.source is gguf; other targets serve f32 alone, and the metrics say so)."""
     ngram: Literal["ngram-simple", "ngram-map-k", "ngram-mod"] | None = "ngram-simple"
     """llama.cpp's own n-gram speculation, measured beside the drafter as a peer (null = skip)."""
     ngram_n_max: int = Field(3, ge=1)
@@ -223,9 +223,6 @@ class Params(Section):
         empty = [n for n, sources in self.prompts.eval.items() if sum(s.count for s in sources) == 0]
         if empty:
             raise ValueError(f"prompts.eval.{empty[0]}: no prompts (its sources' counts add up to 0)")
-        if self.serve.engine != "none" and "source" in self.serve.targets and self.target.source != "gguf":
-            raise ValueError(f"serve.targets: `source` serves the target's original GGUF, and target.source "
-                             f"is {self.target.source!r}, not gguf (serve f32 only)")
         unknown = [s for s in self.eval.sets or [] if s not in self.prompts.eval]
         if unknown:
             raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} in prompts.eval "

@@ -65,9 +65,12 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     targets, rows, mismatches = {}, [], []
     n = ep.max_new_tokens
     longest = max([b - 1 for b in sizes] + ([sp.ngram_n_max] if sp.ngram else []))
-    total = len(sp.targets) * len(prompts)
+    served = [t for t in sp.targets if (target_gguf_dir / TARGET_FILES[t]).is_file()]  # no `source` for a non-GGUF target
+    if not served:
+        raise ArtifactError(f"{target_gguf_dir}: none of serve.targets {sp.targets} (rerun the target_gguf stage)")
+    total = len(served) * len(prompts)
     with progress(total=total, desc=f"serve {run}", unit="prompt") as bar:
-        for name in sp.targets:
+        for name in served:
             model = target_gguf_dir / TARGET_FILES[name]
             t_rows = []
             for p in prompts:
