@@ -11,7 +11,8 @@ from tests.conftest import built_smoke_repro_log, copy_workspace, dvc
 # stage -> stages it reads from; DVC may run independent stages in any order
 UPSTREAM = {"target": {"inputs"}, "prompts": {"inputs"}, "rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
             "eval_rollouts": {"target", "prompts"}, "eval_labels": {"eval_rollouts"},
-            "eval": {"train", "eval_labels"}, "export": {"train"}, "report": {"eval"}}
+            "eval": {"train", "eval_labels"}, "target_gguf": {"target"}, "export": {"train", "target_gguf"},
+            "serve": {"export", "eval", "target_gguf"}, "report": {"eval", "serve"}}
 
 
 def ran(output: str) -> list[str]:
@@ -56,8 +57,8 @@ def test_whole_dag_through_report_and_metrics_show(built_smoke, tmp_path):
     ws = copy_workspace(built_smoke, tmp_path / "ws")
     out = built_smoke_repro_log(built_smoke)  # the fixture's first `dvc repro` of the whole DAG
     assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay-0", "train@auf-0",
-                               "eval_rollouts", "eval_labels", "eval@decay-0", "eval@auf-0", "export@decay-0", "export@auf-0",
-                               "report"]), out
+                               "eval_rollouts", "eval_labels", "eval@decay-0", "eval@auf-0", "target_gguf",
+                               "export@decay-0", "export@auf-0", "serve@decay-0", "serve@auf-0", "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
     for variant in ("decay", "auf"):
@@ -81,4 +82,5 @@ def test_whole_dag_through_report_and_metrics_show(built_smoke, tmp_path):
 
     edit(ws, "eval", "max_new_tokens", 10)
     out = dvc(ws, "repro").stdout
-    assert ran(out) == ["eval@auf-0", "eval@decay-0", "inputs", "report"], out  # the eval answers are max_new_tokens-free
+    # the eval answers are max_new_tokens-free; serve decodes the eval's timed prompts at its length
+    assert ran(out) == ["eval@auf-0", "eval@decay-0", "inputs", "report", "serve@auf-0", "serve@decay-0"], out
