@@ -3,6 +3,9 @@
 #   bash scripts/run.sh pipeline [dvc repro args]   install, then `dvc repro` the whole pipeline
 #   bash scripts/run.sh test [pytest args]          install, then run the test suite
 #   bash scripts/run.sh install                     install only
+#   bash scripts/run.sh llamacpp [--server]         install, then build llama.cpp's tools (pinned sdist, cached)
+# pipeline and test build llama.cpp's tools too (once per machine, several CPU minutes): the serve
+# stage and the llama.cpp tests run them.
 # Installing is idempotent: a stamp holding the hash of pyproject.toml and this script skips it
 # when nothing changed.
 set -euo pipefail
@@ -38,11 +41,19 @@ case "$cmd" in
     [ -d .git ] || { echo "error: run from a git clone (DVC needs git)" >&2; exit 2; }
     # Validate before DVC starts: DVC deletes a stage's outputs before the stage can refuse its params.
     specauf check-params params.yaml >/dev/null || exit 2
+    if python -c "import sys; from specauf.params_file import load_params; sys.exit(load_params('params.yaml').serve.engine != 'llama.cpp')"; then
+      specauf llamacpp install --server >/dev/null
+    fi
     dvc repro "$@"
+    ;;
+  llamacpp)
+    install
+    "$VENV/bin/specauf" llamacpp install "$@"
     ;;
   test)
     install
     export PATH="$VENV/bin:$PATH"
+    specauf llamacpp install >/dev/null
     set +e
     python -m pytest "$@"
     rc=$?
@@ -51,5 +62,5 @@ case "$cmd" in
     [ "$rc" -eq 5 ] && echo "error: no tests were collected" >&2
     exit "$rc"
     ;;
-  *) echo "usage: bash scripts/run.sh {pipeline|test|install} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/run.sh {pipeline|test|install|llamacpp} [args]" >&2; exit 2 ;;
 esac
