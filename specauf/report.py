@@ -266,9 +266,12 @@ def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
             rows.append(cells)
     L += _table(["run", "target GGUF", "plain tokens/s", *(f"B={b}: tau (ours), speedup" for b in sizes),
                  "n-gram peer: tau, speedup"], rows)
+    def agreement(m):
+        a = ((m["targets"].get("f32") or {}).get("plain") or {}).get("our_greedy_agreement")
+        return f"; f32 plain greedy equals our target's on {a['equal']}/{a['prompts']} prompts" if a else ""
     exact = [f"{label}: {m['exactness']['checked']} prompt runs, "
              + ("every speculative output equals plain greedy" if not m["exactness"]["mismatches"]
-                else f"{len(m['exactness']['mismatches'])} differ") for label, m in found.items()]
+                else f"{len(m['exactness']['mismatches'])} differ") + agreement(m) for label, m in found.items()]
     drops = [f"{label} " + ", ".join(f"{k} {v:+.3f}" for k, v in m.get("quantisation_tau_drop", {}).items())
              for label, m in found.items() if m.get("quantisation_tau_drop")]
     L += ["Exactness: " + "; ".join(exact) + "."] + (["", "tau drop f32 -> source GGUF: " + "; ".join(drops) + "."] if drops else []) + [""]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from specauf.artifacts import ArtifactError, read_json, read_manifest
+from specauf.artifacts import ArtifactError, iter_shards, read_json, read_manifest
 from specauf.gguf_export import TARGET_FILES
 from specauf.runtime import progress
 
@@ -38,6 +38,19 @@ def timed_prompts(tokenizer, prompts_dir: Path, eval_params) -> list[dict]:
     return out
 
 
+def our_greedy_texts(tokenizer, eval_rollouts_dir: Path, prompts: list[dict], n: int) -> dict[str, str]:
+    """{prompt_id: the first n tokens of our target's greedy answer, as text} (data/eval_rollouts:
+    fp32 transformers, the text tau is replayed on), for the timed prompts."""
+    want = {p["prompt_id"] for p in prompts}
+    manifest = read_manifest(eval_rollouts_dir, kind="rollouts")
+    out = {}
+    for table in iter_shards(eval_rollouts_dir, manifest):
+        for pid, resp in zip(table.column("prompt_id").to_pylist(), table.column("response_ids").to_pylist()):
+            if pid in want:
+                out[pid] = tokenizer.decode(resp[:n], skip_special_tokens=True)
+    return out
+
+
 def _pool(rows: list[dict], key: str, n_max: int | None) -> dict:
     """Pooled speed and, for a speculative contender, tau and acceptance by position."""
     tokens = sum(r[key]["tokens"] for r in rows)
@@ -52,7 +65,7 @@ def _pool(rows: list[dict], key: str, n_max: int | None) -> dict:
 
 
 def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, prompts: list[dict],
-                  eval_prompts_file: Path) -> tuple[dict, list[dict]]:
+                  eval_prompts_file: Path, our_greedy: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-prompt rows) of one drafter in llama.cpp; raises when an output differs from plain greedy."""
     from specauf import llamacpp
 
@@ -78,6 +91,8 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
                 plain = llamacpp.decode_plain(model, p["text"], n + longest + 1, sp.threads)
                 row = {"target": name, "set": p["set"], "prompt_id": p["prompt_id"],
                        "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
+                if name == "f32" and our_greedy and p["prompt_id"] in our_greedy:  # llama.cpp's f32 target is ours?
+                    row["plain"]["equals_our_greedy"] = plain.text.startswith(our_greedy[p["prompt_id"]])
                 contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
                 if sp.ngram:
                     contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
@@ -97,6 +112,8 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
                 section[key] = _pool(t_rows, key, n_max)
                 section[key]["speedup"] = section[key]["tokens_per_s"] / section["plain"]["tokens_per_s"]
             if name == "f32":
+                checked = [r["plain"]["equals_our_greedy"] for r in t_rows if "equals_our_greedy" in r["plain"]]
+                section["plain"]["our_greedy_agreement"] = {"equal": sum(checked), "prompts": len(checked)}
                 for b in sizes:
                     mine = [ours[(r["set"], r["prompt_id"])][f"b{b}"] for r in t_rows if (r["set"], r["prompt_id"]) in ours]
                     tau_ours = sum(m["emitted"] for m in mine) / sum(m["cycles"] for m in mine) if mine else None

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.artifacts import write_json
 from specauf.config import run_name
-from specauf.serve import check_exact, serve_drafter, timed_prompts
+from specauf.serve import check_exact, our_greedy_texts, serve_drafter, timed_prompts
 from specauf.stage import add_run_args, stage_main, stage_run
 
 
@@ -21,8 +21,9 @@ def run(params, args):
 
         tokenizer = AutoTokenizer.from_pretrained(args.target)
         prompts = timed_prompts(tokenizer, Path(args.prompts), params.eval)
+        greedy = our_greedy_texts(tokenizer, Path(args.eval_rollouts), prompts, params.eval.max_new_tokens)
         metrics, rows = serve_drafter(params, run, Path(args.target_gguf), Path(args.export or f"data/export/{run}"),
-                                      prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"))
+                                      prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"), greedy)
         check_exact(metrics, params.eval.exactness_gate)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
@@ -34,6 +35,7 @@ def add_args(p):
     p.add_argument("--target", default="data/target", help="its tokenizer renders the prompts")
     p.add_argument("--prompts", default="data/prompts")
     p.add_argument("--target-gguf", default="data/target_gguf")
+    p.add_argument("--eval-rollouts", default="data/eval_rollouts", help="our target's greedy answers (llama.cpp's f32 must match)")
     p.add_argument("--export", help="default data/export/VARIANT-SEED (holds drafter.gguf)")
     p.add_argument("--eval-prompts", help="the eval's per-prompt rows (default metrics/eval/VARIANT-SEED.prompts.json)")
     p.add_argument("--metrics", help="default metrics/serve/VARIANT-SEED.json")

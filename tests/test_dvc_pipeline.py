@@ -12,7 +12,7 @@ from tests.conftest import built_smoke_repro_log, copy_workspace, dvc
 UPSTREAM = {"target": {"inputs"}, "prompts": {"inputs"}, "rollouts": {"target", "prompts"}, "labels": {"rollouts"}, "train": {"labels"},
             "eval_rollouts": {"target", "prompts"}, "eval_labels": {"eval_rollouts"},
             "eval": {"train", "eval_labels"}, "target_gguf": {"target"}, "export": {"train", "target_gguf"},
-            "serve": {"export", "eval", "target_gguf"}, "report": {"eval", "serve"}}
+            "serve": {"export", "eval", "target_gguf", "eval_rollouts"}, "report": {"eval", "serve"}}
 
 
 def ran(output: str) -> list[str]:

@@ -36,8 +36,12 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
     # our decode's rows on the same prompts, as the eval writes them (metrics/eval/RUN.prompts.json)
     drafter = BlockDrafter.from_pretrained(tmp_path / "drafter").eval()
     proposer = DrafterProposer(drafter, model, "short")
-    rows = []
+    rows, greedy = [], {}
     for k, t in turns.items():
+        with torch.no_grad():
+            ids = encode_chat(tok, [t])
+            greedy[k] = tok.decode(model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):],
+                                   skip_special_tokens=True)
         row = {"set": "s", "prompt_id": k}
         for b in (2, 4):
             r = speculative_generate(model, encode_chat(tok, [t]), proposer=proposer, block_size=b, max_new_tokens=12)
@@ -46,11 +50,12 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
     write_json(tmp_path / "eval.prompts.json", {"decoded": rows})
 
     metrics, per_prompt = serve_drafter(params, "auf-0", tmp_path / "gguf", tmp_path / "export", prompts,
-                                        tmp_path / "eval.prompts.json")
+                                        tmp_path / "eval.prompts.json", greedy)
     check_exact(metrics, gate=True)
     assert metrics["exactness"] == {"checked": 2, "mismatches": []}
     f32 = metrics["targets"]["f32"]
     assert set(f32) == {"plain", "b2", "b4", "ngram"} and f32["plain"]["tokens_per_s"] > 0
+    assert f32["plain"]["our_greedy_agreement"] == {"equal": 2, "prompts": 2}  # llama.cpp's f32 target is ours
     for key, n_max in (("b2", 1), ("b4", 3), ("ngram", 2)):
         c = f32[key]
         cycles = [a for r in per_prompt for a in r[key]["accepted"]]
@@ -66,7 +71,7 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
     lines = served_lines(tmp_path / "serve", {"auf": {"variant": "auf", "seed": 0}})
     assert lines[0] == "## Served by llama.cpp"
     assert any(line.startswith("| auf | f32 |") for line in lines)
-    assert "every speculative output equals plain greedy" in "\n".join(lines)
+    assert "every speculative output equals plain greedy; f32 plain greedy equals our target's on 2/2 prompts" in "\n".join(lines)
 
 
 def test_exactness_gate_fails_the_stage():
