@@ -177,3 +177,26 @@ def test_export_stage_follows_train_in_the_dag(tmp_path):
     dot = dvc(ws, "dag", "--dot", "export@auf-0").stdout
     assert '"train@auf-0" -> "export@auf-0"' in dot and '"target" -> "export@auf-0"' in dot, dot
     assert "decay" not in dot
+
+
+def test_llamacpp_row_of_the_engine_table(tiny_target, tmp_path, capsys):
+    """llama.cpp runs the evaluated drafter only from drafter.gguf, and only for a target whose graph
+    hands a DFlash draft its layer inputs; --strict llama.cpp refuses an export without the GGUF."""
+    from specauf.export import LLAMACPP_DFLASH_TARGETS, engine_table
+
+    for draft_vocab in (0, 64):
+        assert engine_table(draft_vocab, "llama", gguf=True)["llama.cpp"]["exact"] is True  # d2t included
+        no_gguf = engine_table(draft_vocab, "llama", gguf=False)["llama.cpp"]
+        assert not no_gguf["exact"] and "needs drafter.gguf" in no_gguf["reason"]
+        gemma3 = engine_table(draft_vocab, "gemma3_text", gguf=True)["llama.cpp"]
+        assert not gemma3["exact"] and "exposes no layer inputs" in gemma3["reason"]
+    assert {"llama", "qwen3", "gemma4"} <= set(LLAMACPP_DFLASH_TARGETS) and "gemma3" not in LLAMACPP_DFLASH_TARGETS
+
+    target_dir, tm = tiny_target
+    config = DrafterConfig(vocab_size=tm["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, block_size=4, num_target_layers=4,
+                           dflash_config={"mask_token_id": tm["mask_token_id"], "target_layer_ids": [1, 2]})
+    save_drafter(tmp_path / "drafter", config, tm["fingerprint"])
+    code, _, err = run_cli(capsys, tmp_path / "drafter", tmp_path / "out", "--target", target_dir, "--strict", "llama.cpp")
+    assert code == 2 and err.count("\n") == 1 and "llama.cpp would not run the evaluated drafter: needs drafter.gguf" in err, err
+    assert not (tmp_path / "out").exists()
