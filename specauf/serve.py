@@ -101,10 +101,14 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
                     loud = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind, verbose=True)
                     same = plain.text.startswith(quiet.text) and quiet.text == loud.text \
                         and (quiet.tokens > n or plain.text == quiet.text)
-                    if not same:
-                        mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
                     row[key] = {"tokens": quiet.tokens, "tokens_per_s": quiet.tokens_per_s, "accepted": loud.accepted,
                                 "equals_plain": same}
+                    if not same:
+                        mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
+                        at = next((i for i, (a, b) in enumerate(zip(plain.text, quiet.text)) if a != b),
+                                  min(len(plain.text), len(quiet.text)))
+                        row[key]["first_difference"] = {"char": at, "plain": plain.text[max(0, at - 20):at + 30],
+                                                        "speculative": quiet.text[max(0, at - 20):at + 30]}
                 t_rows.append(row)
                 bar.update(1)
             section = {"plain": _pool(t_rows, "plain", None)}
@@ -133,7 +137,7 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
 
 
 def check_exact(metrics: dict, gate: bool) -> None:
-    """The eval's exactness gate, for llama.cpp's outputs."""
+    """serve.exactness_gate: llama.cpp's speculative outputs against its plain greedy ones."""
     bad = metrics.get("exactness", {}).get("mismatches", [])
     if bad and gate:
         raise RuntimeError(f"llama.cpp speculative output differs from its plain greedy output: {', '.join(bad[:5])}")

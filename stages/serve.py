@@ -24,7 +24,7 @@ def run(params, args):
         greedy = our_greedy_texts(tokenizer, Path(args.eval_rollouts), prompts, params.eval.max_new_tokens)
         metrics, rows = serve_drafter(params, run, Path(args.target_gguf), Path(args.export or f"data/export/{run}"),
                                       prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"), greedy)
-        check_exact(metrics, params.eval.exactness_gate)
+        check_exact(metrics, params.serve.exactness_gate)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
     write_json(metrics_file, metrics)  # last: DVC records the stage only when all outputs exist

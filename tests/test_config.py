@@ -92,9 +92,8 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "eval": {"base", "eval", "target.trust_remote_code"},
         "export": {"target.trust_remote_code", "serve.engine"},  # serve.engine: whether drafter.gguf is written
         "target_gguf": {"target.source", "target.gguf_package", "target.gguf_file", "serve.engine", "serve.targets"},
-        # llama.cpp decodes the eval's timed prompts, at the eval's lengths and block sizes, under its gate
-        "serve": {"serve", "eval.sets", "eval.prompts_per_set", "eval.max_new_tokens", "eval.block_sizes",
-                  "eval.exactness_gate"},
+        # llama.cpp decodes the eval's timed prompts, at the eval's lengths and block sizes
+        "serve": {"serve", "eval.sets", "eval.prompts_per_set", "eval.max_new_tokens", "eval.block_sizes"},
         "report": {"train.variants", "train.seeds", "eval.bootstrap_resamples"},
     }
     assert set(dvc) == set(expected)
