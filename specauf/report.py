@@ -269,9 +269,13 @@ def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
     def agreement(m):
         a = ((m["targets"].get("f32") or {}).get("plain") or {}).get("our_greedy_agreement")
         return f"; f32 plain greedy equals our target's on {a['equal']}/{a['prompts']} prompts" if a else ""
+    def differing(m):  # prompt runs (target, prompt) with any contender leaving plain greedy
+        return len({x.rsplit(" (", 1)[0] for x in m["exactness"]["mismatches"]})
     exact = [f"{label}: {m['exactness']['checked']} prompt runs, "
              + ("every speculative output equals plain greedy" if not m["exactness"]["mismatches"]
-                else f"{len(m['exactness']['mismatches'])} differ") + agreement(m) for label, m in found.items()]
+                else f"{differing(m)} with a speculative output that leaves plain greedy "
+                     f"({len(m['exactness']['mismatches'])} contender runs; metrics/serve/*.prompts.json says where)")
+             + agreement(m) for label, m in found.items()]
     drops = [f"{label} " + ", ".join(f"{k} {v:+.3f}" for k, v in m.get("quantisation_tau_drop", {}).items())
              for label, m in found.items() if m.get("quantisation_tau_drop")]
     L += ["Exactness: " + "; ".join(exact) + "."] + (["", "tau drop f32 -> source GGUF: " + "; ".join(drops) + "."] if drops else []) + [""]
