@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 from common import print_header, setup_threads
 
 
@@ -67,7 +68,8 @@ def main() -> None:
             key = f"b{b}"
             cols = evidence.paired_rows(rows["evaluated"], rows["ignored"], key)
             d = evidence.paired_diff_ci(*cols)
-            out["sizes"][key] = {"evaluated": sum(cols[0]) / sum(cols[1]), "ignored": sum(cols[2]) / sum(cols[3]),
+            tau = lambda num, den: float(np.sum(num) / np.sum(den))  # noqa: E731
+            out["sizes"][key] = {"evaluated": tau(cols[0], cols[1]), "ignored": tau(cols[2], cols[3]),
                                  "ignored_minus_evaluated": {"value": -d["value"], "lo": -d["hi"], "hi": -d["lo"]},
                                  "verdict": evidence.verdict(d)}
         result["drafters"][path] = out
