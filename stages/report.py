@@ -5,13 +5,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.stage import stage_main
+from specauf.artifacts import read_manifest
 from specauf.report import write_report
 
 
 def run(params, args):
     result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out,
                           seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples,
-                          serve_dir=args.serve_metrics)
+                          serve_dir=args.serve_metrics, target_manifest=read_manifest(args.target, kind="target"))
     for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf",
                                                 "auf tau > dpace tau")):
         print(f"{label}: {claim['status']}")
@@ -20,6 +21,7 @@ def run(params, args):
 
 def add_args(p):
     p.add_argument("--out", default="reports")
+    p.add_argument("--target", default="data/target", help="the target stage's output (its manifest names the verifier)")
     p.add_argument("--eval-metrics", default="metrics/eval")
     p.add_argument("--train-metrics", default="metrics/train")
     p.add_argument("--serve-metrics", default="metrics/serve", help="the serve stages' metrics (a table when present)")

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.gguf_export import build_target_ggufs
 from specauf.stage import stage_main
-from specauf.target import gguf_path
+from specauf.gguf_source import gguf_path
 
 
 def run(params, args):

@@ -173,7 +173,8 @@ def llama_target(tmp_path_factory):
     from specauf import llamacpp
     from specauf.config import TargetParams
     from specauf.runtime import setup_logging
-    from specauf.target import gguf_path, materialize_target
+    from specauf.gguf_source import gguf_path
+    from specauf.target import materialize_target
     from specauf.tiny import tiny_config
 
     if not llamacpp.installed():

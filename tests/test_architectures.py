@@ -36,7 +36,11 @@ ARCHS = {
     "qwen3": dict(num_layers=3, num_heads=4, num_kv_heads=4, tie_word_embeddings=True),
     "qwen2": dict(num_layers=2, num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
     "mistral": dict(num_layers=3, num_heads=4, num_kv_heads=4, tie_word_embeddings=False),
+    # Gemma 3 270M's layout: MQA, tied, scaled embeddings, sliding layers (window 16 < the prompts)
+    "gemma3": dict(num_layers=4, num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
 }
+MODEL_TYPE = {"gemma3": "gemma3_text"}
+HEAD_DIM = {"gemma3": 32}  # Gemma's head_dim is wider than hidden / heads (270M: 256 vs 160)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,7 +54,7 @@ def hf_greedy(target, prompt: list[int], stop_ids: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def run_stages(target_dir, root, num_prompts: int, layer_ids: list[int]) -> dict:
+def run_stages(target_dir, root, num_prompts: int, layer_ids: list[int], init_from_target: bool = True) -> dict:
     """rollouts -> labels -> train@auf -> speculative decoding, through the stages' functions."""
     target, tok, manifest = load_target(target_dir)
     extra = {"target_fingerprint": manifest["fingerprint"]}
@@ -63,7 +67,7 @@ def run_stages(target_dir, root, num_prompts: int, layer_ids: list[int]) -> dict
                         manifest_extra=extra)
     train = TrainParams(variants=["auf"], block_size=BLOCK, draft_vocab_size=0, anchors_per_seq=8, micro_batch_size=2,
                         steps=3, warmup_steps=1, heldout_fraction=0.0, eval_every=3, checkpoint_every=100, log_every=1,
-                        num_layers=1, init_from_target=True)
+                        num_layers=1, init_from_target=init_from_target)
     drafter_manifest = train_variant(train, "auf", target=target, target_manifest=manifest, labels_dir=root / "labels",
                                      out_dir=root / "drafter", work_dir=root / "train-work", metrics_dir=root / "metrics",
                                      seed=0, device=CPU, manifest_extra=extra)
@@ -112,18 +116,22 @@ def test_pipeline_on_architecture(arch, tmp_path):
     shape = ARCHS[arch]
     params = TargetParams(source="random", random={"arch": arch, "hidden_size": 64, "vocab_size": 512, **shape})
     manifest = materialize_target(params, tmp_path / "target", seed=0, params_hash="test")
-    assert (manifest["model_type"], manifest["num_hidden_layers"], manifest["hidden_size"]) == (arch, shape["num_layers"], 64)
+    assert (manifest["model_type"], manifest["num_hidden_layers"], manifest["hidden_size"]) == (
+        MODEL_TYPE.get(arch, arch), shape["num_layers"], 64)
     assert manifest["mask_token"] == "<|mask|>" and manifest["stop_token_ids"] == [2]  # <|im_end|>
 
     L = shape["num_layers"]
-    run = run_stages(tmp_path / "target", tmp_path, num_prompts=6, layer_ids=[0, L - 1])
+    run = run_stages(tmp_path / "target", tmp_path, num_prompts=6, layer_ids=[0, L - 1],
+                     init_from_target=arch != "gemma3")
     target, drafter = run["target"], run["drafter"]
     tied = target.get_output_embeddings().weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()
     assert tied == shape["tie_word_embeddings"] == target.config.tie_word_embeddings
     cfg = drafter.config
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (shape["num_heads"], shape["num_kv_heads"], 16)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        shape["num_heads"], shape["num_kv_heads"], HEAD_DIM.get(arch, 16))
     assert cfg.target_layer_ids == [0, L - 1] and cfg.num_target_layers == L
-    assert run["drafter_manifest"]["init_from_target"] is True
+    assert cfg.hidden_act == ("gelu_pytorch_tanh" if arch == "gemma3" else "silu")
+    assert run["drafter_manifest"]["init_from_target"] is (arch != "gemma3")
     # init_from_target copied the top target layer under the target's own attribute names
     top = target.get_decoder().layers[-1]
     assert drafter.layers[0].self_attn.k_proj.weight.shape == top.self_attn.k_proj.weight.shape

@@ -91,7 +91,8 @@ def test_tokenizer_without_chat_template(ws, tmp_path):
     (tmp_path / "t" / "chat_template.jinja").unlink()
     tc = tmp_path / "t" / "tokenizer_config.json"
     tc.write_text(json.dumps({k: v for k, v in json.loads(tc.read_text()).items() if k != "chat_template"}))
-    expect_error(ws, "target", r"^error: target: the tokenizer of local .*/t has no chat template$", local(ws, tmp_path / "t"))
+    expect_error(ws, "target", r"^error: target\.chat_template: the tokenizer of local .*/t has no chat template; set one$",
+                 local(ws, tmp_path / "t"))
 
 
 def test_mask_token_id_outside_vocabulary(ws):

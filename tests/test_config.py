@@ -77,7 +77,7 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
                   if k not in NOT_PROVENANCE["train"]}
     # launch.* is absent: the process count and launcher never change bytes (tests/test_sharded.py)
     expected = {
-        "inputs": {"target.source", "target.path", "target.gguf_package", "target.gguf_file", "prompts",
+        "inputs": {"target.source", "target.path", "target.gguf_package", "target.gguf_file", "target.gguf_chunks", "prompts",
                    "eval.assistant_model"},
         "target": {"base", "target"},
         "prompts": {"base", "prompts"},

