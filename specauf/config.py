@@ -38,6 +38,16 @@ class TrainParams(Section):
     speculators' default; 1 = every valid position's weight counts the valid positions after it)."""
     soft_auf_temperature: float = Field(1.0, ge=0.0)
     """Temperature of soft_auf's acceptance probabilities (0 = hard AUF support)."""
+    soft_auf_acceptance: Literal["label", "tv"] = "label"
+    """How soft_auf scores acceptance at temperature > 0: `label` = q_T(label), exact only for a
+    one-hot (greedy) verifier; `tv` = sum_x min(p_T(x), q_T(x)) = 1 - TV(p_T, q_T), speculative
+    sampling's acceptance probability, with p_T the target's stored top-k (needs labels.top_k > 0
+    and labels.verify_temperature = soft_auf_temperature; mass outside the top-k counts as rejected)."""
+    loss_normalization: Literal["batch", "block"] = "batch"
+    """How a micro batch's weighted CE is averaged: `batch` = sum(w CE) / sum(w) over all blocks
+    (under AUF a block weighs in proportion to its support: one failing at k=1 counts 1/7 of a fully
+    accepted one at B=8); `block` = the mean over blocks of each block's sum(w CE) / sum(w), every
+    block with any weight counting the same."""
     distill_weight: float = Field(0.0, ge=0.0, le=1.0)
     """EXTENSION beyond the paper: weight of the CE against the target's top-k distribution (needs labels.top_k > 0), blended with the one-hot CE under every loss variant (0 = off)."""
     curriculum_switch: float = Field(0.3, ge=0.0, le=1.0)

@@ -2,7 +2,8 @@
 
 Every loss takes logits (N,K,V) for block positions k = 1..K (K = B-1), labels (N,K) and a
 monotone validity mask (N,K), and is a weighted mean of per-position cross-entropy:
-loss = sum(w * CE) / sum(w). They differ only in w. AUF's point: a block's guesses after the
+loss = sum(w * CE) / sum(w) over the micro batch (or per block, then averaged:
+`train.loss_normalization`). They differ only in w. AUF's point: a block's guesses after the
 first failure are never used at verification, so training on them spends capacity on tokens
 that cannot raise the acceptance length. All weights are detached; gradient flows through CE.
 
@@ -74,10 +75,22 @@ def blended_ce(logits: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Ten
     return (1.0 - distill_weight) * ce + distill_weight * distill_ce(logits, *soft)
 
 
-def weighted_mean(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w*CE)/sum(w); an all-zero weight batch gives 0 with the graph intact (no NaN)."""
+NORMALIZATIONS = ("batch", "block")
+
+
+def weighted_mean(ce: torch.Tensor, weights: torch.Tensor, normalization: str = "batch") -> torch.Tensor:
+    """`batch`: sum(w*CE)/sum(w) over the micro batch; `block`: the mean over blocks with any
+    weight of each block's sum_k(w*CE)/sum_k(w). An all-zero weight batch gives 0 with the graph
+    intact (no NaN)."""
     weights = weights.detach().to(ce.dtype)
-    return (weights * ce).sum() / weights.sum().clamp_min(1e-6)
+    if normalization == "batch":
+        return (weights * ce).sum() / weights.sum().clamp_min(1e-6)
+    if normalization != "block":
+        raise ValueError(f"unknown loss normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    per_block_w = weights.sum(1)
+    per_block = (weights * ce).sum(1) / per_block_w.clamp_min(1e-6)
+    has = (per_block_w > 0).to(ce.dtype)
+    return (per_block * has).sum() / has.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -93,16 +106,33 @@ def auf_support(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tens
 
 
 @torch.no_grad()
-def soft_auf_weights(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
-                     temperature: float = 0.0) -> torch.Tensor:
-    """Soft support (N,K) float: v_k * prod_{j<k} p_accept_j, p_accept_j = q_T(label_j).
+def tv_acceptance(logits: torch.Tensor, temperature: float, target_ids: torch.Tensor,
+                  target_probs: torch.Tensor) -> torch.Tensor:
+    """(N,K) speculative sampling's acceptance probability of a token drawn from the drafter at
+    temperature T against the target's p_T: sum_x min(p_T(x), q_T(x)) = 1 - TV(p_T, q_T).
 
-    With a one-hot verifier (greedy target), a draft token sampled from the drafter at
-    temperature T is accepted with probability q_T(label). At T = 0 the greedy guess is accepted
-    iff it equals the label, so the weights equal `auf_support` exactly. Invalid positions
-    count as accepted in the product, matching AUF's "first VALID failure".
+    p_T is known on its stored top-k only (ids in the logits' vocabulary, probabilities; 0 where a
+    top-k id is outside a draft vocabulary); the mass outside it counts as rejected, so this is a
+    lower bound, exact when the top-k holds all of p_T's support."""
+    q = torch.softmax(logits.float() / temperature, dim=-1).gather(-1, target_ids)
+    return torch.minimum(q, target_probs.to(q.dtype)).sum(-1).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def soft_auf_weights(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
+                     temperature: float = 0.0, target_topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Soft support (N,K) float: v_k * prod_{j<k} p_accept_j.
+
+    p_accept_j = q_T(label_j): with a one-hot verifier (greedy target), a draft token sampled from
+    the drafter at temperature T is accepted with probability q_T(label). With `target_topk` (the
+    target's stored distribution at the same T), p_accept_j = 1 - TV(p_T, q_T) (`tv_acceptance`),
+    what speculative sampling accepts. At T = 0 the greedy guess is accepted iff it equals the
+    label, so the weights equal `auf_support` exactly. Invalid positions count as accepted in the
+    product, matching AUF's "first VALID failure".
     """
-    if temperature > 0:
+    if temperature > 0 and target_topk is not None:
+        p = tv_acceptance(logits, temperature, *target_topk)
+    elif temperature > 0:
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         p = probs.gather(-1, labels[..., None]).squeeze(-1)
     else:
@@ -140,7 +170,7 @@ WEIGHTS = {
     "dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]),
     "auf_dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]) * auf_support(lg, lb, v).float(),
     # EXTENSION beyond the AUF paper (soft_auf_weights); equals auf at temperature 0
-    "soft_auf": lambda lg, lb, v, ce, o: soft_auf_weights(lg, lb, v, o["temperature"]),
+    "soft_auf": lambda lg, lb, v, ce, o: soft_auf_weights(lg, lb, v, o["temperature"], o["target_topk"]),
 }
 LOSS_NAMES = tuple(WEIGHTS)
 
@@ -177,12 +207,16 @@ def diagnostics(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tens
 def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
                  gamma: float | None = None, temperature: float = 0.0,
                  soft: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
-                 dpace_alpha: float = DPACE_ALPHA):
-    """sum(w * CE) / sum(w) with the variant's weights (WEIGHTS); returns (loss, diagnostics).
+                 dpace_alpha: float = DPACE_ALPHA, normalization: str = "batch",
+                 target_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The variant's weights (WEIGHTS) applied to the CE, normalised per `normalization`
+    (`weighted_mean`); returns (loss, diagnostics).
 
     "auf+decay" is accepted for "auf_decay". gamma defaults to `default_gamma(K + 1)`; temperature
-    is soft_auf's; soft and distill_weight blend in the target's top-k distribution (`blended_ce`),
-    which changes the CE only: every weight reads the one-hot CE of the acceptance label.
+    is soft_auf's, which scores acceptance against `target_topk` (the target's top-k as it gave
+    it: `tv_acceptance`) when given, else by q_T(label); soft and
+    distill_weight blend in the target's top-k distribution (`blended_ce`), which changes the CE
+    only: every other weight reads the one-hot CE of the acceptance label.
     """
     name = "auf_decay" if name == "auf+decay" else name
     if name not in WEIGHTS:
@@ -194,6 +228,6 @@ def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity
         raise ValueError(f"gamma must be a positive finite number, got {gamma}")
     one_hot = per_position_ce(logits, labels)
     ce = blended_ce(logits, labels, soft, distill_weight, ce=one_hot)
-    w = WEIGHTS[name](logits, labels, validity, one_hot, {"gamma": gamma, "temperature": temperature,
-                                                          "dpace_alpha": dpace_alpha})
-    return weighted_mean(ce, w), diagnostics(logits, labels, validity)
+    w = WEIGHTS[name](logits, labels, validity, one_hot, {
+        "gamma": gamma, "temperature": temperature, "dpace_alpha": dpace_alpha, "target_topk": target_topk})
+    return weighted_mean(ce, w, normalization), diagnostics(logits, labels, validity)

@@ -58,6 +58,14 @@ class Trainer:
         if params.distill_weight and not data.ds.manifest.get("top_k"):
             raise UserError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
                              f"which {data.ds.dir} does not hold: set labels.top_k > 0")
+        if params.soft_auf_acceptance == "tv" and variant == "soft_auf":
+            if not data.ds.manifest.get("top_k"):
+                raise UserError(f"train.soft_auf_acceptance 'tv' needs the target's top-k distribution, which "
+                                f"{data.ds.dir} does not hold: set labels.top_k > 0")
+            t = data.ds.manifest.get("verify_temperature")
+            if t != params.soft_auf_temperature:
+                raise UserError(f"train.soft_auf_acceptance 'tv': the stored top-k is at labels.verify_temperature {t}, "
+                                f"train.soft_auf_temperature is {params.soft_auf_temperature}; set them equal")
         # the target's own embedding module: Gemma's scales its rows by sqrt(hidden), and the
         # drafter must see block tokens exactly as the target and the decoder embed them
         self.embed = target.get_input_embeddings()
@@ -123,10 +131,15 @@ class Trainer:
     def loss(self, model, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         """The variant's loss at `step` (its schedule: loss_name) and the diagnostics."""
         logits, labels, validity = self.forward(model, batch)
-        soft = None if batch.soft_ids is None else (batch.soft_ids.to(self.device), batch.soft_probs.to(self.device))
+        soft = target_topk = None
+        if batch.soft_ids is not None:
+            ids = batch.soft_ids.to(self.device)
+            soft, target_topk = (ids, batch.soft_probs.to(self.device)), (ids, batch.soft_mass.to(self.device))
         return compute_loss(self.loss_name(step), logits, labels, validity, gamma=self.gamma,
                             temperature=self.p.soft_auf_temperature, soft=soft,
-                            distill_weight=self.p.distill_weight, dpace_alpha=self.p.dpace_alpha)
+                            distill_weight=self.p.distill_weight, dpace_alpha=self.p.dpace_alpha,
+                            normalization=self.p.loss_normalization,
+                            target_topk=target_topk if self.p.soft_auf_acceptance == "tv" else None)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

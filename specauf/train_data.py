@@ -44,7 +44,9 @@ class Batch:
 
     `labels` are what the loss supervises (the acceptance labels or the response tokens, per
     train.label_source), as draft-vocabulary ids; `validity` marks the supervised positions
-    (monotone in each block); `soft_*` the target's top-k per label (distillation only)."""
+    (monotone in each block); `soft_*` the target's top-k per label (distillation: renormalised
+    inside the draft vocabulary; `soft_mass`: the same top-k probabilities as the target gave them,
+    0 outside the draft vocabulary, for soft AUF's acceptance probability)."""
     block_input_ids: torch.Tensor       # (N, A*B) [anchor token, MASK x B-1] per block
     block_position_ids: torch.Tensor    # (N, A*B)
     context_features: torch.Tensor      # (N, C, n*H) the target's features of the context
@@ -54,6 +56,7 @@ class Batch:
     validity: torch.Tensor              # (N*A, B-1) bool
     soft_ids: torch.Tensor | None = None    # (N*A, B-1, k)
     soft_probs: torch.Tensor | None = None  # (N*A, B-1, k)
+    soft_mass: torch.Tensor | None = None   # (N*A, B-1, k)
 
 
 def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
@@ -158,6 +161,8 @@ class TrainData:
         if self.vocab is not None:  # a label outside the draft vocabulary can never be guessed: the block ends there
             batch.labels, batch.validity = self.vocab.restrict_labels(batch.labels, batch.validity)
         if batch.soft_ids is not None:  # keep the top-k mass inside the draft vocabulary, renormalised
+            inside = batch.soft_ids if self.vocab is None else self.vocab.t2d[batch.soft_ids]
+            batch.soft_mass = torch.where(inside >= 0, batch.soft_probs, 0.0)
             batch.soft_ids, batch.soft_probs = (renormalise(batch.soft_ids, batch.soft_probs) if self.vocab is None
                                                 else self.vocab.restrict_soft(batch.soft_ids, batch.soft_probs))
         return batch

@@ -257,3 +257,63 @@ def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
     loss, _ = compute_loss("auf_dpace", logits, labels[None], validity[None])
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.all(g[0, 4:] == 0) and torch.all(g[0, :4].abs().sum(-1) > 0)
+
+
+def test_tv_acceptance_is_speculative_samplings_acceptance_probability():
+    """Brute force: a draft token x ~ q_T is accepted with probability min(1, p_T(x) / q_T(x));
+    summed over x that is what tv_acceptance computes from the target's distribution."""
+    from specauf.losses import tv_acceptance
+
+    g = torch.Generator().manual_seed(0)
+    V, T = 11, 0.7
+    logits = torch.randn(3, 4, V, generator=g) * 2
+    p = torch.softmax(torch.randn(3, 4, V, generator=g) * 2, dim=-1)
+    q = torch.softmax(logits / T, dim=-1)
+    brute = torch.zeros(3, 4)
+    for x in range(V):
+        brute += q[..., x] * torch.clamp(p[..., x] / q[..., x], max=1.0)
+    ids = torch.argsort(p, dim=-1, descending=True)  # the whole vocabulary as the "top-k", any order
+    got = tv_acceptance(logits, T, ids, p.gather(-1, ids))
+    assert torch.allclose(got, brute, atol=1e-6)
+    assert torch.allclose(got, 1 - 0.5 * (p - q).abs().sum(-1), atol=1e-6)  # = 1 - TV(p, q)
+    # a stored top-k: mass outside it counts as rejected, a lower bound of the brute force
+    top = torch.topk(p, 3, dim=-1)
+    lower = tv_acceptance(logits, T, top.indices, top.values)
+    assert torch.all(lower <= brute + 1e-6) and torch.all(lower < brute)
+    # a one-hot verifier: tv is q_T(label), soft_auf's `label` scoring, exactly
+    label = p.argmax(-1)
+    one_hot = tv_acceptance(logits, T, label[..., None], torch.ones(3, 4, 1))
+    assert torch.allclose(one_hot, q.gather(-1, label[..., None]).squeeze(-1), atol=1e-7)
+
+
+def test_soft_auf_with_the_targets_distribution_multiplies_tv_acceptances():
+    from specauf.losses import soft_auf_weights, tv_acceptance
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 9, generator=g)
+    p = torch.softmax(torch.randn(2, 4, 9, generator=g), dim=-1)
+    ids = torch.arange(9).expand(2, 4, 9)
+    labels = p.argmax(-1)
+    validity = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    w = soft_auf_weights(logits, labels, validity, 1.0, (ids, p))
+    a = tv_acceptance(logits, 1.0, ids, p)
+    assert torch.allclose(w[0], torch.stack([torch.tensor(1.0), a[0, 0], a[0, 0] * a[0, 1], a[0, :3].prod()]))
+    assert torch.allclose(w[1], torch.tensor([1.0, float(a[1, 0]), 0.0, 0.0]))
+    loss, _ = compute_loss("soft_auf", logits, labels, validity, temperature=1.0, target_topk=(ids, p))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 9), labels.reshape(-1), reduction="none").view(2, 4)
+    assert torch.allclose(loss, (w * ce).sum() / w.sum())
+
+
+def test_block_normalization_weighs_every_block_the_same():
+    from specauf.losses import weighted_mean
+
+    ce = torch.tensor([[1.0, 3.0, 7.0], [5.0, 9.0, 9.0], [4.0, 4.0, 4.0]], requires_grad=True)
+    w = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # AUF supports 2, 1 and none
+    assert weighted_mean(ce, w, "batch").item() == pytest.approx((1 + 3 + 5) / 3)  # blocks weigh by support
+    block = weighted_mean(ce, w, "block")
+    assert block.item() == pytest.approx((2.0 + 5.0) / 2)  # each block with support counts once
+    block.backward()
+    assert torch.allclose(ce.grad, torch.tensor([[0.25, 0.25, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert weighted_mean(ce, torch.zeros(3, 3), "block").item() == 0.0
+    with pytest.raises(ValueError, match="unknown loss normalization 'sequence'"):
+        weighted_mean(ce, w, "sequence")

@@ -557,3 +557,23 @@ def test_train_processes_param_relaunches_under_the_launcher(tiny_target, data, 
         assert torch.equal(outs["param"][k], outs["by_hand"][k]), k
 
 
+
+
+def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
+    """train.loss_normalization changes how the batch's blocks are averaged, and soft AUF's `tv`
+    acceptance needs the target's top-k at the same temperature: refused in one line otherwise."""
+    from specauf.losses import WEIGHTS, per_position_ce, weighted_mean
+
+    params = TrainParams(**{**BASE, "variants": ["dpace"], "loss_normalization": "block"})
+    t = trainer(params, tiny_model, data["offline"], variant="dpace")
+    batch = t.data.train_batch(0, 0, 1)
+    loss, _ = t.loss(t.drafter, batch, step=0)
+    logits, labels, validity = t.forward(t.drafter, batch)
+    ce = per_position_ce(logits, labels)
+    w = WEIGHTS["dpace"](logits, labels, validity, ce, {"dpace_alpha": params.dpace_alpha})  # differs per block
+    assert torch.allclose(loss, weighted_mean(ce, w, "block"))
+    assert not torch.allclose(loss, weighted_mean(ce, w, "batch"))
+    with pytest.raises(UserError, match=r"train\.soft_auf_acceptance 'tv' needs the target's top-k distribution, "
+                                        r"which .* does not hold: set labels.top_k > 0$"):
+        trainer(TrainParams(**{**BASE, "variants": ["soft_auf"], "soft_auf_acceptance": "tv"}), tiny_model,
+                data["offline"], variant="soft_auf")
