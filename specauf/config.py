@@ -77,8 +77,15 @@ class TrainParams(Section):
     the steps per second of 1 here (docs/benchmarks.md). The drafter's bytes depend on it."""
     steps: int = Field(1600, ge=1)
     """Optimizer steps."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """`adamw`, or `muon`: DeepSpeed's Muon (Newton-Schulz-orthogonalised momentum) on the drafter's
+    2-D weights at `muon_lr` and AdamW on the rest (norms) at `lr`, vLLM speculators' default for
+    drafters; fp32 masters, checkpoints and exact resume as with AdamW."""
+    muon_lr: float = Field(1e-2, gt=0.0)
+    """Peak Muon learning rate (optimizer `muon`; about 10x `lr`, as speculators sets it). The
+    warmup-cosine schedule scales it like `lr`."""
     lr: float = Field(1e-3, gt=0.0)
-    """Peak AdamW learning rate."""
+    """Peak AdamW learning rate (with optimizer `muon`: of the parameters Muon does not take)."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Cosine schedule floor as a fraction of lr."""
     warmup_steps: int = Field(30, ge=0)

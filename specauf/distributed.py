@@ -32,8 +32,14 @@ def deepspeed_config(p: TrainParams) -> dict:
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": p.precision == "bf16"},
         # torch_adam: DeepSpeed's FusedAdam would JIT-compile a kernel (minutes) on first use.
-        "optimizer": {"type": "AdamW", "params": {"lr": p.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                   "weight_decay": p.weight_decay, "torch_adam": True}},
+        "optimizer": ({"type": "AdamW", "params": {"lr": p.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                    "weight_decay": p.weight_decay, "torch_adam": True}}
+                      if p.optimizer == "adamw" else
+                      # DeepSpeed tags every 2-D parameter for Muon (all the drafter's matrices), the
+                      # rest (norm weights) for its auxiliary AdamW
+                      {"type": "Muon", "params": {"muon_lr": p.muon_lr, "adam_lr": p.lr, "momentum": 0.95,
+                                                  "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": p.weight_decay,
+                                                  "torch_adam": True}}),
         # DeepSpeed refuses warmup_num_steps 0 (and warms up at least 2 steps): "no warmup" is a
         # warmup that starts at the full rate.
         "scheduler": {"type": "WarmupCosineLR", "params": {

@@ -577,3 +577,27 @@ def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
                                         r"which .* does not hold: set labels.top_k > 0$"):
         trainer(TrainParams(**{**BASE, "variants": ["soft_auf"], "soft_auf_acceptance": "tv"}), tiny_model,
                 data["offline"], variant="soft_auf")
+
+
+def test_muon_trains_through_deepspeed_and_resumes_exactly(tiny_model, data, tmp_path):
+    """train.optimizer muon: DeepSpeed's MuonWithAuxAdam (Muon on the 2-D weights at muon_lr, AdamW on
+    the norms at lr) trains other weights than AdamW, and a run killed after its step-8
+    checkpoint resumes to the uninterrupted run's bytes (momentum buffers included)."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    with pytest.MonkeyPatch.context() as mp:
+        cap = Capture(mp)
+        whole = train(tiny_model, data["offline"], tmp_path / "whole", optimizer="muon")
+    opt = cap.engines[0].optimizer
+    opt = getattr(opt, "optimizer", opt)
+    assert isinstance(opt, MuonWithAuxAdam)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"muon-params", "adam-params"}
+    muon = {id(p) for p in groups["muon-params"]["params"]}
+    named = dict(cap.trainers[0].drafter.named_parameters())
+    assert all((id(p) in muon) == (p.dim() == 2) for p in named.values())  # matrices to Muon, norms to AdamW
+    killed_in_step_10(tiny_model, data, tmp_path / "resumed", optimizer="muon")
+    resumed = train(tiny_model, data["offline"], tmp_path / "resumed", optimizer="muon")
+    assert (resumed["out"] / "model.safetensors").read_bytes() == (whole["out"] / "model.safetensors").read_bytes()
+    adamw = train(tiny_model, data["offline"], tmp_path / "adamw")
+    assert (adamw["out"] / "model.safetensors").read_bytes() != (whole["out"] / "model.safetensors").read_bytes()
