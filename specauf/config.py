@@ -59,6 +59,11 @@ class TrainParams(Section):
     draft_vocab_size: int = Field(8192, ge=0)
     """Score only the most frequent N response tokens (0 = full vocabulary): a smaller lm_head
     makes CPU steps much cheaper; a label outside it ends its block (it can never be guessed)."""
+    anchors_per_token: float = Field(0.0, ge=0.0, le=1.0)
+    """Anchors per response token (speculators' per-document anchors, PR #1071): each training
+    sequence gets max(1, round(anchors_per_token x its response tokens)) anchors instead of a fixed
+    `anchors_per_seq`, so long answers are covered as densely as short ones. 0 = off. The held-out
+    blocks stay 2 x anchors_per_seq per sequence, comparable across settings."""
     anchors_per_seq: int = Field(32, ge=1)
     """Anchors (blocks) sampled per sequence per step, resampled every step."""
     max_seq_len: int = Field(512, ge=8)
@@ -80,7 +85,7 @@ class TrainParams(Section):
     optimizer: Literal["adamw", "muon"] = "adamw"
     """`adamw`, or `muon`: DeepSpeed's Muon (Newton-Schulz-orthogonalised momentum) on the drafter's
     2-D weights at `muon_lr` and AdamW on the rest (norms) at `lr`, vLLM speculators' default for
-    drafters; fp32 masters, checkpoints and exact resume as with AdamW."""
+    drafters; fp32 masters, checkpoints and exact resume as with AdamW (the logged `lr` is then Muon's)."""
     muon_lr: float = Field(1e-2, gt=0.0)
     """Peak Muon learning rate (optimizer `muon`; about 10x `lr`, as speculators sets it). The
     warmup-cosine schedule scales it like `lr`."""

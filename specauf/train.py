@@ -225,6 +225,7 @@ def train_step(run: Run, params: TrainParams, step: int) -> tuple[torch.Tensor, 
     for micro in range(params.grad_accum):
         batch = run.trainer.data.train_batch(step * params.grad_accum + micro, run.rank, run.world)
         loss, diag = run.trainer.loss(run.engine, batch, step)
+        diag["coverage"] = batch.coverage  # response tokens supervised this step (train.anchors_per_token)
         check_finite(step, loss, None, params)
         run.engine.backward(loss)
         run.engine.step()
@@ -240,7 +241,7 @@ def log_step(run: Run, params: TrainParams, done: int, loss: torch.Tensor, diag:
                "train/acceptance_length": float(diag["acceptance_length"]),
                "lr": run.engine.get_lr()[0], "tokens_per_second": tokens_per_second}
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train/token_accuracy']:.3f}",
-                    tau=f"{metrics['train/acceptance_length']:.2f}")
+                    tau=f"{metrics['train/acceptance_length']:.2f}", cov=f"{diag.get('coverage', 0.0):.2f}")
     if done % params.eval_every == 0 or done == params.steps:
         run.engine.eval()
         metrics.update(run.trainer.evaluate(run.engine))

@@ -57,6 +57,7 @@ class Batch:
     soft_ids: torch.Tensor | None = None    # (N*A, B-1, k)
     soft_probs: torch.Tensor | None = None  # (N*A, B-1, k)
     soft_mass: torch.Tensor | None = None   # (N*A, B-1, k)
+    coverage: float | None = None           # response tokens some block supervises / response tokens
 
 
 def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
@@ -116,7 +117,8 @@ class TrainData:
     def train_batch(self, micro_batch: int, rank: int, world: int) -> Batch | None:
         """Micro batch `micro_batch` of rank `rank` (None when none of its sequences has an anchor)."""
         anchor_seed = derive_seed(self.seed, "micro_batch", micro_batch * world + rank)
-        return self.batch(self.rows_at(micro_batch, rank, world), anchor_seed, self.p.anchors_per_seq)
+        return self.batch(self.rows_at(micro_batch, rank, world), anchor_seed, self.p.anchors_per_seq,
+                          anchors_per_token=self.p.anchors_per_token)
 
     def heldout_batches(self):
         """The fixed held-out blocks: twice the anchors per sequence, the same draw every time."""
@@ -127,10 +129,13 @@ class TrainData:
             if batch is not None:
                 yield batch
 
-    def batch(self, rows: list[int], anchor_seed: int | None, num_anchors: int) -> Batch | None:
+    def batch(self, rows: list[int], anchor_seed: int | None, num_anchors: int,
+              anchors_per_token: float = 0.0) -> Batch | None:
         """Blocks of several sequences, collated for one drafter forward (anchor_seed None: torch's
-        global generator, for tools that take every anchor anyway)."""
+        global generator, for tools that take every anchor anyway); `anchors_per_token` > 0 sets
+        each sequence's anchor count from its response length instead of `num_anchors`."""
         items = []
+        covered = response_tokens = 0
         label_key = "acceptance_ids" if self.p.label_source == "acceptance" else "input_ids"
         B = self.p.block_size
         for j, i in enumerate(rows):
@@ -138,13 +143,19 @@ class TrainData:
             S = min(len(item["input_ids"]), self.p.max_seq_len)
             start = item["response_start"]
             g = None if anchor_seed is None else torch.Generator().manual_seed(derive_seed(anchor_seed, "sequence_anchors", j))
-            anchors = sample_anchors(start, S, B, num_anchors, g)
+            n = max(1, round(anchors_per_token * max(S - start, 0))) if anchors_per_token else num_anchors
+            anchors = sample_anchors(start, S, B, n, g)
             if len(anchors) == 0:
                 continue
+            supervised = torch.zeros(S + B, dtype=torch.bool)
+            for a in anchors.tolist():
+                supervised[a + 1: a + B] = True
+            covered += int(supervised[start:S].sum())
+            response_tokens += S - start
             block = build_blocks(item["input_ids"][:S], start, S, anchors, B, self.mask_token_id,
                                  label_ids=item[label_key][:S].clone())
             block.update(anchors=anchors, context_len=S)
-            if self.p.distill_weight:  # top-k rows are per response position: row p - start
+            if self.p.distill_weight or self.p.soft_auf_acceptance == "tv":  # top-k rows: row p - start
                 at = (anchors[:, None] + torch.arange(1, B) - start).clamp(0, item["topk_ids"].shape[0] - 1)
                 block["soft_ids"], block["soft_probs"] = item["topk_ids"][at].long(), item["topk_probs"][at].float()
             if self.online:
@@ -158,6 +169,7 @@ class TrainData:
         if self.online:
             out["context_features"] = self.online_features([it["input_ids_full"] for it in items], out)
         batch = Batch(**out)
+        batch.coverage = covered / max(response_tokens, 1)
         if self.vocab is not None:  # a label outside the draft vocabulary can never be guessed: the block ends there
             batch.labels, batch.validity = self.vocab.restrict_labels(batch.labels, batch.validity)
         if batch.soft_ids is not None:  # keep the top-k mass inside the draft vocabulary, renormalised

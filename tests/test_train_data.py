@@ -74,3 +74,27 @@ def test_rows_without_an_anchor_within_max_seq_len_are_left_out(data):
     assert 0 < len(kept) < len(ds)
     all_train, all_held = split_heldout(ds, 0.25, 0)
     assert set(train_rows) <= set(all_train) and set(held) <= set(all_held)  # same split, fewer rows
+
+
+def test_anchors_per_token_follow_each_responses_length_and_coverage_is_counted(tiny_model, data):
+    """train.anchors_per_token: a sequence's anchor count is round(density x response tokens), so
+    coverage rises with the density; the batch's coverage is the brute-force count of response
+    positions some block supervises."""
+    fixed = _data(tiny_model, data["offline"], micro_batch_size=1, anchors_per_seq=2)
+    dense = _data(tiny_model, data["offline"], micro_batch_size=1, anchors_per_seq=2, anchors_per_token=0.5)
+    B = fixed.p.block_size
+    for step in range(4):
+        row = fixed.rows_at(step, 0, 1)[0]
+        item = fixed.ds[row]
+        start, S = int(item["response_start"]), min(len(item["input_ids"]), fixed.p.max_seq_len)
+        for d, want in ((fixed, 2), (dense, max(1, round(0.5 * (S - start))))):
+            batch = d.train_batch(step, 0, 1)
+            A = batch.block_input_ids.shape[1] // B
+            assert A == min(want, S - max(start - 1, 0) - 1)  # capped by the candidates there are
+            anchors = batch.block_position_ids.view(A, B)[:, 0].tolist()
+            brute = {p for a in anchors for p in range(a + 1, a + B) if start <= p < S}
+            assert batch.coverage == pytest.approx(len(brute) / (S - start))
+        assert dense.train_batch(step, 0, 1).coverage >= fixed.train_batch(step, 0, 1).coverage
+    # the held-out blocks do not move with the density: diagnostics stay comparable
+    hf, hd = next(fixed.heldout_batches()), next(dense.heldout_batches())
+    assert torch.equal(hf.block_input_ids, hd.block_input_ids)
