@@ -5,8 +5,11 @@ A = `specauf.generation.generate_batch` over the prompts sorted by length, in ba
 one prompt at a time. Both stop at the target's stop tokens and at --max-new-tokens, both are
 timed end to end (prefill included), interleaved A, B, A, B over --repeats rounds, 1 torch thread.
 tokens/s = generated tokens / seconds. The greedy outputs of A and B are compared token by token.
+With --compare bf16, B is the same batched generation on a bf16 copy of the target instead (what
+`rollouts.precision: bf16` runs): its speed, and how often its greedy text leaves fp32's.
 
-    .venv/bin/python benchmarks/rollouts.py            # ~5 min on 2 cores
+    .venv/bin/python benchmarks/rollouts.py                  # ~5 min on 2 cores
+    .venv/bin/python benchmarks/rollouts.py --compare bf16   # fp32 vs bf16 rollouts
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=128, help="skip longer prompts (after the chat template)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs A then B)")
     ap.add_argument("--target", default=None, help="target folder (default: data/target, else a cached copy)")
+    ap.add_argument("--compare", choices=["batch1", "bf16"], default="batch1",
+                    help="contender B: batch-1 model.generate, or the batched generation in bf16")
     args = ap.parse_args()
     setup_threads(1)
     import torch
@@ -33,18 +38,24 @@ def main() -> None:
     stops, pad = manifest["stop_token_ids"], manifest["pad_token_id"]
     rows = sharegpt_encoded(tok, args.n, args.max_prompt_tokens)
     prompts = sorted((r["prompt_ids"] for r in rows), key=len)  # sorted by length, as the stage does
-    print_header("Rollouts: batched generate_batch vs batch-1 model.generate")
+    print_header("Rollouts: batched generate_batch vs " + ("batch-1 model.generate" if args.compare == "batch1"
+                                                             else "the same in bf16 (rollouts.precision)"))
     print(f"target {rel(tdir)} ({manifest['source']}), {len(prompts)} ShareGPT prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens ({sum(map(len, prompts))} in all), "
           f"max_new_tokens {args.max_new_tokens}, greedy, batch size {args.batch_size}, {args.repeats} rounds\n", flush=True)
 
-    def batched():
+    def batched(m=model):
         out = []
         for i in range(0, len(prompts), args.batch_size):
-            res = generate_batch(model, prompts[i: i + args.batch_size], max_new_tokens=args.max_new_tokens,
+            res = generate_batch(m, prompts[i: i + args.batch_size], max_new_tokens=args.max_new_tokens,
                                  stop_ids=stops, pad_id=pad)
             out.extend(r for r, _ in res)
         return out
+
+    if args.compare == "bf16":
+        import copy
+
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
 
     @torch.inference_mode()
     def batch1():
@@ -56,10 +67,12 @@ def main() -> None:
             out.append(y[0, len(p):].tolist())
         return out
 
-    runs = interleave({"batched": batched, "batch1": batch1}, repeats=args.repeats)
-    a_out, b_out = runs["batched"][0][1], runs["batch1"][0][1]
+    contender = batch1 if args.compare == "batch1" else (lambda: batched(bf16))
+    name_b = args.compare
+    runs = interleave({"batched": batched, name_b: contender}, repeats=args.repeats)
+    a_out, b_out = runs["batched"][0][1], runs[name_b][0][1]
     tokens_a, tokens_b = sum(map(len, a_out)), sum(map(len, b_out))
-    ta, tb = median(s for s, _ in runs["batched"]), median(s for s, _ in runs["batch1"])
+    ta, tb = median(s for s, _ in runs["batched"]), median(s for s, _ in runs[name_b])
     rate_a, rate_b = tokens_a / ta, tokens_b / tb
 
     same = sum(a == b for a, b in zip(a_out, b_out))
@@ -71,8 +84,13 @@ def main() -> None:
             prefix += 1
     print_table(["method", "generated tokens", "median s", "tokens/s"], [
         [f"generate_batch (batch {args.batch_size})", tokens_a, ta, rate_a],
-        ["model.generate batch 1", tokens_b, tb, rate_b],
+        ["model.generate batch 1" if args.compare == "batch1" else f"generate_batch bf16 (batch {args.batch_size})",
+         tokens_b, tb, rate_b],
     ])
+    if args.compare == "bf16":
+        print(f"- bf16 over fp32 (tokens/s, ratio of medians): {ratio(rate_b, rate_a):.2f}x")
+        print(f"- greedy agreement: {sum(a == b for a, b in zip(a_out, b_out))}/{len(prompts)} bf16 responses identical to fp32's")
+        return
     print(f"- speedup (tokens/s, ratio of medians): {ratio(rate_a, rate_b):.2f}x")
     print(f"- greedy agreement: {same}/{len(prompts)} responses identical; "
           f"{prefix}/{tokens_b} batch-1 tokens matched before the first divergence")
