@@ -81,7 +81,14 @@ def label_batch(model, seqs: list[list[int]], starts: list[int], layer_ids: list
     logits = out.logits.float()
     torch_dtype = FEATURE_DTYPES[params.feature_dtype][0]
     if want_features:
-        feats = context_features_from_hidden_states(out.hidden_states, layer_ids).to(torch_dtype)
+        fp32 = context_features_from_hidden_states(out.hidden_states, layer_ids)
+        feats = fp32.to(torch_dtype)
+        if torch_dtype != fp32.dtype and not bool(torch.isfinite(feats).all()) and bool(torch.isfinite(fp32).all()):
+            H = fp32.shape[-1] // len(layer_ids)
+            peak = fp32.abs().amax(dim=(0, 1)).view(len(layer_ids), H).amax(-1)
+            worst = int(peak.argmax())
+            raise UserError(f"labels.feature_dtype: {params.feature_dtype} cannot hold the target's features (layer "
+                            f"{layer_ids[worst]} reaches {float(peak[worst]):.0f}); set bfloat16 or float32")
     rows = []
     for i, (s, start) in enumerate(zip(seqs, starts)):
         n = len(s)

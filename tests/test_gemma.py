@@ -237,3 +237,23 @@ def test_a_base_models_chat_template_and_stop_tokens_come_from_params(tmp_path):
         materialize_target(TargetParams(source="random", random=GEMMA, stop_tokens=["<end_of_turn>"]),
                            tmp_path / "u", seed=0, params_hash="x")
     assert not (tmp_path / "u").exists()
+
+
+def test_features_float16_cannot_hold_are_refused_not_stored(gemma, tmp_path):
+    """Gemma 3 270M's residual stream passes float16's 65,504 (its embeddings are scaled by 25):
+    stored as float16 the features would be inf, and training would learn from them. The labels
+    stage refuses in one line naming the param; float32 stores them."""
+    _, manifest, root = gemma
+    model, _, _ = load_target(root / "target")
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e4)  # a residual stream past 65,504, as the real model's
+    run = lambda dtype, name: run_labels(
+        model, root / "rollouts", LabelsParams(layer_ids=[0, 2], feature_dtype=dtype, batch_size=4),
+        out_dir=tmp_path / name, work_dir=tmp_path / f"{name}-work", pad_id=manifest["pad_token_id"],
+        manifest_extra={"target_fingerprint": manifest["fingerprint"]})
+    with pytest.raises(UserError, match=r"^labels\.feature_dtype: float16 cannot hold the target's features "
+                                        r"\(layer [02] reaches \d+\); set bfloat16 or float32$"):
+        run("float16", "fp16")
+    assert not (tmp_path / "fp16").exists()
+    run("float32", "fp32")
+    assert LabelsDataset(tmp_path / "fp32")[0]["features"].isfinite().all()
