@@ -178,19 +178,33 @@ def _ci(r: dict) -> str:
 
 
 def claim_decay_more_accurate(data: dict) -> dict:
-    """Claim 2: decay has the higher full-mask token accuracy on the held-out split (the mean over
-    training seeds: each seed holds out its own split)."""
-    def mean_acc(d: dict) -> float | None:
-        accs = [train_metric(t, "heldout/token_accuracy") for t in d.get("trains") or [d.get("train") or {}]]
-        return None if not accs or None in accs else sum(accs) / len(accs)
-    acc = {v: mean_acc(data[v]) for v in ("decay", "auf") if v in data}
-    if acc.get("decay") is None or acc.get("auf") is None:
+    """Claim 2: decay has the higher full-mask token accuracy on the held-out split. The held-out
+    split is a few sequences, so there is no prompt interval; the seeds are the evidence instead:
+    decay-s and auf-s hold out the same split, and with two or more seeds the claim holds (or is
+    contradicted) only when every seed agrees, and is noise otherwise. One seed is a point
+    comparison and says so."""
+    def per_seed(d: dict) -> dict:
+        trains = d.get("trains") or [d.get("train") or {}]
+        seeds = d.get("seeds") or list(range(len(trains)))
+        return {s: train_metric(t, "heldout/token_accuracy") for s, t in zip(seeds, trains)}
+    accs = {v: per_seed(data[v]) for v in ("decay", "auf") if v in data}
+    seeds = sorted(set(accs.get("decay", {})) & set(accs.get("auf", {})))
+    pairs = [(accs["decay"][s], accs["auf"][s]) for s in seeds]
+    if not pairs or any(None in p for p in pairs):
         why = [v for v in ("decay", "auf") if v not in data]
         detail = f"variant(s) {', '.join(why)} not trained" if why else "heldout/token_accuracy missing from the training metrics"
-        return {"status": UNMEASURED, "decay": acc.get("decay"), "auf": acc.get("auf"), "detail": detail}
-    status = HOLDS if acc["decay"] > acc["auf"] else FAILS
-    return {"status": status, "decay": acc["decay"], "auf": acc["auf"],
-            "detail": f"held-out full-mask token accuracy: decay {acc['decay']:.3f}, auf {acc['auf']:.3f}"}
+        return {"status": UNMEASURED, "decay": None, "auf": None, "detail": detail}
+    decay, auf = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+    wins = sum(d > a for d, a in pairs)
+    detail = f"held-out full-mask token accuracy: decay {decay:.3f}, auf {auf:.3f}"
+    if len(pairs) == 1:
+        status = HOLDS if decay > auf else FAILS
+        detail += " (one seed: a point comparison, no spread measured)"
+    else:
+        status = HOLDS if wins == len(pairs) else FAILS if wins == 0 else NOT_SIGNIFICANT
+        detail += (f" (mean of {len(pairs)} seeds; decay ahead in {wins}: "
+                   + ", ".join(f"seed {s} {d:.3f} vs {a:.3f}" for s, (d, a) in zip(seeds, pairs)) + ")")
+    return {"status": status, "decay": decay, "auf": auf, "seeds": seeds, "detail": detail}
 
 
 def goals(data: dict) -> dict:

@@ -26,11 +26,20 @@ import torch
 
 from specauf.artifacts import MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, sha256_file, versions, write_json
 from specauf.errors import UserError
+from specauf.gguf_source import gguf_path
 
 log = logging.getLogger("specauf")
 
 # data/target_gguf: the target as llama.cpp runs it, by the serve.targets names.
 TARGET_FILES = {"f32": "f32.gguf", "source": "source.gguf"}
+
+
+def served_source_gguf(params) -> Path | None:
+    """The original GGUF to copy into data/target_gguf: only where llama.cpp serves it
+    (serve.targets names `source`), so a target whose GGUF exists only assembled from chunk
+    packages (target.gguf_chunks) is never asked for it when nothing is served."""
+    wanted = params.serve.engine != "none" and params.target.source == "gguf" and "source" in params.serve.targets
+    return gguf_path(params.target) if wanted else None
 
 
 def build_target_ggufs(params, target_dir: Path, source_gguf: Path | None, out_dir: Path) -> dict:

@@ -4,14 +4,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.gguf_export import build_target_ggufs
+from specauf.gguf_export import build_target_ggufs, served_source_gguf
 from specauf.stage import stage_main
-from specauf.gguf_source import gguf_path
 
 
 def run(params, args):
-    source = gguf_path(params.target) if params.target.source == "gguf" and "source" in params.serve.targets else None
-    build_target_ggufs(params, Path(args.target), source, Path(args.out))
+    build_target_ggufs(params, Path(args.target), served_source_gguf(params), Path(args.out))
 
 
 def add_args(p):

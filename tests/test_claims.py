@@ -47,6 +47,22 @@ def test_claims_not_measured_without_variants(holding):
     assert claim_decay_more_accurate(only)["status"] == UNMEASURED
 
 
+def test_accuracy_claim_needs_every_seed_to_agree():
+    """Claim 2 has no prompt interval (a few held-out sequences): two seeds that disagree make it
+    noise, even where the mean favours decay; seeds that agree decide it; seeds pair by number."""
+    def grouped(decay, auf, seeds=(0, 1)):
+        return {v: {"trains": [_train(a, 1.2) for a in accs], "seeds": list(seeds)} for v, accs in (("decay", decay), ("auf", auf))}
+    noisy = claim_decay_more_accurate(grouped([0.236, 0.225], [0.276, 0.177]))
+    assert noisy["status"] == NOT_SIGNIFICANT and noisy["decay"] == pytest.approx(0.2305) and noisy["seeds"] == [0, 1]
+    assert "decay ahead in 1: seed 0 0.236 vs 0.276, seed 1 0.225 vs 0.177" in noisy["detail"]
+    assert claim_decay_more_accurate(grouped([0.3, 0.3], [0.2, 0.29]))["status"] == HOLDS
+    assert claim_decay_more_accurate(grouped([0.2, 0.2], [0.3, 0.21]))["status"] == FAILS
+    one = claim_decay_more_accurate(grouped([0.3], [0.2], seeds=[0]))
+    assert one["status"] == HOLDS and "one seed: a point comparison" in one["detail"]
+    unpaired = {"decay": {"trains": [_train(0.3, 1.2)], "seeds": [0]}, "auf": {"trains": [_train(0.2, 1.2)], "seeds": [1]}}
+    assert claim_decay_more_accurate(unpaired)["status"] == UNMEASURED
+
+
 def test_train_metric_flat_or_nested():
     assert train_metric(_train(0.5, 1.2), "heldout/token_accuracy") == 0.5
     assert train_metric(_train(0.5, 1.2, nested=True), "heldout/acceptance_length") == 1.2

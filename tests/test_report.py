@@ -275,7 +275,7 @@ def test_two_seeds_resample_seeds_too(tmp_path):
     assert (c2["decay"], c2["auf"]) == (pytest.approx(0.45), pytest.approx(0.30))  # the mean over seeds
     text = (out / "report.md").read_text()
     assert "500 resamples, seed 0; 2 training seeds (0, 1), resampled as well as the prompts: two levels" in text
-    assert "| auf-0 | 1.700 |" in text and "| auf-1 | 1.300 |" in text and "the mean of 2 seeds" in text
+    assert "| auf-0 | 1.700 |" in text and "| auf-1 | 1.300 |" in text and "(mean of 2 seeds; decay ahead in 2:" in text
     assert "| this run: overall, inference B=2 | 1.500 | 1.500 | +0.000 |" in text  # pooled over seeds
     assert json.loads((out / "manifest.json").read_text())["seeds"] == [0, 1]
     with pytest.raises(ArtifactError, match=r"eval/decay-2\.details\.json: missing"):
