@@ -196,14 +196,11 @@ def claim_decay_more_accurate(data: dict) -> dict:
         return {"status": UNMEASURED, "decay": None, "auf": None, "detail": detail}
     decay, auf = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
     wins = sum(d > a for d, a in pairs)
-    detail = f"held-out full-mask token accuracy: decay {decay:.3f}, auf {auf:.3f}"
-    if len(pairs) == 1:
-        status = HOLDS if decay > auf else FAILS
-        detail += " (one seed: a point comparison, no spread measured)"
-    else:
-        status = HOLDS if wins == len(pairs) else FAILS if wins == 0 else NOT_SIGNIFICANT
-        detail += (f" (mean of {len(pairs)} seeds; decay ahead in {wins}: "
-                   + ", ".join(f"seed {s} {d:.3f} vs {a:.3f}" for s, (d, a) in zip(seeds, pairs)) + ")")
+    status = HOLDS if wins == len(pairs) else FAILS if wins == 0 else NOT_SIGNIFICANT
+    detail = f"held-out full-mask token accuracy: decay {decay:.3f}, auf {auf:.3f}" + (
+        " (one seed: a point comparison, no spread measured)" if len(pairs) == 1 else
+        f" (mean of {len(pairs)} seeds; decay ahead in {wins}: "
+        + ", ".join(f"seed {s} {d:.3f} vs {a:.3f}" for s, (d, a) in zip(seeds, pairs)) + ")")
     return {"status": status, "decay": decay, "auf": auf, "seeds": seeds, "detail": detail}
 
 
