@@ -5,8 +5,10 @@ Runs every stage of `dvc.yaml` in its DAG order with exactly the command DVC wou
 sets it) plus `--params`, from a
 params file made of a preset and `--set key.path=value` overrides (YAML values). Stage wall times
 go to `<out>/stage_times.json`; metrics, report and the params used are copied to `--out`.
-`--parallel train,export` runs the variants of those stages side by side (on a GPU a small drafter
-leaves most of the device idle); eval always runs one variant at a time, since it times decoding.
+`--parallel train,export` runs the runs of those stages side by side (on a GPU a small drafter
+leaves most of the device idle); eval runs one at a time unless named there too, since it times
+decoding (side by side, its tau is unchanged and its speedups are not measurements). Metrics, report
+and stage times are copied to `--out` after every stage, so a run cut short keeps what it finished.
 
     python benchmarks/gpu_scale.py --preset presets/gpu.yaml --set target.source=gguf \\
         --set train.steps=1200 --out /tmp/gpu-run
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for metrics, report, params and stage times")
     ap.add_argument("--parallel", default="train,export", help="stages whose variants run side by side")
     ap.add_argument("--skip", default="", help="stages not to run (comma-separated)")
+    ap.add_argument("--only", default="", help="run only these stages (comma-separated)")
     ap.add_argument("--workspace", default=str(ROOT), help="pipeline folder holding dvc.yaml (default: this repo)")
     args = ap.parse_args()
     workspace = Path(args.workspace).resolve()
@@ -75,9 +78,10 @@ def main() -> None:
     params_file = out / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     parallel, skip = set(args.parallel.split(",")), set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     times: dict[str, float] = {}
     for name, argvs in stage_commands(params, workspace):
-        if name in skip or name == "inputs":  # no DVC here: nothing reads the input hashes
+        if name in skip or (only and name not in only) or name == "inputs":  # no DVC here: nothing reads the input hashes
             continue
         t0 = time.perf_counter()
         print(f"== stage {name}: {len(argvs)} command(s)", flush=True)
@@ -93,12 +97,18 @@ def main() -> None:
         times[name] = round(time.perf_counter() - t0, 1)
         print(f"== stage {name}: {times[name]} s", flush=True)
         (out / "stage_times.json").write_text(json.dumps(times, indent=1))
-    for rel in ("reports/report.md", "metrics"):
+        collect(workspace, out)
+
+
+def collect(workspace: Path, out: Path) -> None:
+    """Copy what the report reads (and the report) to `out`: the report can be rebuilt from it."""
+    for rel in ("reports/report.md", "metrics", "data/target/manifest.json"):
         src = workspace / rel
         if src.is_dir():
             shutil.copytree(src, out / rel, dirs_exist_ok=True)
         elif src.is_file():
-            shutil.copy2(src, out / Path(rel).name)
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out / rel)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,10 @@ class EvalParams(Section):
     """Resamples of every bootstrap interval (prompts, and seeds when there are several); the
     percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4)."""
     exactness_gate: bool = True
-    """At temperature 0, fail the stage if speculative output differs from plain greedy decoding."""
+    """At temperature 0, fail the stage if speculative output differs from plain greedy decoding, or
+    if replayed tau differs from decoded tau on the decoded prompts (both hold exactly in fp32 on a
+    CPU; on a GPU, batched kernels sum in another order and can flip a near-tie: off there, the
+    differences are still recorded)."""
     prompt_lookup_num_tokens: int = Field(10, ge=0)
     """Peer: transformers prompt-lookup decoding with this many tokens (0 = skip)."""
     assistant_model: str | None = None

@@ -11,6 +11,8 @@ The walk (anchor -> anchor + accepted + 1) then reproduces the decode loop's acc
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -18,6 +20,8 @@ from specauf.dataset import LabelsDataset
 from specauf.decode import BLOCK_LAYOUTS
 from specauf.artifacts import ArtifactError
 from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
 
 ANCHORS_PER_FORWARD = 64  # blocks per drafter forward: attention is (A*W)^2, so chunks keep it small
 
@@ -200,10 +204,13 @@ def replay_check(decoded: list[dict], replayed: list[dict]) -> dict:
             "rows": rows}
 
 
-def check_replay(check: dict) -> None:
-    """Fail the stage when replay and decoding disagree beyond fp32 noise."""
+def check_replay(check: dict, gate: bool) -> None:
+    """Fail the stage (warn, without the gate) when replay and decoding disagree beyond fp32 noise."""
     bad = {k: v for k, v in check["pooled"].items() if abs(v["difference"]) > check["tolerance"]}
-    if bad:
+    if bad and not gate:
+        log.warning("replay differs from decoding beyond %s at block sizes %s (eval.exactness_gate off)",
+                    check["tolerance"], ", ".join(k[1:] for k in bad))
+    elif bad:
         k, v = next(iter(bad.items()))
         raise ReplayError(f"replay disagrees with decoding at block size {k[1:]}: replayed tau {v['replayed_tau']:.4f}, "
                           f"decoded {v['decoded_tau']:.4f} over {check['prompts']} decoded prompts (tolerance "

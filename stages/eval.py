@@ -48,7 +48,7 @@ def run(params, args):
     metrics["variant"], metrics["seed"] = args.variant, args.seed
     check_exactness(metrics, params.eval.exactness_gate)
     if "replay_check" in metrics:
-        check_replay(metrics["replay_check"])
+        check_replay(metrics["replay_check"], params.eval.exactness_gate)
     # DVC's metrics file holds the headline numbers; the rest (per-prompt rows, histograms, settings,
     # machine, kernel plan, cost model) go to plain JSON outputs beside it
     top = headline(metrics, params.eval.bootstrap_resamples)

@@ -151,7 +151,7 @@ def test_replay_equals_decoding(tiny_model, eval_answers, layout):
             decoded.append(row)
         check = replay_check(decoded, replayed)
         assert check["max_abs_prompt_difference"] == 0 and check["prompts_differing"] == 0
-        check_replay(check)
+        check_replay(check, gate=True)
     assert checked > 100
     s = summarize_replay(replayed, "b4")
     assert s["prompts"] == len(rows) and s["tau"] == s["decode_tokens"] / s["cycles"]
@@ -178,7 +178,16 @@ def test_disagreement_fails_with_one_line():
     check = replay_check(decoded, replayed)
     assert check["pooled"]["b4"]["difference"] == pytest.approx(0.5)
     with pytest.raises(ReplayError, match="replay disagrees with decoding at block size 4"):
-        check_replay(check)
+        check_replay(check, gate=True)
+
+
+def test_disagreement_without_the_gate_warns(caplog):
+    """eval.exactness_gate off (a GPU's batched kernels can flip a near-tie): recorded and logged, not fatal."""
+    decoded = [{"set": "s", "prompt_id": "p", "b4": {"emitted": 20, "cycles": 10}}]
+    replayed = [{"set": "s", "prompt_id": "p", "b4": {"emitted": 20, "cycles": 8}}]
+    with caplog.at_level("WARNING", logger="specauf"):
+        check_replay(replay_check(decoded, replayed), gate=False)
+    assert "replay differs from decoding beyond 0.02 at block sizes 4" in caplog.text
 
 
 def test_missing_answer_is_named(tiny_model, eval_answers):
