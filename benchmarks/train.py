@@ -16,7 +16,10 @@ copies of the drafter then train side by side, one step each per round on the sa
   warmup-cosine LambdaLR, decay loss;
 - deepspeed/auf: as the first, AUF loss;
 - deepspeed/decay/bf16: as the first with `precision: bf16` (fp32 masters, bf16 matmuls): what
-  `precision: auto` picks on a CPU with native bf16 (AVX512-BF16/AMX).
+  `precision: auto` picks on a CPU with native bf16 (AVX512-BF16/AMX);
+- deepspeed/decay/bf16/muon: as the last with `optimizer: muon` (DeepSpeed's Muon on the 2-D
+  weights: a Newton-Schulz orthogonalisation of each one per step), the cost that decides how many
+  Muon steps fit in the default's CPU minutes.
 
 A step = `Trainer.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
 positions (the stage's tokens_per_second). Interleaved over --rounds after one warmup round,
@@ -110,9 +113,7 @@ def main() -> None:
         calls[name] = calls.get(name, -1) + 1
         return batches[calls[name] % len(batches)]
 
-    def ds_step(engine, loss_name):
-        name = f"deepspeed/{loss_name}"
-
+    def ds_step(engine, loss_name, name):
         def step():
             batch = next_batch(name)
             logits, labels, validity = t.forward(engine, batch)
@@ -149,11 +150,14 @@ def main() -> None:
     eng_decay = init_engine(copy.deepcopy(base), ds_config, device)
     eng_auf = init_engine(copy.deepcopy(base), ds_config, device)
     plain = copy.deepcopy(base).to(device).train()
-    contenders["deepspeed/decay"] = ds_step(eng_decay, "decay")
+    contenders["deepspeed/decay"] = ds_step(eng_decay, "decay", "deepspeed/decay")
     contenders["plain/decay"] = plain_step(plain, "decay")
-    contenders["deepspeed/auf"] = ds_step(eng_auf, "auf")
+    contenders["deepspeed/auf"] = ds_step(eng_auf, "auf", "deepspeed/auf")
     eng_bf16 = init_engine(copy.deepcopy(base), deepspeed_config(p.model_copy(update={"precision": "bf16"})), device)
-    contenders["deepspeed/decay/bf16"] = ds_step(eng_bf16, "decay")
+    contenders["deepspeed/decay/bf16"] = ds_step(eng_bf16, "decay", "deepspeed/decay/bf16")
+    eng_muon = init_engine(copy.deepcopy(base), deepspeed_config(p.model_copy(update={"precision": "bf16",
+                                                                                      "optimizer": "muon"})), device)
+    contenders["deepspeed/decay/bf16/muon"] = ds_step(eng_muon, "decay", "deepspeed/decay/bf16/muon")
 
     names = list(contenders)
     runs = interleave(contenders, repeats=args.rounds, warmup=1)
@@ -169,6 +173,8 @@ def main() -> None:
     print(f"- AUF vs decay step time (DeepSpeed, ratio of medians): {100 * auf_slow:+.2f}%")
     print(f"- bf16 / fp32 throughput (DeepSpeed, decay, ratio of median step times): "
           f"{ratio(med['deepspeed/decay'], med['deepspeed/decay/bf16']):.2f}x")
+    print(f"- Muon / AdamW step time (DeepSpeed, decay, bf16, ratio of medians): "
+          f"{ratio(med['deepspeed/decay/bf16/muon'], med['deepspeed/decay/bf16']):.2f}x")
     print(goal_line("deepspeed/plain", ds_rel, ">=", 0.9))
     print(goal_line("auf step slowdown", auf_slow, "<=", 0.05))
 

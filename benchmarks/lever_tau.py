@@ -1,0 +1,197 @@
+"""Training levers judged by replay tau: each lever against today's default, 2 seeds, paired CIs.
+
+Trains each run with the real train stage (`stages/train.py`, the default params plus the run's
+`train.*` overrides, one process at `--threads`), then replays it on every eval prompt of the
+default pipeline's `data/eval_labels` (specauf.replay, the eval stage's own tau) and compares it
+with its baseline, the default params' drafter of the same loss variant and seed: tau(lever) -
+tau(baseline) with the two-level bootstrap interval over seeds and prompts (specauf.evidence),
+pooled and per eval set, at `--block-size`. A baseline the default pipeline has
+trained (`data/drafters/<variant>-<seed>`, a seed of the default's train.seeds) is reused, not retrained.
+
+    python benchmarks/lever_tau.py --runs auf,auf_muon,auf_block_norm --seeds 0,1
+
+Everything it writes goes under `--out` (default benchmarks/.cache/lever_tau/): per run and seed
+the drafter, its train metrics and replay rows; `table.json` and `table.md` the comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MUON_STEPS = 900
+# run name -> (loss variant, train.* overrides); a run with no overrides is its variant's baseline
+RUNS = {
+    "auf": ("auf", {}),
+    "dpace": ("dpace", {}),
+    # the default's CPU minutes: a Muon step costs 1.76x an AdamW step here (benchmarks/train.py,
+    # bf16, at 4x the default's tokens per step, so a lower bound at the default's), 1600 / 1.76 steps
+    "auf_muon": ("auf", {"optimizer": "muon", "steps": MUON_STEPS}),
+    # 0.3 anchors per response token: about the default's 32 per sequence at its mean 115-token answer
+    "auf_anchors_per_token": ("auf", {"anchors_per_token": 0.3}),
+    "auf_block_norm": ("auf", {"loss_normalization": "block"}),
+    "dpace_block_norm": ("dpace", {"loss_normalization": "block"}),
+    "auf_combined": ("auf", {"optimizer": "muon", "steps": MUON_STEPS, "anchors_per_token": 0.3,
+                             "loss_normalization": "block"}),
+}
+
+
+def baseline_of(name: str) -> str:
+    variant, _ = RUNS[name]
+    return next(n for n, (v, o) in RUNS.items() if v == variant and not o)
+
+
+def params_for(base: dict, name: str, seed: int, threads: int) -> dict:
+    variant, overrides = RUNS[name]
+    params = json.loads(json.dumps(base))
+    params["train"].update(overrides, variants=[variant], seeds=[seed], torch_threads=threads)
+    return params
+
+
+def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: Path) -> dict:
+    """The run's drafter folder, trained by the train stage unless the default pipeline has it."""
+    variant, overrides = RUNS[name]
+    run_dir = out / f"{name}-{seed}"
+    default = workspace / "data" / "drafters" / f"{variant}-{seed}"
+    if not overrides and seed in base["train"]["seeds"] and (default / "model.safetensors").is_file():
+        return {"drafter": default, "minutes": None, "reused": True}  # the pipeline's train@<variant>-<seed>
+    if (run_dir / "drafter" / "model.safetensors").is_file():
+        return {"drafter": run_dir / "drafter", "minutes": json.loads((run_dir / "train_time.json").read_text())["minutes"],
+                "reused": False}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params_file = run_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params_for(base, name, seed, threads), sort_keys=False))
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        subprocess.run([sys.executable, "stages/train.py", "--params", str(params_file), "--variant", variant,
+                        "--seed", str(seed), "--out", str(run_dir / "drafter"), "--work", str(run_dir / "work"),
+                        "--metrics", str(run_dir / "metrics")], cwd=workspace, check=True, stdout=log, stderr=log,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    minutes = round((time.perf_counter() - t0) / 60, 2)
+    (run_dir / "train_time.json").write_text(json.dumps({"minutes": minutes}))
+    return {"drafter": run_dir / "drafter", "minutes": minutes, "reused": False}
+
+
+def replay(drafter_dir: Path, rows_file: Path, params, workspace: Path, seed: int) -> list[dict]:
+    import torch
+
+    from specauf.artifacts import loading
+    from specauf.dataset import LabelsDataset
+    from specauf.drafter import BlockDrafter
+    from specauf.prompts import load_eval_prompts
+    from specauf.replay import replay_drafter
+    from specauf.target import load_target_for
+
+    if rows_file.is_file():
+        return json.loads(rows_file.read_text())
+    target, _, manifest = load_target_for(workspace / "data/target", drafter_dir, "drafter", "cpu")
+    with loading(drafter_dir), torch.no_grad():
+        drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
+        sets = load_eval_prompts(workspace / "data/prompts", params.eval.sets)
+        every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
+        rows = replay_drafter(drafter, target, LabelsDataset(workspace / "data/eval_labels"), every,
+                              sorted(set(params.eval.block_sizes) - {1}), params.eval.block_layout,
+                              params.eval.replay_max_new_tokens, manifest["stop_token_ids"])
+    rows = [{**r, "seed": seed} for r in rows]
+    rows_file.write_text(json.dumps(rows))
+    return rows
+
+
+def compare(rows: dict, names: list[str], key: str, resamples: int) -> list[dict]:
+    from specauf.evidence import paired_diff_ci, paired_rows, ratio_ci, verdict
+
+    table = []
+    for name in names:
+        mine = [r for rs in rows[name].values() for r in rs]
+        tau = ratio_ci(*paired_rows(mine, mine, key)[:2], resamples=resamples)
+        entry = {"run": name, "variant": RUNS[name][0], "overrides": RUNS[name][1], "seeds": sorted(rows[name]),
+                 "tau": tau}
+        base = baseline_of(name)
+        if base != name:
+            theirs = [r for rs in rows[base].values() for r in rs]
+            sets = sorted({r["set"] for r in mine})
+            entry["baseline"] = base
+            entry["diff"] = {s or "all": paired_diff_ci(*paired_rows(mine, theirs, key, s), resamples=resamples)
+                             for s in [None, *sets]}
+            entry["verdict"] = {s: verdict(d) for s, d in entry["diff"].items()}
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], minutes: dict, key: str) -> str:
+    from specauf.evidence import NOT_SIGNIFICANT
+
+    sets = [s for s in next((e["diff"] for e in table if "diff" in e), {"all": 0}) if s != "all"]
+    head = ["run", "overrides", f"tau {key} [95%]", "train min/seed", "minus baseline, all sets", *sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda d: f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    for e in table:
+        over = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "(default params)"
+        t = e["tau"]
+        cells = [e["run"], over, f"{t['value']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]", minutes.get(e["run"], "")]
+        cells += [fmt(e["diff"][s]) + ("" if e["verdict"][s] == NOT_SIGNIFICANT else f" ({e['verdict'][s]})")
+                  for s in ["all", *sets]] if "diff" in e else ["baseline"] + [""] * len(sets)
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="the default params (the baselines')")
+    ap.add_argument("--workspace", default=str(ROOT), help="pipeline folder whose data/ holds target, prompts, labels, eval_labels")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / ".cache" / "lever_tau"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    ap.add_argument("--parallel", type=int, default=2, help="training runs side by side")
+    ap.add_argument("--block-size", type=int, default=4, help="the block size the table compares at")
+    ap.add_argument("--resamples", type=int, default=2000)
+    args = ap.parse_args()
+    from specauf.params_file import full_params, load_params
+    from specauf.runtime import setup_logging
+
+    setup_logging("lever_tau")
+    import torch
+
+    torch.set_num_threads(1)
+    names = args.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: --runs: unknown run {unknown[0]!r} (known: {', '.join(RUNS)})")
+    names += [b for b in dict.fromkeys(baseline_of(n) for n in names) if b not in names]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    workspace, out = Path(args.workspace).resolve(), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base, params = full_params(args.params), load_params(args.params)
+    jobs = [(n, s) for n in names for s in seeds]
+
+    def job(j):  # a run's replay overlaps the next runs' training (torch ops run outside the GIL)
+        t = train(*j, base, out, args.threads, workspace)
+        return t, replay(t["drafter"], out / f"{j[0]}-{j[1]}.replay.json", params, workspace, j[1])
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = dict(zip(jobs, pool.map(job, jobs)))
+    trained = {j: t for j, (t, _) in done.items()}
+    rows = {n: {s: done[(n, s)][1] for s in seeds} for n in names}
+    minutes = {n: "/".join("default" if trained[(n, s)]["reused"] else str(trained[(n, s)]["minutes"]) for s in seeds)
+               for n in names}
+    table = compare(rows, names, f"b{args.block_size}", args.resamples)
+    (out / "table.json").write_text(json.dumps({"block_size": args.block_size, "seeds": seeds, "minutes": minutes,
+                                                "table": table}, indent=1))
+    md = markdown(table, minutes, f"B={args.block_size}")
+    (out / "table.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
