@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,9 +35,12 @@ MUON_STEPS = 900
 RUNS = {
     "auf": ("auf", {}),
     "dpace": ("dpace", {}),
-    # the default's CPU minutes: a Muon step costs 1.76x an AdamW step here (benchmarks/train.py,
-    # bf16, at 4x the default's tokens per step, so a lower bound at the default's), 1600 / 1.76 steps
+    # a Muon step costs 1.76x an AdamW step in benchmarks/train.py (bf16, at 4x the default's tokens
+    # per step): 1600 / 1.76 steps, planned as the default's CPU minutes, took 1.7x them
     "auf_muon": ("auf", {"optimizer": "muon", "steps": MUON_STEPS}),
+    # measured in the runs themselves, at the default's 64 blocks per step: 0.84 s per Muon step vs
+    # 0.31 per AdamW step (2.7x; two runs side by side), so the default's minutes hold 1600 / 2.7 steps
+    "auf_muon_equal_minutes": ("auf", {"optimizer": "muon", "steps": 590}),
     # 0.3 anchors per response token: about the default's 32 per sequence at its mean 115-token answer
     "auf_anchors_per_token": ("auf", {"anchors_per_token": 0.3}),
     "auf_block_norm": ("auf", {"loss_normalization": "block"}),
@@ -82,21 +86,28 @@ def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: 
     return {"drafter": run_dir / "drafter", "minutes": minutes, "reused": False}
 
 
-def replay(drafter_dir: Path, rows_file: Path, params, workspace: Path, seed: int) -> list[dict]:
+LOADING = threading.Lock()  # transformers' from_pretrained is not thread-safe (its meta-device init)
+
+
+def replay(drafter_dir: Path, rows_file: Path, params, workspace: Path, seed: int, target) -> list[dict]:
+    """Replay rows of one drafter (cached in rows_file). `target` (model, manifest), shared by every
+    replay: the replay reads only its embeddings and lm_head."""
     import torch
 
-    from specauf.artifacts import loading
+    from specauf.artifacts import loading, read_manifest
     from specauf.dataset import LabelsDataset
     from specauf.drafter import BlockDrafter
     from specauf.prompts import load_eval_prompts
     from specauf.replay import replay_drafter
-    from specauf.target import load_target_for
+    from specauf.target import check_fingerprint
 
     if rows_file.is_file():
         return json.loads(rows_file.read_text())
-    target, _, manifest = load_target_for(workspace / "data/target", drafter_dir, "drafter", "cpu")
-    with loading(drafter_dir), torch.no_grad():
+    target, manifest = target
+    check_fingerprint(read_manifest(drafter_dir, kind="drafter")["target_fingerprint"], manifest, f"the drafter in {drafter_dir}")
+    with LOADING, loading(drafter_dir):
         drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
+    with torch.no_grad():
         sets = load_eval_prompts(workspace / "data/prompts", params.eval.sets)
         every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
         rows = replay_drafter(drafter, target, LabelsDataset(workspace / "data/eval_labels"), every,
@@ -174,10 +185,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base, params = full_params(args.params), load_params(args.params)
     jobs = [(n, s) for n in names for s in seeds]
+    from specauf.target import load_target
+
+    model, _, manifest = load_target(workspace / "data/target", "cpu")
 
     def job(j):  # a run's replay overlaps the next runs' training (torch ops run outside the GIL)
         t = train(*j, base, out, args.threads, workspace)
-        return t, replay(t["drafter"], out / f"{j[0]}-{j[1]}.replay.json", params, workspace, j[1])
+        return t, replay(t["drafter"], out / f"{j[0]}-{j[1]}.replay.json", params, workspace, j[1], (model, manifest))
 
     with ThreadPoolExecutor(args.parallel) as pool:
         done = dict(zip(jobs, pool.map(job, jobs)))
