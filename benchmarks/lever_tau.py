@@ -89,15 +89,14 @@ def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: 
 LOADING = threading.Lock()  # transformers' from_pretrained is not thread-safe (its meta-device init)
 
 
-def replay(drafter_dir: Path, rows_file: Path, params, workspace: Path, seed: int, target) -> list[dict]:
-    """Replay rows of one drafter (cached in rows_file). `target` (model, manifest), shared by every
-    replay: the replay reads only its embeddings and lm_head."""
+def replay(drafter_dir: Path, rows_file: Path, params, seed: int, target, answers, every: dict) -> list[dict]:
+    """Replay rows of one drafter (cached in rows_file). `target` (model, manifest), the eval answers
+    (opened and checksum-verified once) and `every` ({prompt_id: set}) are shared by every replay:
+    it reads only the target's embeddings and lm_head and the answers' read-only mapped shards."""
     import torch
 
     from specauf.artifacts import loading, read_manifest
-    from specauf.dataset import LabelsDataset
     from specauf.drafter import BlockDrafter
-    from specauf.prompts import load_eval_prompts
     from specauf.replay import replay_drafter
     from specauf.target import check_fingerprint
 
@@ -108,9 +107,7 @@ def replay(drafter_dir: Path, rows_file: Path, params, workspace: Path, seed: in
     with LOADING, loading(drafter_dir):
         drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     with torch.no_grad():
-        sets = load_eval_prompts(workspace / "data/prompts", params.eval.sets)
-        every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
-        rows = replay_drafter(drafter, target, LabelsDataset(workspace / "data/eval_labels"), every,
+        rows = replay_drafter(drafter, target, answers, every,
                               sorted(set(params.eval.block_sizes) - {1}), params.eval.block_layout,
                               params.eval.replay_max_new_tokens, manifest["stop_token_ids"])
     rows = [{**r, "seed": seed} for r in rows]
@@ -185,13 +182,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base, params = full_params(args.params), load_params(args.params)
     jobs = [(n, s) for n in names for s in seeds]
+    from specauf.dataset import LabelsDataset
+    from specauf.prompts import load_eval_prompts
     from specauf.target import load_target
 
     model, _, manifest = load_target(workspace / "data/target", "cpu")
+    answers = LabelsDataset(workspace / "data/eval_labels")
+    sets = load_eval_prompts(workspace / "data/prompts", params.eval.sets)
+    every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
 
     def job(j):  # a run's replay overlaps the next runs' training (torch ops run outside the GIL)
         t = train(*j, base, out, args.threads, workspace)
-        return t, replay(t["drafter"], out / f"{j[0]}-{j[1]}.replay.json", params, workspace, j[1], (model, manifest))
+        return t, replay(t["drafter"], out / f"{j[0]}-{j[1]}.replay.json", params, j[1], (model, manifest), answers, every)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         done = dict(zip(jobs, pool.map(job, jobs)))
