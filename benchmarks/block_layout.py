@@ -43,7 +43,7 @@ def main() -> None:
     stops = manifest["stop_token_ids"]
     sets = load_eval_prompts("data/prompts", params.eval.sets)
     every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
-    sizes = sorted(set(params.eval.block_sizes) - {1})
+    sizes = params.eval.speculative_block_sizes
     M = params.eval.replay_max_new_tokens
     print_header("block layout: trained B-token block vs b-token block, tau by replay")
     print(f"{len(every)} eval prompts, {M} tokens of greedy answer, block sizes {sizes}", flush=True)

@@ -48,7 +48,7 @@ def main() -> None:
     stops = manifest["stop_token_ids"]
     sets = load_eval_prompts("data/prompts", params.eval.sets)
     every = {r["prompt_id"]: name for name, rows in sets.items() for r in rows}
-    sizes = sorted(set(params.eval.block_sizes) - {1})
+    sizes = params.eval.speculative_block_sizes
     M, layout = params.eval.replay_max_new_tokens, params.eval.block_layout
     print_header("draft vocabulary: as evaluated (d2t) vs ignored (full vocabulary, same weights), tau by replay")
     print(f"{len(every)} eval prompts, {M} tokens of greedy answer, block sizes {sizes}, layout {layout}", flush=True)

@@ -108,7 +108,7 @@ def replay(drafter_dir: Path, rows_file: Path, params, seed: int, target, answer
         drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     with torch.no_grad():
         rows = replay_drafter(drafter, target, answers, every,
-                              sorted(set(params.eval.block_sizes) - {1}), params.eval.block_layout,
+                              params.eval.speculative_block_sizes, params.eval.block_layout,
                               params.eval.replay_max_new_tokens, manifest["stop_token_ids"])
     rows = [{**r, "seed": seed} for r in rows]
     rows_file.write_text(json.dumps(rows))

@@ -180,6 +180,11 @@ class EvalParams(Section):
     contender alike (MKL's 2-8 row GEMMs can cost far more than one row's; a kernel that stores a
     transposed weight copy competes only where memory allows); stock: torch's F.linear. Ignored on CUDA."""
 
+    @property
+    def speculative_block_sizes(self) -> list[int]:
+        """The block sizes that speculate (1 is plain decoding, measured anyway), ascending."""
+        return sorted(set(self.block_sizes) - {1})
+
     @model_validator(mode="after")
     def _block_sizes(self):
         if not self.block_sizes or any(b < 1 for b in self.block_sizes):

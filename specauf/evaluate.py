@@ -71,7 +71,7 @@ def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]
     from specauf.dataset import LabelsDataset
     from specauf.replay import replay_check, replay_drafter
 
-    sizes = sorted(set(params.block_sizes) - {1})
+    sizes = params.speculative_block_sizes
     timed = {name: rows[: params.prompts_per_set] for name, rows in eval_sets.items()}
     tuned = tune_linears(target, decode_row_counts(params), params.linear_kernels)
     try:
@@ -119,7 +119,7 @@ def _decode_all(target, tokenizer, drafter, eval_sets: dict[str, list[dict]], pa
                 stop_ids: list[int], pad_id: int, seed: int, assistant=None) -> dict:
     device = next(target.parameters()).device
     proposer = DrafterProposer(drafter, target, params.block_layout)
-    sizes = sorted(set(params.block_sizes) - {1})
+    sizes = params.speculative_block_sizes
     per_set: dict[str, dict] = {}
     pooled: dict[str, list] = {"plain": [], **{f"b{b}": [] for b in sizes}}
     peers: dict[str, list[tuple[float, int]]] = {}

@@ -73,7 +73,7 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     drafter = export_dir / read_manifest(export_dir, kind="export").get("gguf", {}).get("file", "drafter.gguf")
     if not drafter.is_file():
         raise ArtifactError(f"{drafter}: missing (rerun the export stage with serve.engine llama.cpp)")
-    sizes = sorted(set(ep.block_sizes) - {1})
+    sizes = ep.speculative_block_sizes
     ours = {(r["set"], r["prompt_id"]): r for r in read_json(eval_prompts_file)["decoded"]}
     targets, rows, mismatches = {}, [], []
     n = ep.max_new_tokens

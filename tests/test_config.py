@@ -133,3 +133,10 @@ def test_eval_answers_read_only_the_keys_dvc_tracks():
                                     ("labels", "batch_size", 3, eval_labels_params)):
         assert fn(parse_params({section: {key: value}})) != fn(base), (section, key)
     assert eval_rollouts_params(base).temperature == 0.0 and eval_labels_params(base).feature_dtype == "float32"
+
+
+def test_speculative_block_sizes_drop_plain_decoding_and_repeats():
+    from specauf.config import EvalParams
+
+    assert EvalParams(block_sizes=[8, 1, 2, 8, 4]).speculative_block_sizes == [2, 4, 8]
+    assert EvalParams(block_sizes=[1]).speculative_block_sizes == []
