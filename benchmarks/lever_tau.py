@@ -7,6 +7,9 @@ with its baseline, the default params' drafter of the same loss variant and seed
 tau(baseline) with the two-level bootstrap interval over seeds and prompts (specauf.evidence),
 pooled and per eval set, at `--block-size`. A baseline the default pipeline has
 trained (`data/drafters/<variant>-<seed>`, a seed of the default's train.seeds) is reused, not retrained.
+A run may train on data of its own (DATA: `prompts.train` and `rollouts.*` overrides): the real
+prompts, rollouts and labels stages build it once, timed, under `--out`/data-<name>/, with the
+workspace's fp32 target, so its labels are exact for the verifier that is evaluated.
 
     python benchmarks/lever_tau.py --runs auf,auf_muon,auf_block_norm --seeds 0,1
 
@@ -50,9 +53,76 @@ RUNS = {
 }
 
 
+# training data of a run (run name -> data name) other than the workspace's data/labels; each data
+# setting = (prompts.train[*] overrides, rollouts.* overrides), built by the real stages
+BF16_EQUAL_MINUTES_PROMPTS = 690  # 500 * 1.38: bf16 rollouts' tokens/s over fp32's (benchmarks/rollouts.py)
+DATA = {
+    "bf16_rollouts": ({}, {"precision": "bf16"}),  # the default's 500 prompts, answered in bf16
+    "bf16_rollouts_equal_minutes": ({"count": BF16_EQUAL_MINUTES_PROMPTS}, {"precision": "bf16"}),
+}
+RUN_DATA = {
+    "auf_bf16_rollouts": "bf16_rollouts",
+    "auf_bf16_rollouts_equal_minutes": "bf16_rollouts_equal_minutes",
+    "dpace_bf16_rollouts_equal_minutes": "bf16_rollouts_equal_minutes",
+}
+RUNS.update({name: (name.split("_")[0], {}) for name in RUN_DATA})
+BUILDING = {data: threading.Lock() for data in DATA}
+
+
 def baseline_of(name: str) -> str:
     variant, _ = RUNS[name]
-    return next(n for n, (v, o) in RUNS.items() if v == variant and not o)
+    return next(n for n, (v, o) in RUNS.items() if v == variant and not o and n not in RUN_DATA)
+
+
+def data_params(base: dict, data: str, threads: int) -> dict:
+    """The default params with the data setting's overrides (every training prompt source's count)."""
+    prompts_over, rollouts_over = DATA[data]
+    params = json.loads(json.dumps(base))
+    params["base"]["torch_threads"] = threads
+    for source in params["prompts"]["train"]:
+        source.update(prompts_over)
+    params["rollouts"].update(rollouts_over)
+    return params
+
+
+def build_data(data: str, base: dict, out: Path, threads: int, workspace: Path) -> Path:
+    """The data setting's labels folder, built once by the prompts (when its prompts differ from the
+    workspace's), rollouts and labels stages; each stage's minutes go to data_time.json."""
+    data_dir = out / f"data-{data}"
+    with BUILDING[data]:  # two runs on one data setting wait for one build
+        if not (data_dir / "data_time.json").is_file():
+            _build(data, data_dir, base, threads, workspace)
+    return data_dir / "labels"
+
+
+def describe(name: str) -> str:
+    """A run's changes from the default params, as the table shows them."""
+    changes = [f"{k}={v}" for k, v in RUNS[name][1].items()]
+    if name in RUN_DATA:
+        prompts_over, rollouts_over = DATA[RUN_DATA[name]]
+        changes += [f"rollouts.{k}={v}" for k, v in rollouts_over.items()]
+        changes += [f"prompts.train {k}={v}" for k, v in prompts_over.items()]
+    return ", ".join(changes) or "(default params)"
+
+
+def _build(data: str, data_dir: Path, base: dict, threads: int, workspace: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    params_file = data_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(data_params(base, data, threads), sort_keys=False))
+    prompts = data_dir / "prompts" if DATA[data][0] else workspace / "data/prompts"
+    stages = ([("prompts", ["--out", str(prompts)])] if DATA[data][0] else []) + [
+        ("rollouts", ["--prompts", str(prompts), "--target", str(workspace / "data/target"),
+                      "--out", str(data_dir / "rollouts"), "--work", str(data_dir / "work/rollouts")]),
+        ("labels", ["--rollouts", str(data_dir / "rollouts"), "--target", str(workspace / "data/target"),
+                    "--out", str(data_dir / "labels"), "--work", str(data_dir / "work/labels")])]
+    minutes = {}
+    for stage, args in stages:
+        t0 = time.perf_counter()
+        with open(data_dir / f"{stage}.log", "w") as log:
+            subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", str(params_file), *args],
+                           cwd=workspace, check=True, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        minutes[stage] = round((time.perf_counter() - t0) / 60, 2)
+    (data_dir / "data_time.json").write_text(json.dumps(minutes))
 
 
 def params_for(base: dict, name: str, seed: int, threads: int) -> dict:
@@ -72,13 +142,14 @@ def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: 
     if (run_dir / "drafter" / "model.safetensors").is_file():
         return {"drafter": run_dir / "drafter", "minutes": json.loads((run_dir / "train_time.json").read_text())["minutes"],
                 "reused": False}
+    labels = build_data(RUN_DATA[name], base, out, threads, workspace) if name in RUN_DATA else workspace / "data/labels"
     run_dir.mkdir(parents=True, exist_ok=True)
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_for(base, name, seed, threads), sort_keys=False))
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        subprocess.run([sys.executable, "stages/train.py", "--params", str(params_file), "--variant", variant,
-                        "--seed", str(seed), "--out", str(run_dir / "drafter"), "--work", str(run_dir / "work"),
+        subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "--params", str(params_file), "--variant", variant,
+                        "--seed", str(seed), "--labels", str(labels), "--target", str(workspace / "data/target"), "--out", str(run_dir / "drafter"), "--work", str(run_dir / "work"),
                         "--metrics", str(run_dir / "metrics")], cwd=workspace, check=True, stdout=log, stderr=log,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     minutes = round((time.perf_counter() - t0) / 60, 2)
@@ -144,7 +215,7 @@ def markdown(table: list[dict], minutes: dict, key: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda d: f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
     for e in table:
-        over = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "(default params)"
+        over = describe(e["run"])
         t = e["tau"]
         cells = [e["run"], over, f"{t['value']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]", minutes.get(e["run"], "")]
         cells += [fmt(e["diff"][s]) + ("" if e["verdict"][s] == NOT_SIGNIFICANT else f" ({e['verdict'][s]})")
@@ -202,8 +273,10 @@ def main() -> None:
     minutes = {n: "/".join("default" if trained[(n, s)]["reused"] else str(trained[(n, s)]["minutes"]) for s in seeds)
                for n in names}
     table = compare(rows, names, f"b{args.block_size}", args.resamples)
+    data_minutes = {d: json.loads((out / f"data-{d}" / "data_time.json").read_text())
+                    for d in dict.fromkeys(RUN_DATA[n] for n in names if n in RUN_DATA)}
     (out / "table.json").write_text(json.dumps({"block_size": args.block_size, "seeds": seeds, "minutes": minutes,
-                                                "table": table}, indent=1))
+                                                "data_minutes": data_minutes, "table": table}, indent=1))
     md = markdown(table, minutes, f"B={args.block_size}")
     (out / "table.md").write_text(md)
     print(md)

@@ -55,11 +55,11 @@ def build_target_ggufs(params, target_dir: Path, source_gguf: Path | None, out_d
             llamacpp.tool("llama-completion")  # built before any work, or one line saying how
             log.info("converting %s to f32 GGUF with llama.cpp %s's converter", target_dir, llamacpp.SDIST_COMMIT)
             llamacpp.convert_target(Path(target_dir), tmp / TARGET_FILES["f32"], "f32")
-            if "source" in params.serve.targets and source_gguf is None:
-                log.info("serve.targets has source, but target.source is %s: no original GGUF, f32 only", params.target.source)
-            elif "source" in params.serve.targets:
+            if source_gguf is not None:  # served_source_gguf decided it is served
                 shutil.copyfile(source_gguf, tmp / TARGET_FILES["source"])
                 log.info("copied the original GGUF %s", source_gguf.name)
+            elif "source" in params.serve.targets:
+                log.info("serve.targets has source, but target.source is %s: no original GGUF, f32 only", params.target.source)
             files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.gguf"))}
         manifest = {"schema_version": SCHEMA_VERSION, "kind": "target_gguf", "engine": params.serve.engine,
                     "files": files, "source_gguf": source_gguf.name if source_gguf else None,

@@ -81,6 +81,9 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     served = [t for t in sp.targets if (target_gguf_dir / TARGET_FILES[t]).is_file()]  # no `source` for a non-GGUF target
     if not served:
         raise ArtifactError(f"{target_gguf_dir}: none of serve.targets {sp.targets} (rerun the target_gguf stage)")
+    contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
+    if sp.ngram:
+        contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
     total = len(served) * len(prompts)
     with progress(total=total, desc=f"serve {run}", unit="prompt") as bar:
         for name in served:
@@ -93,9 +96,6 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
                        "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
                 if name == "f32" and our_greedy and p["prompt_id"] in our_greedy:  # llama.cpp's f32 target is ours?
                     row["plain"]["equals_our_greedy"] = plain.text.startswith(our_greedy[p["prompt_id"]])
-                contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
-                if sp.ngram:
-                    contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
                 for key, draft, n_max, kind in contenders:
                     quiet = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind)
                     loud = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind, verbose=True)

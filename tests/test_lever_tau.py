@@ -39,3 +39,19 @@ def test_comparison_is_the_paired_tau_difference_pooled_and_per_set():
     assert entry["tau"]["value"] == pytest.approx(35 / 27) and entry["tau"]["seeds"] == 2
     md = lever_tau.markdown(table, {"auf_block_norm": "8.1/8.3", "auf": "default/8.0"}, "B=4")
     assert "| auf_block_norm | loss_normalization=block | 1.296 [" in md and "| auf | (default params) |" in md
+
+
+def test_a_data_lever_trains_on_its_own_rollouts_and_is_compared_with_the_default_data():
+    base = {"base": {"torch_threads": 1}, "prompts": {"train": [{"source": "sharegpt", "count": 500}]},
+            "rollouts": {"precision": "fp32", "batch_size": 32}}
+    params = lever_tau.data_params(base, "bf16_rollouts_equal_minutes", threads=1)
+    assert params["prompts"]["train"] == [{"source": "sharegpt", "count": lever_tau.BF16_EQUAL_MINUTES_PROMPTS}]
+    assert params["rollouts"] == {"precision": "bf16", "batch_size": 32} and base["rollouts"]["precision"] == "fp32"
+    same_prompts = lever_tau.data_params(base, "bf16_rollouts", threads=1)
+    assert same_prompts["prompts"] == base["prompts"] and same_prompts["rollouts"]["precision"] == "bf16"
+    # the default data's run of the variant is the baseline, never another run on other data
+    assert lever_tau.baseline_of("auf_bf16_rollouts_equal_minutes") == "auf"
+    assert lever_tau.baseline_of("dpace_bf16_rollouts_equal_minutes") == "dpace"
+    assert lever_tau.RUNS["auf_bf16_rollouts"] == ("auf", {})
+    assert lever_tau.describe("auf_bf16_rollouts_equal_minutes") == "rollouts.precision=bf16, prompts.train count=690"
+    assert lever_tau.describe("auf") == "(default params)"
