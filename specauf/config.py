@@ -212,12 +212,12 @@ class ServeParams(Section):
     """llama.cpp's own n-gram speculation, measured beside the drafter as a peer (null = skip)."""
     ngram_n_max: int = Field(3, ge=1)
     """Draft tokens per cycle of the n-gram peer."""
-    exactness_gate: bool = False
-    """Fail the serve stage when a llama.cpp speculative output differs from its plain greedy output.
-    Off: llama.cpp verifies a block with batched kernels whose float sums differ from a one-token
-    step, so at a near-tie its greedy path can change (measured on the default: docs/benchmarks.md);
-    the stage records every difference and where it starts instead. Our own decoder's gate is
-    eval.exactness_gate."""
+    exactness_gate: bool = True
+    """Fail the serve stage when a llama.cpp speculative output differs from its plain greedy output
+    (every difference and where it starts is recorded either way). Holds on a CPU with llama.cpp's
+    flash attention off (specauf.llamacpp.RUN_FLAGS; with it on, a one-token step and a verified
+    block sum in different orders and greedy flipped at near-ties: docs/benchmarks.md). Our own
+    decoder's gate is eval.exactness_gate."""
 
     @field_validator("targets")
     @classmethod

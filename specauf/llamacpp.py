@@ -36,8 +36,11 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF")
 # --no-repack: ggml's CPU "extra buffer" repacking (AMX and AVX512 matmul kernels) crashed the
 # Q4_1 target on an AMX Xeon here (segfault in ggml_backend_amx_mul_mat); the plain kernels run
-# everywhere. Every command we run and print carries these flags.
-RUN_FLAGS = ("--no-repack",)
+# everywhere. -fa off: llama.cpp's CPU flash attention computes a one-token step and a verified
+# block in different float orders, enough to flip greedy at a near-tie (3 of 16 prompt runs left
+# plain greedy, n-gram speculation included); without it every output equals plain greedy
+# (docs/benchmarks.md, "llama.cpp exactness"). Every command we run and print carries these flags.
+RUN_FLAGS = ("--no-repack", "-fa", "off")
 # How many tokens a cycle drafts, per spec type (llama.cpp 0c1e570 names it per method).
 NGRAM_N_MAX = {"ngram-simple": ("--spec-ngram-simple-size-m",), "ngram-map-k": ("--spec-ngram-map-k-size-m",),
                "ngram-mod": ("--spec-ngram-mod-n-max",)}
