@@ -33,13 +33,19 @@ SDIST_COMMIT = "0c1e570"  # llama.cpp as vendored in that sdist (2026-10-01)
 TOOLS = ("llama-speculative-simple", "llama-completion")  # what the serve stage and the tests run
 SERVER = "llama-server"  # the README's serving command; built by `specauf llamacpp install --server`
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF")
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+               # exact speculative decoding: llamafile's sgemm serves only multi-token batches (a
+               # verified block), ggml's own dot products a one-token step, and their float sums
+               # differ; a repacked kernel likewise. Off, every row of a matmul is the same dot
+               # product at any batch size (docs/benchmarks.md, "llama.cpp exactness").
+               "-DGGML_LLAMAFILE=OFF", "-DGGML_CPU_REPACK=OFF")
 # --no-repack: ggml's CPU "extra buffer" repacking (AMX and AVX512 matmul kernels) crashed the
 # Q4_1 target on an AMX Xeon here (segfault in ggml_backend_amx_mul_mat); the plain kernels run
-# everywhere. -fa off: llama.cpp's CPU flash attention computes a one-token step and a verified
-# block in different float orders, enough to flip greedy at a near-tie (3 of 16 prompt runs left
-# plain greedy, n-gram speculation included); without it every output equals plain greedy
-# (docs/benchmarks.md, "llama.cpp exactness"). Every command we run and print carries these flags.
+# everywhere (and a llama.cpp built elsewhere, with repacking, is kept off it). -fa off: llama.cpp's
+# CPU flash attention computes a one-token step and a verified block in different float orders,
+# enough to flip greedy at a near-tie. With both and CMAKE_FLAGS' kernels, every speculative output
+# equals plain greedy (docs/benchmarks.md, "llama.cpp exactness"). Every command we run and print
+# carries these flags.
 RUN_FLAGS = ("--no-repack", "-fa", "off")
 # How many tokens a cycle drafts, per spec type (llama.cpp 0c1e570 names it per method).
 NGRAM_N_MAX = {"ngram-simple": ("--spec-ngram-simple-size-m",), "ngram-map-k": ("--spec-ngram-map-k-size-m",),
@@ -67,9 +73,14 @@ def _stamp() -> dict:
 
 def installed(server: bool = False) -> bool:
     want = set(TOOLS) | ({SERVER} if server else set())
-    stamp = _stamp()
-    return (stamp.get("sdist_sha256") == SDIST_SHA256 and want <= set(stamp.get("tools", []))
-            and all((home() / "build" / "bin" / t).is_file() for t in want))
+    return _built_as_pinned(_stamp()) and want <= set(_stamp().get("tools", [])) \
+        and all((home() / "build" / "bin" / t).is_file() for t in want)
+
+
+def _built_as_pinned(stamp: dict) -> bool:
+    """The build is of the pinned sdist with today's CMAKE_FLAGS (a build with other kernels is
+    not the llama.cpp whose exactness was measured: install rebuilds it)."""
+    return stamp.get("sdist_sha256") == SDIST_SHA256 and stamp.get("cmake_flags") == list(CMAKE_FLAGS)
 
 
 def _build_tools_present() -> None:
@@ -128,9 +139,10 @@ def install(server: bool = False) -> Path:
 def tool(name: str) -> Path:
     """A built tool's path, or a one-line error saying how to build it."""
     path = home() / "build" / "bin" / name
-    if not path.is_file() or _stamp().get("sdist_sha256") != SDIST_SHA256:
+    if not path.is_file() or not _built_as_pinned(_stamp()):
         flag = " --server" if name == SERVER else ""
-        raise UserError(f"llama.cpp tool {name} is not built in {home()}: run `specauf llamacpp install{flag}` "
+        raise UserError(f"llama.cpp tool {name} is not built in {home()} (or not with today's cmake flags): "
+                        f"run `specauf llamacpp install{flag}` "
                         "(or `bash scripts/run.sh llamacpp`)")
     return path
 

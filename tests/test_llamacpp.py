@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from specauf import llamacpp
+from specauf.artifacts import write_json
 from specauf.drafter import BlockDrafter, DrafterConfig
 from specauf.errors import UserError
 from specauf.export import export_drafter
@@ -38,6 +39,21 @@ def test_missing_tool_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECAUF_LLAMACPP_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"llama-server is not built .*`specauf llamacpp install --server`"):
         llamacpp.tool("llama-server")
+
+
+def test_a_build_with_other_kernels_is_rebuilt_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECAUF_LLAMACPP_HOME", str(tmp_path))
+    (tmp_path / "build" / "bin").mkdir(parents=True)
+    for t in llamacpp.TOOLS:
+        (tmp_path / "build" / "bin" / t).write_text("")
+    stamp = {"sdist_sha256": llamacpp.SDIST_SHA256, "tools": list(llamacpp.TOOLS)}
+    write_json(tmp_path / "stamp.json", {**stamp, "cmake_flags": list(llamacpp.CMAKE_FLAGS)})
+    assert llamacpp.installed() and llamacpp.tool("llama-completion").is_file()
+    older = [f for f in llamacpp.CMAKE_FLAGS if "LLAMAFILE" not in f]  # llamafile's sgemm kernels on
+    write_json(tmp_path / "stamp.json", {**stamp, "cmake_flags": older})
+    assert not llamacpp.installed()
+    with pytest.raises(UserError, match=r"not with today's cmake flags\): run `specauf llamacpp install`"):
+        llamacpp.tool("llama-completion")
 
 
 def first_llamacpp_draft(log: str, n: int) -> list[int]:
