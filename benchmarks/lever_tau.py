@@ -115,14 +115,17 @@ def _build(data: str, data_dir: Path, base: dict, threads: int, workspace: Path)
                       "--out", str(data_dir / "rollouts"), "--work", str(data_dir / "work/rollouts")]),
         ("labels", ["--rollouts", str(data_dir / "rollouts"), "--target", str(workspace / "data/target"),
                     "--out", str(data_dir / "labels"), "--work", str(data_dir / "work/labels")])]
-    minutes = {}
-    for stage, args in stages:
-        t0 = time.perf_counter()
-        with open(data_dir / f"{stage}.log", "w") as log:
-            subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", str(params_file), *args],
-                           cwd=workspace, check=True, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        minutes[stage] = round((time.perf_counter() - t0) / 60, 2)
+    minutes = {stage: run_stage(stage, params_file, args, data_dir / f"{stage}.log", workspace) for stage, args in stages}
     (data_dir / "data_time.json").write_text(json.dumps(minutes))
+
+
+def run_stage(stage: str, params_file: Path, args: list[str], log_file: Path, workspace: Path) -> float:
+    """Run stages/<stage>.py in the workspace with these params, its output to log_file; its minutes."""
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", str(params_file), *args],
+                       cwd=workspace, check=True, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return round((time.perf_counter() - t0) / 60, 2)
 
 
 def params_for(base: dict, name: str, seed: int, threads: int) -> dict:
@@ -137,7 +140,7 @@ def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: 
     variant, overrides = RUNS[name]
     run_dir = out / f"{name}-{seed}"
     default = workspace / "data" / "drafters" / f"{variant}-{seed}"
-    if not overrides and seed in base["train"]["seeds"] and (default / "model.safetensors").is_file():
+    if baseline_of(name) == name and seed in base["train"]["seeds"] and (default / "model.safetensors").is_file():
         return {"drafter": default, "minutes": None, "reused": True}  # the pipeline's train@<variant>-<seed>
     if (run_dir / "drafter" / "model.safetensors").is_file():
         return {"drafter": run_dir / "drafter", "minutes": json.loads((run_dir / "train_time.json").read_text())["minutes"],
@@ -146,13 +149,10 @@ def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: 
     run_dir.mkdir(parents=True, exist_ok=True)
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_for(base, name, seed, threads), sort_keys=False))
-    t0 = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
-        subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "--params", str(params_file), "--variant", variant,
-                        "--seed", str(seed), "--labels", str(labels), "--target", str(workspace / "data/target"), "--out", str(run_dir / "drafter"), "--work", str(run_dir / "work"),
-                        "--metrics", str(run_dir / "metrics")], cwd=workspace, check=True, stdout=log, stderr=log,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    minutes = round((time.perf_counter() - t0) / 60, 2)
+    minutes = run_stage("train", params_file, ["--variant", variant, "--seed", str(seed), "--labels", str(labels),
+                                               "--target", str(workspace / "data/target"), "--out", str(run_dir / "drafter"),
+                                               "--work", str(run_dir / "work"), "--metrics", str(run_dir / "metrics")],
+                        run_dir / "train.log", workspace)
     (run_dir / "train_time.json").write_text(json.dumps({"minutes": minutes}))
     return {"drafter": run_dir / "drafter", "minutes": minutes, "reused": False}
 
