@@ -137,7 +137,7 @@ def params_for(base: dict, name: str, seed: int, threads: int) -> dict:
 
 def train(name: str, seed: int, base: dict, out: Path, threads: int, workspace: Path) -> dict:
     """The run's drafter folder, trained by the train stage unless the default pipeline has it."""
-    variant, overrides = RUNS[name]
+    variant, _ = RUNS[name]
     run_dir = out / f"{name}-{seed}"
     default = workspace / "data" / "drafters" / f"{variant}-{seed}"
     if baseline_of(name) == name and seed in base["train"]["seeds"] and (default / "model.safetensors").is_file():
