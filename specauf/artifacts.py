@@ -224,13 +224,22 @@ def read_table(path: str | Path, entry: dict | None = None, verify: bool = True)
     if entry is not None:
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ArtifactError(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated or replaced shard)")
+            raise ArtifactError(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated or replaced shard); "
+                                + rebuild_hint(path.parent))
         if verify and sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{path}: checksum mismatch with its manifest (corrupted shard)")
+            raise ArtifactError(f"{path}: checksum mismatch with its manifest (corrupted shard); " + rebuild_hint(path.parent))
     try:
         return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: unreadable Arrow file ({e})") from None
+
+
+def rebuild_hint(directory: Path) -> str:
+    """How to make a damaged output again. DVC still thinks it up to date (and `dvc checkout` may
+    restore the same damaged bytes from its cache), so its stage must be forced."""
+    stage = directory.name if directory.parent.name == "data" else None
+    return (f"rebuild it with `dvc repro -f {stage}`" if stage else
+            "rebuild it with `dvc repro -f` and the stage that wrote it")
 
 
 def read_manifest(directory: str | Path, kind: str | None = None) -> dict:
@@ -290,7 +299,7 @@ class ShardedWork:
         only that one process may wipe a stale dir, or ranks would delete each other's shards."""
         self = cls.__new__(cls)
         self.dir = Path(work_dir)
-        self.key = json.loads((self.dir / "work.json").read_text())["key"]
+        self.key = read_work_key(self.dir / "work.json")
         return self
 
     def done(self, index: int) -> dict | None:
@@ -299,8 +308,13 @@ class ShardedWork:
         shard = self.dir / shard_name(index)
         if not (entry_path.is_file() and shard.is_file()):
             return None
-        entry = json.loads(entry_path.read_text())
-        if shard.stat().st_size != entry["bytes"]:
+        try:
+            entry = json.loads(entry_path.read_text())
+            intact = shard.stat().st_size == entry["bytes"] and sha256_file(shard) == entry["sha256"]
+        except (ValueError, KeyError, TypeError):
+            intact = False  # a damaged entry file: the shard it describes cannot be trusted
+        if not intact:  # by content, not size: a same-size change must never be published and cached
+            log.warning("%s: changed since it was written (its entry or checksum disagree): making it again", shard)
             return None
         return entry
 
@@ -335,7 +349,7 @@ def claim_work_dir(work_dir: str | Path, key: str) -> bool:
         if not stamp.is_file() and any(work_dir.iterdir()):
             raise ArtifactError(f"{work_dir}: holds files but no work.json, so the pipeline did not make it; "
                                 "refusing to use or delete it (move it away)")
-        old = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+        old = read_work_key(stamp) if stamp.is_file() else None
         if old == key:
             return True
         if old is not None:
@@ -344,6 +358,19 @@ def claim_work_dir(work_dir: str | Path, key: str) -> bool:
     work_dir.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"key": key})
     return False
+
+
+def read_work_key(stamp: Path) -> str:
+    """The work key a work dir's work.json holds; a damaged one is named, and nothing is deleted
+    (without its key there is no telling whose work the folder holds)."""
+    try:
+        key = json.loads(stamp.read_text()).get("key")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        key = None
+    if not isinstance(key, str):
+        raise ArtifactError(f"{stamp}: damaged (no work key in it); if {stamp.parent} is the pipeline's scratch "
+                            f"folder, delete it and rerun: the stage starts that work afresh")
+    return key
 
 
 def _same_fs(a: Path, b: Path) -> bool:

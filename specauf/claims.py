@@ -19,7 +19,8 @@ from specauf import evidence
 GOAL_OVER_PLAIN = 2.0      # issue goal: best speedup over plain decoding
 GOAL_OVER_PEER = 1.3       # issue goal: best speedup over the best peer (transformers' own)
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
-REVERSED, NOT_SIGNIFICANT, INCONCLUSIVE = evidence.REVERSED, evidence.NOT_SIGNIFICANT, evidence.INCONCLUSIVE
+REVERSED, NOT_SIGNIFICANT, INCONCLUSIVE, TOO_FEW = (evidence.REVERSED, evidence.NOT_SIGNIFICANT, evidence.INCONCLUSIVE,
+                                                    evidence.TOO_FEW)
 MET, NOT_MET = "met", "not met"
 
 
@@ -138,14 +139,16 @@ def claim_beats(data: dict, a: str = "auf", b: str = "decay", resamples: int = e
                 "held": [], "failed": [], "open": [], "missing": []}
     rows = _grid(data, a, b, resamples)
     measured = [r for r in rows if r["diff"] is not None]
-    held = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == HOLDS]
-    failed = [r for r in measured if evidence.verdict({"lo": r["lo"], "hi": r["hi"]}) == REVERSED]
+    held = [r for r in measured if evidence.verdict(r) == HOLDS]
+    failed = [r for r in measured if evidence.verdict(r) == REVERSED]
+    few = [r for r in measured if evidence.verdict(r) == TOO_FEW]
     open_ = [r for r in measured if r not in held and r not in failed]
     missing = [r for r in rows if r["diff"] is None]
-    status = UNMEASURED if not measured else REVERSED if failed else NOT_SIGNIFICANT if open_ else HOLDS
+    status = UNMEASURED if not measured else REVERSED if failed else TOO_FEW if few else NOT_SIGNIFICANT if open_ else HOLDS
     return {"status": status, "rows": rows, "held": held, "failed": failed, "open": open_, "missing": missing,
             "detail": f"{len(held)} of {len(rows)} set/block-size pairs hold (95% interval of {a} - {b} above 0), "
-                      f"{len(failed)} reversed, {len(open_)} not significant"
+                      f"{len(failed)} reversed, {len(open_) - len(few)} not significant"
+                      + (f", {len(few)} on fewer than {evidence.MIN_PROMPTS} prompts (judged nothing)" if few else "")
                       + (f", {len(missing)} without per-prompt rows" if missing else "")}
 
 
@@ -167,8 +170,9 @@ def claim_auf_decay_matches_auf(data: dict, margin: float = evidence.EQUIVALENCE
         missing = [v for v in ("auf", "auf_decay") if v not in data]
         return {"status": UNMEASURED, "rows": [], "tolerance": margin, "detail": f"variant(s) {', '.join(missing)} not trained"}
     rows = [r for r in _grid(data, "auf_decay", "auf", resamples) if r["set"] == "overall"]
-    verdicts = [evidence.equivalence({"lo": r["lo"], "hi": r["hi"]}, margin) for r in rows if r["diff"] is not None]
-    status = UNMEASURED if not verdicts else FAILS if FAILS in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else HOLDS
+    verdicts = [evidence.equivalence(r, margin) for r in rows if r["diff"] is not None]
+    status = (UNMEASURED if not verdicts else FAILS if FAILS in verdicts else TOO_FEW if TOO_FEW in verdicts
+              else INCONCLUSIVE if INCONCLUSIVE in verdicts else HOLDS)
     return {"status": status, "rows": rows, "tolerance": margin,
             "detail": "; ".join(f"B={r['block_size']}: auf_decay - auf {_ci(r)}" for r in rows) or "no inference block size measured"}
 

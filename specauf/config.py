@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from specauf.config_data import (BaseParams, LabelsParams, LaunchParams, ParamsError, PromptSource,  # noqa: F401
-                                 PromptsParams, RandomTargetParams, RolloutsParams, Section, TargetParams)
+                                 PromptsParams, RandomTargetParams, RolloutsParams, SamplingTemperature, Section,
+                                 Seed, TargetParams)
 
 LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf", "decay_then_auf")
 
@@ -23,7 +24,7 @@ class TrainParams(Section):
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
     auf, auf_decay, dpace and auf_dpace (D-PACE, the DFlash default of vLLM speculators), soft_auf
     (extension beyond the paper), decay_then_auf (labelled curriculum)."""
-    seeds: list[int] = [0]
+    seeds: list[Seed] = [0]
     """Training seeds: every variant is trained (and evaluated) once per seed, on the same data
     (the seed sets the drafter's init, batch order, anchors and held-out split). With more than
     one, the report's intervals resample seeds as well as prompts (docs/method.md, section 4)."""
@@ -36,7 +37,7 @@ class TrainParams(Section):
     dpace_alpha: float = Field(0.5, ge=0.0, le=1.0)
     """D-PACE confidence smoothing alpha of `dpace`/`auf_dpace` (q~ = (1 - alpha) q + alpha; 0.5 is
     speculators' default; 1 = every valid position's weight counts the valid positions after it)."""
-    soft_auf_temperature: float = Field(1.0, ge=0.0)
+    soft_auf_temperature: SamplingTemperature = 1.0
     """Temperature of soft_auf's acceptance probabilities (0 = hard AUF support)."""
     soft_auf_acceptance: Literal["label", "tv"] = "label"
     """How soft_auf scores acceptance at temperature > 0: `label` = q_T(label), exact only for a
@@ -131,8 +132,6 @@ class TrainParams(Section):
     def _seeds(cls, seeds: list[int]) -> list[int]:
         if not seeds:
             raise ValueError("list at least one training seed")
-        if any(s < 0 for s in seeds):
-            raise ValueError(f"seeds must be >= 0, got {seeds}")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must not repeat, got {seeds}")
         return seeds
@@ -154,7 +153,7 @@ class EvalParams(Section):
     same layout; docs/benchmarks.md has the measurement that chose the default."""
     block_sizes: list[int] = [2, 4, 8]
     """Inference block sizes to measure (each <= the trained block size); 1 = plain decoding."""
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: SamplingTemperature = 0.0
     """0 = greedy verification (exactness gate on); > 0 = lossless speculative sampling."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus mass for sampling (temperature > 0)."""
@@ -162,9 +161,10 @@ class EvalParams(Section):
     """Top-k for sampling (0 = off; temperature > 0)."""
     repeats: int = Field(1, ge=1)
     """Timed repeats per prompt; medians are reported."""
-    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000)
     """Resamples of every bootstrap interval (prompts, and seeds when there are several); the
-    percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4)."""
+    percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4).
+    A count whose draws would not fit in half the free memory is refused when the intervals are computed."""
     exactness_gate: bool = True
     """At temperature 0, fail the stage if speculative output differs from plain greedy decoding, or
     if replayed tau differs from decoded tau on the decoded prompts (both hold exactly in fp32 on a

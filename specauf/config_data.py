@@ -6,11 +6,48 @@ out-of-range values are rejected before any compute with one line naming the key
 """
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from specauf.errors import UserError
+
+# Bounds a computation survives, stated once. A seed past 2**32 - 1 overflows numpy's generators
+# (and the derived streams of specauf.train_data); a temperature in (0, 0.01) divides logits into
+# overflow (softmax of inf: NaN probabilities) while sampling like greedy anyway.
+MAX_SEED = 2**32 - 1
+MIN_TEMPERATURE = 0.01
+# A params value that becomes part of an output path (an eval set's name: `eval-<name>.arrow`, the
+# report's rows) is a name, never a path: no separator, no `..`, no NUL, no leading dot or dash.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_name(what: str, name) -> str:
+    """`name` unchanged when it is a plain name (NAME_PATTERN) that cannot leave its folder."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} must be a plain name: letters, digits and _ . + - (at most 64, "
+                         "starting with a letter or digit, no '..'), so that it cannot name a path outside its folder")
+    return name
+
+
+def _sampling_temperature(t: float) -> float:
+    if 0.0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: logits divided by a smaller one "
+                         "overflow to NaN probabilities, and it would sample like greedy anyway")
+    return t
+
+
+def _positive_temperature(t: float) -> float:
+    if t < MIN_TEMPERATURE:
+        raise ValueError(f"must be at least {MIN_TEMPERATURE}: logits divided by a smaller one overflow to NaN probabilities")
+    return t
+
+
+# 0 (greedy) or a temperature softmax survives; a temperature that is never 0 (labels' top-k).
+SamplingTemperature = Annotated[float, Field(ge=0.0), AfterValidator(_sampling_temperature)]
+PositiveTemperature = Annotated[float, AfterValidator(_positive_temperature)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class ParamsError(UserError):
@@ -24,7 +61,7 @@ class Section(BaseModel):
 
 
 class BaseParams(Section):
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Seed for every random choice of the data and eval stages (training: train.seeds). Same seed +
     params = same bytes."""
     torch_threads: int = Field(1, ge=0)
@@ -103,6 +140,16 @@ class TargetParams(Section):
         bad = [c for c in self.gguf_chunks if "/" not in c.strip("/")]
         if bad:
             raise ValueError(f"target.gguf_chunks: {bad[0]!r} is not `package/path inside it`")
+        # read from inside a package's folder: a file name and a module name, never a way out of it
+        check_name("target.gguf_file", self.gguf_file)
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", self.gguf_package):
+            raise ValueError(f"target.gguf_package {self.gguf_package!r} must be an importable module name")
+        for chunk in self.gguf_chunks:
+            package, _, inside = chunk.strip("/").partition("/")
+            parts = inside.split("/")
+            if (not re.fullmatch(r"[A-Za-z_]\w*", package) or any(c in inside for c in "\0\\")
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise ValueError(f"target.gguf_chunks: {chunk!r} must be `package/path inside it` with no '..' or empty part")
         return self
 
 
@@ -150,8 +197,7 @@ class PromptsParams(Section):
         if self.min_chars > self.max_chars:
             raise ValueError("min_chars must be <= max_chars")
         for name in self.eval:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"eval set name {name!r} must be a plain file name")
+            check_name("eval set name", name)
         return self
 
 
@@ -162,7 +208,7 @@ class RolloutsParams(Section):
     """Prompts longer than this (after the chat template) are skipped and counted."""
     max_new_tokens: int = Field(128, ge=1)
     """Response length cap; a response that hits it has finish reason `length`."""
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: SamplingTemperature = 0.0
     """0 = greedy rollouts (acceptance labels then equal the response tokens)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass (temperature > 0)."""
@@ -217,7 +263,7 @@ class LabelsParams(Section):
     """Storage dtype of the context features."""
     top_k: int = Field(0, ge=0)
     """Also store the target's top-k ids and probabilities per position (0 = off)."""
-    verify_temperature: float = Field(1.0, gt=0.0)
+    verify_temperature: PositiveTemperature = 1.0
     """Temperature of the stored top-k probabilities (for acceptance at temperature > 0)."""
     batch_size: int = Field(8, ge=1)
     """Sequences per teacher-forced forward pass (labels shards follow the rollouts shards)."""

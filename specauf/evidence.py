@@ -13,9 +13,12 @@ claimed direction; "reversed" when it excludes 0 the other way; otherwise it is 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from specauf.config import EvalParams
+from specauf.errors import UserError
 
 RESAMPLES = EvalParams.model_fields["bootstrap_resamples"].default  # eval.bootstrap_resamples' default
 SEED = 0           # the resampling seed (fixed: the same inputs give the same interval)
@@ -23,6 +26,10 @@ LEVEL = 0.95
 EQUIVALENCE_MARGIN = 0.05  # "about equal": the interval of the difference inside +-0.05 tau
 HOLDS, REVERSED, NOT_SIGNIFICANT = "holds", "reversed", "not significant"
 EQUIVALENT, NOT_EQUIVALENT, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+# A bootstrap over a handful of prompts resamples the same few values: one prompt gives a
+# zero-width "95% interval". Below this many prompts an interval is still shown, but judges nothing.
+MIN_PROMPTS = 10
+TOO_FEW = "too few prompts"
 
 
 def _table(x) -> np.ndarray:
@@ -35,10 +42,25 @@ def _draws(n_seeds: int, n_prompts: int, resamples: int, seed: int) -> tuple[np.
     do not depend on whether seeds could have been drawn."""
     if resamples < 100:
         raise ValueError(f"a bootstrap needs at least 100 resamples, got {resamples}")
+    _check_memory(resamples, n_seeds + n_prompts)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, n_prompts, size=(resamples, n_prompts))
     seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds)) if n_seeds > 1 else np.zeros((resamples, 1), int)
     return seeds, prompts
+
+
+def _check_memory(resamples: int, columns: int) -> None:
+    """Refuse a resample count whose draws (int64) and gathered values (float64) would not fit in
+    half of the memory free now, before numpy tries to allocate them."""
+    need = resamples * columns * 8 * 3
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > free / 2:
+        raise UserError(f"eval.bootstrap_resamples: {resamples} resamples over {columns} prompts and seeds need about "
+                        f"{need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free; lower it "
+                        f"({RESAMPLES} keeps the interval's Monte Carlo error near 0.005 tau)")
 
 
 def _resampled(x: np.ndarray, draws) -> np.ndarray:
@@ -77,13 +99,23 @@ def paired_diff_ci(num_a, den_a, num_b, den_b, resamples: int = RESAMPLES, seed:
     return {"value": value, "lo": lo, "hi": hi, "prompts": num_a.shape[1], "seeds": num_a.shape[0]}
 
 
+def too_few(diff: dict) -> bool:
+    """Whether an interval rests on fewer than MIN_PROMPTS prompts (a diff without a count is
+    taken as judged by its caller)."""
+    return diff.get("prompts", MIN_PROMPTS) < MIN_PROMPTS
+
+
 def verdict(diff: dict) -> str:
-    """Claim "A > B" judged from the interval of tau(A) - tau(B)."""
+    """Claim "A > B" judged from the interval of tau(A) - tau(B) (with its prompt count)."""
+    if too_few(diff):
+        return TOO_FEW
     return HOLDS if diff["lo"] > 0 else REVERSED if diff["hi"] < 0 else NOT_SIGNIFICANT
 
 
 def equivalence(diff: dict, margin: float = EQUIVALENCE_MARGIN) -> str:
     """Claim "A ~ B": the interval inside +-margin (holds), wholly outside it (does not), or neither."""
+    if too_few(diff):
+        return TOO_FEW
     if -margin <= diff["lo"] and diff["hi"] <= margin:
         return EQUIVALENT
     if diff["lo"] > margin or diff["hi"] < -margin:

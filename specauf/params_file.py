@@ -19,6 +19,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     where = f"{source}: {loc}: " if loc else f"{source}: "
+    value = first.get("input")
+    if first["type"] in ("int_type", "float_type", "int_parsing", "float_parsing") and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:  # YAML 1.1 reads 1e9 (no dot) as text, and strict params take no text for a number
+            plain = f"{int(number)}" if number.is_integer() and first["type"].startswith("int") else f"{number!r}"
+            return f"{where}{value!r} is text to YAML, not a number: write {plain} (without quotes)"
     quiet = first["type"] in ("extra_forbidden", "missing") or isinstance(first.get("input"), dict)
     got = "" if quiet else f" (got {first.get('input')!r})"
     return f"{where}{msg}{got}"

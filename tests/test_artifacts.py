@@ -85,3 +85,32 @@ def test_file_fingerprint_is_names_and_contents_in_any_order(tmp_path):
     before = file_fingerprint([a, b])
     b.write_bytes(b"weightz")
     assert file_fingerprint([a, b]) != before
+
+
+def test_a_resumed_shard_is_checked_by_content_and_a_damaged_entry_or_stamp_is_named(tmp_path):
+    """After a kill: a finished shard changed in place (same size) or with a damaged entry file is
+    made again, not kept; a damaged work.json is one line naming it, and nothing is deleted."""
+    import pyarrow as pa
+    import pytest
+
+    from specauf.artifacts import ArtifactError, ShardedWork
+
+    work = ShardedWork(tmp_path / "work", {"k": 1})
+    table = pa.table({"x": list(range(100))})
+    for i in range(3):
+        work.write(i, table)
+    assert all(work.done(i) for i in range(3))
+    shard = tmp_path / "work" / "shard-00000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert work.done(0) is None  # same size, other bytes
+    (tmp_path / "work" / "shard-00001.arrow.json").write_text('{"file": "shard-00001.arrow", "by')
+    assert work.done(1) is None  # its entry is damaged
+    assert work.done(2) is not None
+    (tmp_path / "work" / "work.json").write_text('{"ke')
+    before = sorted(p.name for p in (tmp_path / "work").iterdir())
+    with pytest.raises(ArtifactError, match=r"work/work\.json: damaged \(no work key in it\); if .*/work is the "
+                                            r"pipeline's scratch folder, delete it and rerun"):
+        ShardedWork(tmp_path / "work", {"k": 1})
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == before

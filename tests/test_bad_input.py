@@ -255,8 +255,10 @@ def damaged_rollouts(ws, tmp_path, damage: str) -> Path:
 
 
 DAMAGE = [
-    ("truncated", r"shard-00001\.arrow: \d+ bytes, manifest says \d+ \(truncated or replaced shard\)$"),
-    ("bit-flipped", r"shard-00001\.arrow: checksum mismatch with its manifest \(corrupted shard\)$"),
+    ("truncated", r"shard-00001\.arrow: \d+ bytes, manifest says \d+ \(truncated or replaced shard\); "
+                  r"rebuild it with `dvc repro -f` and the stage that wrote it$"),
+    ("bit-flipped", r"shard-00001\.arrow: checksum mismatch with its manifest \(corrupted shard\); "
+                    r"rebuild it with `dvc repro -f` and the stage that wrote it$"),
     ("unlisted shard", r"rollouts: shard shard-00009\.arrow is not in the manifest \(manifest disagrees with shards\)$"),
     ("listed shard missing", r"rollouts/shard-00001\.arrow: shard missing$"),
     ("manifest rows", r"rollouts/manifest\.json: says 99 rows, its shards hold 8$"),

@@ -93,3 +93,26 @@ def test_dpace_claim_and_an_inconclusive_equivalence(holding):
     assert "| | tau decay | tau auf | auf - decay | tau dpace | auf - dpace |" in text.replace("|  |", "| |")
     assert "| this run: overall, inference B=4 | 1.600 | 1.800 | +0.200 | 1.900 | -0.100 |" in text
     assert "| paper: DFlash | 2.40 | 2.61 | +0.21 | – | – |" in text
+
+
+def test_an_interval_over_too_few_prompts_judges_nothing(tmp_path):
+    """Eval sets of one prompt give a zero-width '95% interval': once reported as a claim that
+    holds. Below evidence.MIN_PROMPTS prompts the claim says so instead, and the report too."""
+    from specauf import evidence
+    from specauf.claims import TOO_FEW
+    from specauf.report import write_report
+    from tests.test_report import _prompt_rows
+
+    m = tmp_path / "metrics"
+    for variant, base in (("decay", 1.5), ("auf", 1.7), ("auf_decay", 1.72)):
+        ev = _eval(_taus(base), speedup=1.5)
+        _write(m, variant, ev, _train(0.4, 1.5), rows=_prompt_rows(ev, per_set=1))
+    data = load_inputs(m / "eval", m / "train", VARIANTS)
+    c1 = claim_auf_beats_decay(data)
+    assert c1["status"] == TOO_FEW and not c1["held"] and all(r["lo"] == r["hi"] for r in c1["rows"])
+    assert f"6 on fewer than {evidence.MIN_PROMPTS} prompts (judged nothing)" in c1["detail"]
+    assert claim_auf_decay_matches_auf(data)["status"] == TOO_FEW
+    write_report(m / "eval", m / "train", VARIANTS, tmp_path / "reports")
+    assert "1. **auf tau > decay tau on every eval set: too few prompts.**" in (tmp_path / "reports/report.md").read_text()
+    enough = evidence.paired_diff_ci([2.0] * 10, [1.0] * 10, [1.0] * 10, [1.0] * 10, resamples=100)
+    assert evidence.verdict(enough) == evidence.HOLDS and evidence.verdict({**enough, "prompts": 9}) == TOO_FEW

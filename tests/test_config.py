@@ -29,11 +29,52 @@ BAD = [
     ("base: [1, 2]\n", "base", "valid dictionary"),
     ("train:\n  seeds: []\n", "train.seeds", "list at least one training seed"),
     ("train:\n  seeds: [0, 1, 0]\n", "train.seeds", "seeds must not repeat, got [0, 1, 0]"),
-    ("train:\n  seeds: [-1]\n", "train.seeds", "seeds must be >= 0"),
+    ("train:\n  seeds: [-1]\n", "train.seeds", "Input should be greater than or equal to 0"),
     ("train:\n  dpace_alpha: 1.5\n", "train.dpace_alpha", "less than or equal to 1"),
     ("train:\n  dpace_alpha: -0.1\n", "train.dpace_alpha", "greater than or equal to 0"),
     ("eval:\n  bootstrap_resamples: 50\n", "eval.bootstrap_resamples", "greater than or equal to 100"),
+    # numbers a computation cannot survive (they used to end in a traceback or NaN artifacts)
+    ("base:\n  seed: 100000000000000000000\n", "base.seed", "less than or equal to 4294967295"),
+    ("train:\n  seeds: [4294967296]\n", "train.seeds.0", "less than or equal to 4294967295"),
+    ("labels:\n  verify_temperature: 1.0e-300\n", "labels.verify_temperature", "must be at least 0.01: logits"),
+    ("eval:\n  temperature: 1.0e-300\n", "eval.temperature", "must be 0 (greedy) or at least 0.01"),
+    ("rollouts:\n  temperature: 0.001\n", "rollouts.temperature", "must be 0 (greedy) or at least 0.01"),
+    ("train:\n  soft_auf_temperature: 1.0e-9\n", "train.soft_auf_temperature", "must be 0 (greedy) or at least 0.01"),
+    ("eval:\n  bootstrap_resamples: 1000000000000\n", "eval.bootstrap_resamples", "less than or equal to 1000000"),
+    # YAML 1.1 reads 1e9 (no dot) as text: say so, not "a valid integer"
+    ("train:\n  steps: 1e9\n", "train.steps", "'1e9' is text to YAML, not a number: write 1000000000 (without quotes)"),
+    ("train:\n  lr: 3e-3\n", "train.lr", "'3e-3' is text to YAML, not a number: write 0.003 (without quotes)"),
 ]
+
+# Every params value that reaches a path, spelled as a way out of its folder.
+ESCAPES = ["..", "../../precious", "/etc/passwd", "a/b", "a\\b", "nul\x00byte", ".hidden", "-rf", ""]
+PATH_FIELDS = {  # field -> params (as data) holding the value
+    "train.variants": lambda v: {"train": {"variants": [v]}},
+    "train.seeds": lambda v: {"train": {"seeds": [v]}},
+    "prompts.eval (a set's name)": lambda v: {"prompts": {"eval": {v: [{"source": "mtbench", "count": 3}]}}},
+    "eval.sets": lambda v: {"eval": {"sets": [v]}},
+    "target.gguf_file": lambda v: {"target": {"gguf_file": v}},
+    "target.gguf_package": lambda v: {"target": {"gguf_package": v}},
+    "target.gguf_chunks": lambda v: {"target": {"gguf_chunks": [f"pkg/{v}"]}},
+}
+
+
+@pytest.mark.parametrize("field", sorted(PATH_FIELDS))
+def test_no_params_value_names_a_path_outside_its_folder(field):
+    """`..`, absolute paths, separators and NUL in every field that becomes (part of) a path: each is
+    refused with one line naming the field, before any stage (and, with every output persisting,
+    before DVC deletes anything: tests/test_bad_input_dvc.py)."""
+    from specauf.params_file import parse_params
+
+    for value in ESCAPES:
+        if field == "target.gguf_chunks" and value in ("a/b", "-rf", ".hidden"):
+            continue  # a chunk is `package/path inside it`: sub-folders and such names are what it holds
+        with pytest.raises(ParamsError) as err:
+            parse_params(PATH_FIELDS[field](value), "P")
+        line = str(err.value)
+        assert "\n" not in line and line.startswith("P: "), line
+        section = field.split(".")[0].split()[0]
+        assert section in line, (value, line)
 
 
 @pytest.mark.parametrize("text,key,message", BAD)

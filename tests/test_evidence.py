@@ -145,3 +145,17 @@ def test_speedup_interval_is_a_ratio_of_ratios_over_prompts():
     two = rows + [{**r, "seed": 1} for r in same]  # a second seed at 2x: the interval spans both seeds
     ci2 = evidence.speedup_ci(two, "b4")
     assert ci2["seeds"] == 2 and ci2["prompts"] == 30 and ci2["lo"] < ci["hi"] and ci2["hi"] > 1.9
+
+
+def test_a_resample_count_beyond_memory_is_one_line_not_an_allocation():
+    """eval.bootstrap_resamples: 1e12 once tried to allocate 21.8 TiB: the params cap it, and a
+    count within the cap that would not fit in half the free memory is refused by name."""
+    from specauf.errors import UserError
+    from specauf.params_file import parse_params
+
+    with pytest.raises(UserError, match=r"eval\.bootstrap_resamples: Input should be less than or equal to 1000000"):
+        parse_params({"eval": {"bootstrap_resamples": 10**12}})
+    a, ca, b, cb = _rows(n=500)
+    with pytest.raises(UserError, match=r"^eval\.bootstrap_resamples: 900000000 resamples over 501 prompts and seeds need "
+                                        r"about [0-9.]+ GiB, more than half of the [0-9.]+ GiB free; lower it"):
+        evidence.paired_diff_ci(a, ca, b, cb, resamples=900_000_000)
