@@ -162,7 +162,7 @@ def check_replaceable(final: str | Path, kind: str, force: bool = False) -> None
     if found == kind:
         return
     if force:
-        log.warning("%s: replacing a folder that is not a spec-auf %s output (--force)", final, kind)
+        log.warning("%s: writing a %s output into a folder that is not one (--force)", final, kind)
         return
     what = f"a {found!r} output" if found else "not a spec-auf output (no manifest.json)"
     raise ArtifactError(f"{final}: is {what}, not an earlier {kind!r} output; refusing to replace it "

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
                    help="let the target's own model code run to read its lm_head (only for a target you trust)")
     p.add_argument("--gguf", metavar="TARGET_GGUF", type=Path,
                    help="also write OUT/drafter.gguf for llama.cpp, with this target GGUF's tokenizer (e.g. data/target_gguf/f32.gguf)")
-    p.add_argument("--force", action="store_true", help="replace OUT even if it is not an earlier export")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it is not an earlier export (its own files stay)")
     p = sub.add_parser("llamacpp", help="build llama.cpp's tools from the pinned sdist (cached), or print where they are")
     p.add_argument("action", choices=("install", "where"))
     p.add_argument("--server", action="store_true", help="also build llama-server (the README's serving command)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ ARCHITECTURE = "DFlashDraftModel"
 MODEL_TYPE = "qwen3"  # the reference's config class is Qwen3Config; engines parse the config as one
 WEIGHTS = "model.safetensors"
 GGUF = "drafter.gguf"  # the same drafter for llama.cpp, beside the safetensors
+# The names an export writes. Anything else in an export folder (a user's NOTES.md, a serving
+# script) is theirs: a re-export carries it into the new folder, never deletes it.
+EXPORT_FILES = (WEIGHTS, "config.json", GGUF, MANIFEST)
 
 
 def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None) -> dict:
@@ -160,6 +164,38 @@ def engine_table(draft_vocab: int, target_model_type: str | None = None, gguf: b
     return table
 
 
+def user_files(out_dir: Path) -> list[str]:
+    """The entries of out_dir that an export did not write (EXPORT_FILES are an earlier export's
+    own only when its manifest says it is one: in any other folder they are the user's, and
+    refused rather than overwritten)."""
+    if not out_dir.is_dir():
+        return []
+    try:
+        ours = json.loads((out_dir / MANIFEST).read_text()).get("kind") == "export"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    taken = [n for n in EXPORT_FILES if (out_dir / n).exists() and not ours]
+    if taken:
+        raise ArtifactError(f"{out_dir / taken[0]}: not written by an export, and an export writes that name; "
+                            "refusing to replace it (move it, or export elsewhere)")
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+
+
+def keep_beside(src: Path, dest: Path) -> None:
+    """Hard-link src (a file or a folder's files) to dest, copying across filesystems."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dest, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dest)
+    else:
+        link(src, dest)
+
+
 def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None = None, trust_remote_code: bool = False,
                    force: bool = False, manifest_extra: dict | None = None, gguf_tokenizer=None) -> dict:
     """Write drafter_dir (a `train` output) to out_dir in the DFlash layout; return the manifest.
@@ -167,7 +203,8 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
     With target_dir, the target must be the one the drafter was trained with (fingerprint).
     `trust_remote_code` comes from target.trust_remote_code or the CLI flag, never from an
     artifact: a manifest is data anyone can edit. out_dir must be absent, empty or an earlier
-    export (`force` overrides that, for a folder you mean to lose). With `gguf_tokenizer` (a target
+    export (`force`: any folder); its files that no export writes stay, byte for byte, and one of
+    them holding an export's file name is refused (user_files). With `gguf_tokenizer` (a target
     GGUF, data/target_gguf/f32.gguf) the folder also holds drafter.gguf for llama.cpp (specauf.gguf_export)."""
     from safetensors.torch import load_file, save_file
 
@@ -176,6 +213,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
 
     drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
     check_replaceable(out_dir, "export", force)  # before any work: a wrong OUT costs nothing
+    kept = user_files(out_dir)
     dm = read_manifest(drafter_dir, kind="drafter")
     weights = drafter_dir / WEIGHTS
     if not weights.is_file():
@@ -238,6 +276,8 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
             **(manifest_extra or {}),
         }
         write_json(tmp / MANIFEST, manifest)
+        for name in kept:  # linked, not moved: if the swap fails, the originals are still in out_dir
+            keep_beside(out_dir / name, tmp / name)
     log.info("wrote %s: %s, %d tensors, block size %d%s", out_dir, ARCHITECTURE, len(tensors), cfg["block_size"],
              f", draft vocabulary {draft_vocab}" if draft_vocab else "")
     for engine, e in engines.items():

@@ -10,19 +10,44 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from specauf.errors import UserError
 from specauf.sampling import SamplingParams, filter_logits
 from specauf.target_access import cache_kwarg
 
 
 def encode_chat(tokenizer, turns: list[str], replies: list[str] | None = None) -> list[int]:
-    """Token ids of a conversation through the chat template, ending with the assistant prompt."""
+    """Token ids of a conversation through the chat template, ending with the assistant prompt.
+
+    The template's markup is parsed for special tokens; the messages' text never is: a prompt
+    holding `<|im_start|>assistant` or the MASK token's string must not forge a turn or put MASK
+    into the context. A conversation whose text holds no special token's string is tokenized
+    whole (the ids every artifact so far was made with); one that does is tokenized piece by
+    piece, its text with the special tokens split into ordinary ones."""
     messages = []
     for i, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
         if replies and i < len(replies):
             messages.append({"role": "assistant", "content": replies[i]})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    specials = [t for t in special_token_strings(tokenizer) if any(t in m["content"] for m in messages)]
+    if not specials:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids, at = [], 0
+    for m in messages:
+        start = text.find(m["content"], at)
+        if start < 0:
+            raise UserError(f"a prompt holds the special token {specials[0]!r}, and the chat template rewrites the "
+                            "prompt's text, so it cannot be kept apart from the markup; remove it from the prompt")
+        ids += tokenizer(text[at:start], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        at = start + len(m["content"])
+    return ids + tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The strings a tokenizer turns into one special token wherever they appear in text."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted({*tokenizer.all_special_tokens, *added} - {""})
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:

@@ -58,7 +58,33 @@ def test_export_refuses_a_folder_it_did_not_make(ws, tmp_path, capsys):
     assert export_cli(ws / "data/drafters/auf", out, "--target", ws / "data/target")[0] == 0
     assert export_cli(ws / "data/drafters/auf", out, "--target", ws / "data/target")[0] == 0  # an earlier export: replaced
     assert export_cli(ws / "data/drafters/auf", precious, "--target", ws / "data/target", "--force")[0] == 0
-    assert not (precious / "notes.txt").exists() and (precious / "config.json").is_file()
+    assert (precious / "notes.txt").read_text() == "mine" and (precious / "config.json").is_file()  # kept, even forced
+
+
+def test_re_export_never_deletes_a_file_it_did_not_write(ws, tmp_path, capsys):
+    """Exporting over an earlier export replaced the folder whole: a NOTES.md the user added there
+    was gone, rc 0. Now every file and folder an export does not write stays byte for byte; a
+    user's file holding an export's name (in a folder that is no export) is refused, not replaced."""
+    out = tmp_path / "export"
+    assert export_cli(ws / "data/drafters/auf", out, "--target", ws / "data/target")[0] == 0
+    (out / "NOTES.md").write_text("served on host A since June")
+    (out / "scripts").mkdir()
+    (out / "scripts" / "serve.sh").write_text("vllm serve ...")
+    mine = {rel: snapshot(out / rel) for rel in ("NOTES.md", "scripts")}
+    weights = (out / "model.safetensors").read_bytes()
+    assert export_cli(ws / "data/drafters/auf", out, "--target", ws / "data/target")[0] == 0
+    assert {rel: snapshot(out / rel) for rel in ("NOTES.md", "scripts")} == mine
+    assert (out / "model.safetensors").read_bytes() == weights and not list(tmp_path.glob(".export.*"))
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": true}')
+    before = snapshot(folder)
+    code, _ = export_cli(ws / "data/drafters/auf", folder, "--target", ws / "data/target", "--force")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.match(r"error: .*/folder/config\.json: not written by an export, and an "
+                                                    r"export writes that name; refusing to replace it", err[0]), err
+    assert snapshot(folder) == before
 
 
 def test_every_atomic_output_refuses_a_foreign_folder(tmp_path):
