@@ -34,6 +34,8 @@ def new_workspace(dest: Path, preset: str) -> None:
     preset_file = root / "params.yaml" if preset == "default" else root / "presets" / f"{preset}.yaml"
     if preset not in presets() or not preset_file.is_file():
         raise UserError(f"--preset: no preset {preset!r} (have: {', '.join(presets())})")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest}: exists and is not a directory; name a new folder for the workspace")
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise UserError(f"{dest}: directory is not empty")

@@ -204,6 +204,5 @@ def jsonl_prompts(path: str | Path, text_field: str = "prompt", id_field: str | 
             if pid in first_line:
                 raise PromptsError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {first_line[pid]})")
             first_line[pid] = lineno
-            text = obj[text_field].strip()
-            if text:
-                yield {"prompt_id": pid, "source": "jsonl", "turns": [text]}
+            # an empty text is yielded too: the prompts stage counts it, and says so if nothing is left
+            yield {"prompt_id": pid, "source": "jsonl", "turns": [obj[text_field].strip()]}

@@ -97,17 +97,22 @@ def _fill_set(set_name: str, label: str, sources: list[PromptSource], params: Pr
         key = _stream_key(src, set_name, i)
         if key not in streams:
             streams[key] = _Stream(src, seed, set_name, i, stats)
-        stream, got, overlap_before = streams[key], 0, st["dropped_overlap"]
+        stream, got = streams[key], 0
+        dropped = dict.fromkeys(("empty", "short", "long", "repeated", "overlap"), 0)  # this source's, for its error
         while got < src.count and (row := stream.next()) is not None:
-            if not params.min_chars <= len(row["turns"][0]) <= params.max_chars:
+            chars = len(row["turns"][0])
+            if not params.min_chars <= chars <= params.max_chars:
                 st["dropped_length"] += 1
+                dropped["empty" if chars == 0 else "short" if chars < params.min_chars else "long"] += 1
                 continue
             norm = tuple(normalise(t) for t in row["turns"])
             if norm in texts:
                 st["dropped_dedup"] += 1
+                dropped["repeated"] += 1
                 continue
             if any(t in banned for t in norm):
                 st["dropped_overlap"] += 1
+                dropped["overlap"] += 1
                 continue
             if row["prompt_id"] in ids:
                 raise PromptsError(f"{label}[{i}]: prompt id {row['prompt_id']!r} already taken from "
@@ -116,11 +121,14 @@ def _fill_set(set_name: str, label: str, sources: list[PromptSource], params: Pr
             ids[row["prompt_id"]] = i
             rows.append(row)
             got += 1
-        if got == 0:  # name the file, and say when the evaluation sets took every text it had
+        if got == 0:  # name the file, and say what became of every prompt it had
             where = f" ({src.path})" if src.source == "jsonl" else ""
-            overlap = st["dropped_overlap"] - overlap_before
-            why = f" ({overlap} dropped for equalling an evaluation prompt)" if overlap else ""
-            raise PromptsError(f"{label}[{i}]: source {src.source!r}{where} produced no prompts{why}")
+            reasons = {"empty": "empty", "short": f"shorter than prompts.min_chars ({params.min_chars})",
+                       "long": f"longer than prompts.max_chars ({params.max_chars})",
+                       "repeated": "repeating an earlier prompt", "overlap": "dropped for equalling an evaluation prompt"}
+            why = ", ".join(f"{n} {reasons[k]}" for k, n in dropped.items() if n)
+            raise PromptsError(f"{label}[{i}]: source {src.source!r}{where} produced no prompts "
+                               + (f"({why})" if why else "(it holds none)"))
         if got < src.count:
             log.warning("%s[%d]: source %r ran out: %d of %d prompts", label, i, src.source, got, src.count)
             st["short"][f"{i}"] = got

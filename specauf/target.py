@@ -86,11 +86,14 @@ def _load_source(params: TargetParams, seed: int, work_parent: Path):
         raise TargetError(f"{key}: cannot read the config of {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     _check_causal(config, key)
     _check_supported(config, key)
+    from safetensors import SafetensorError
+
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise TargetError(f"{key}: cannot load {src} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or random-byte model.safetensors among them
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TargetError(f"{key}: cannot load {src}, a file is damaged or missing ({type(e).__name__}: {first})") from None
     return model, tok, f"{params.source} {src}"
 
 

@@ -78,6 +78,30 @@ def test_missing_model_folder(ws):
                  local(ws, ws / "no-such-model"))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_damaged_weights_in_a_local_target_folder(ws, tmp_path, damage):
+    """A user's own model folder with a truncated or random-byte model.safetensors: one line
+    naming target.path (it was a traceback)."""
+    folder = tmp_path / "my-model"
+    shutil.copytree(ws / "data/target", folder)
+    (folder / "manifest.json").unlink()  # a plain HF folder, as a user has it
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else os.urandom(4096))
+    expect_error(ws, "target", r"^error: target\.path: cannot load .*/my-model, a file is damaged or missing \(", local(ws, folder))
+
+
+def test_new_workspace_onto_a_file(tmp_path, capsys):
+    from specauf.cli import main
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as code:
+        main(["new", str(tmp_path / "taken")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code.value.code == 2 and err == [f"error: {tmp_path / 'taken'}: exists and is not a directory; "
+                                            "name a new folder for the workspace"]
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_non_causal_model(ws, tmp_path):
     from transformers import BertConfig
 
@@ -129,8 +153,16 @@ def jsonl_params(ws, train: Path, eval_path: Path | None = None, count: int = 8)
 
 def test_empty_prompt_source(ws, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    expect_error(ws, "prompts", r"^error: prompts\.train\[0\]: source 'jsonl' \(.*/empty\.jsonl\) produced no prompts$",
-                 jsonl_params(ws, tmp_path / "empty.jsonl"))
+    expect_error(ws, "prompts", r"^error: prompts\.train\[0\]: source 'jsonl' \(.*/empty\.jsonl\) produced no prompts "
+                 r"\(it holds none\)$", jsonl_params(ws, tmp_path / "empty.jsonl"))
+
+
+def test_a_source_whose_every_prompt_is_dropped_says_why(ws, tmp_path):
+    """An all-empty or all-too-short JSONL once 'produced no prompts' with no reason."""
+    path = prompts_jsonl(tmp_path / "bad.jsonl", 5, "b", ["", "  ", "hi", "ok", "x" * 3000])
+    expect_error(ws, "prompts", r"^error: prompts\.train\[0\]: source 'jsonl' \(.*/bad\.jsonl\) produced no prompts "
+                 r"\(2 empty, 2 shorter than prompts\.min_chars \(8\), 1 longer than prompts\.max_chars \(2000\)\)$",
+                 jsonl_params(ws, path))
 
 
 def test_prompt_file_missing(ws):

@@ -107,7 +107,7 @@ def test_jsonl_line_number_ids_and_missing_file(tmp_path):
 
 def test_empty_source_and_reserved_name_are_errors():
     p = params(eval={"humaneval": [PromptSource(source="humaneval", count=164)]}, max_chars=10)
-    with pytest.raises(PromptsError, match=r"^prompts.eval.humaneval\[0\]: source 'humaneval' produced no prompts$"):
+    with pytest.raises(PromptsError, match=r"^prompts.eval.humaneval\[0\]: source 'humaneval' produced no prompts \(164 longer than prompts\.max_chars \(10\)\)$"):
         build_prompt_sets(p, seed=0)
     with pytest.raises(PromptsError, match="reserved"):
         build_prompt_sets(params(eval={"train": [PromptSource(source="humaneval", count=1)]}), seed=0)
