@@ -39,9 +39,18 @@ class Diverged(UserError):
     """The loss or gradient norm went non-finite: nothing is written."""
 
 
-def check_finite(step: int, loss: torch.Tensor, grad_norm, params: TrainParams) -> None:
+def check_finite(step: int, loss: torch.Tensor, grad_norm, params: TrainParams, batch=None) -> None:
+    """A non-finite loss is the labels' fault when the batch's own numbers already were (the lr's
+    otherwise): say which, so nobody lowers train.lr over a damaged labels shard."""
     bad = "loss" if not torch.isfinite(loss).all() else \
         "gradient norm" if grad_norm is not None and not math.isfinite(float(grad_norm)) else None
+    if bad == "loss" and batch is not None:
+        for name in ("context_features", "soft_probs", "soft_mass"):
+            value = getattr(batch, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise UserError(f"train: the loss is {float(loss.detach())} at step {step + 1} because the labels' {name} "
+                                "hold NaN or inf: the labels are damaged, not train.lr; rebuild them with "
+                                "`dvc repro -f labels` (no drafter written)")
     if bad:
         raise Diverged(f"train: the {bad} is {float(loss.detach()) if bad == 'loss' else float(grad_norm)} at step {step + 1}: "
                        f"training diverged, no drafter written; lower train.lr (now {params.lr:g})"
@@ -226,7 +235,7 @@ def train_step(run: Run, params: TrainParams, step: int) -> tuple[torch.Tensor, 
         batch = run.trainer.data.train_batch(step * params.grad_accum + micro, run.rank, run.world)
         loss, diag = run.trainer.loss(run.engine, batch, step)
         diag["coverage"] = batch.coverage  # response tokens supervised this step (train.anchors_per_token)
-        check_finite(step, loss, None, params)
+        check_finite(step, loss, None, params, batch)
         run.engine.backward(loss)
         run.engine.step()
         tokens += int(diag["num_valid"])

@@ -87,6 +87,23 @@ def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
     return train, held
 
 
+def check_block_fits(dataset: LabelsDataset, rows: list[int], block_size: int, max_seq_len: int) -> None:
+    """A block reaching past every training response supervises positions nothing ever fills:
+    refuse it by name (it used to train without a word), and warn when most responses are shorter."""
+    lengths = sorted(min(len(dataset.tables[t].column("input_ids")[r]), max_seq_len)
+                     - dataset.tables[t].column("response_start")[r].as_py()
+                     for t, r in (dataset.index[i] for i in rows))
+    longest, guesses = lengths[-1], block_size - 1
+    if guesses > longest:
+        raise UserError(f"train.block_size: {block_size} guesses {guesses} tokens past an anchor, but the longest training "
+                        f"response has {longest} (within train.max_seq_len): its last {guesses - longest} block positions "
+                        "would never be supervised; lower train.block_size or make longer rollouts (rollouts.max_new_tokens)")
+    short = sum(n < guesses for n in lengths)
+    if short * 2 > len(lengths):
+        log.warning("train.block_size %d: %d of %d training responses are shorter than its %d guesses; their blocks "
+                    "supervise fewer positions", block_size, short, len(lengths), guesses)
+
+
 class TrainData:
     """The training and held-out rows of a labels dataset and the batches built from them.
 
@@ -99,6 +116,7 @@ class TrainData:
         self.target, self.device = target, device
         self.layer_ids = dataset.manifest["layer_ids"]
         self.train_rows, self.heldout_rows = split_heldout(dataset, params.heldout_fraction, seed, params.max_seq_len)
+        check_block_fits(dataset, self.train_rows, params.block_size, params.max_seq_len)
         self.vocab = DraftVocab.build(dataset, self.train_rows, params.draft_vocab_size, target_vocab_size)
         self.coverage = 1.0 if self.vocab is None else self.vocab.coverage(dataset, self.train_rows)
 

@@ -387,6 +387,13 @@ def test_heldout_fraction_leaves_nothing(ws):
                  ws.params({"train": {"heldout_fraction": 0.999}}))
 
 
+def test_a_block_longer_than_every_response_is_refused(ws):
+    """train.block_size 16 on 6-token answers trained without a word; its last 9 positions never learn."""
+    expect_error(ws, "train", r"^error: train\.block_size: 16 guesses 15 tokens past an anchor, but the longest training "
+                 r"response has 6 \(within train\.max_seq_len\): its last 9 block positions would never be supervised; ",
+                 ws.params({"train": {"block_size": 16}}))
+
+
 def test_draft_vocab_larger_than_vocabulary_means_full(ws, tiny_model):
     """Accepted on purpose (the default 8192 must work on the smoke target): no draft vocabulary."""
     from specauf.dataset import LabelsDataset

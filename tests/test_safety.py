@@ -471,3 +471,25 @@ def test_random_target_leaves_no_temp_folder(tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("specauf-random-target-*"))
     materialize_target(TargetParams(source="random"), tmp_path / "t", seed=0, params_hash="x")
     assert set(Path(tempfile.gettempdir()).glob("specauf-random-target-*")) == before
+
+
+def test_a_nan_from_damaged_labels_blames_the_labels_not_the_lr():
+    """A NaN loss once always said 'lower train.lr'; when the batch's stored features already hold
+    NaN, the labels are named (and the rebuild command), and a NaN from finite inputs still names the lr."""
+    import torch
+
+    from specauf.config import TrainParams
+    from specauf.errors import UserError
+    from specauf.train import Diverged, check_finite
+
+    class B:
+        soft_probs = soft_mass = None
+        context_features = torch.ones(1, 3, 4)
+
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(Diverged, match=r"lower train\.lr"):
+        check_finite(4, nan, None, TrainParams(), B())
+    B.context_features = torch.tensor([[[1.0, float("nan")]]])
+    with pytest.raises(UserError, match=r"^train: the loss is nan at step 5 because the labels' context_features hold NaN "
+                                        r"or inf: the labels are damaged, not train\.lr; rebuild them with `dvc repro -f labels`"):
+        check_finite(4, nan, None, TrainParams(), B())
