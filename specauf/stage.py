@@ -12,7 +12,7 @@ from pathlib import Path
 from specauf.artifacts import hash_obj, versions
 from specauf.config import Params, parse_run_name, section_dict
 from specauf.errors import UserError
-from specauf.params_file import load_params
+from specauf.params_file import load_params, read_params_yaml
 
 
 @contextlib.contextmanager
@@ -41,6 +41,61 @@ def one_line_errors():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def unchanged_since(path, started_with, when: str) -> None:
+    """Refuse a params file that differs from `started_with` (parsed YAML), naming the first
+    changed key: DVC records the params it reads when a stage ends, so a value edited while the
+    stage ran (`dvc exp run -S` leaves its edit behind even when refused) would be recorded beside
+    outputs made with the old one."""
+    now, then = _flat(read_params_yaml(path)), _flat(started_with)
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k, "<absent>") != then.get(k, "<absent>"))
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path}: {k} changed while {when} ({then.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+                        f"{f', and {len(changed) - 1} more keys' if len(changed) > 1 else ''}); nothing was recorded for this "
+                        "stage, whose outputs would mix two settings: rerun `dvc repro` to make them with the file as it is now")
+
+
+def _dvc_process() -> str | None:
+    """`<pid>-<start time>` of the `dvc repro` (or `dvc exp run`) running this stage: the nearest
+    ancestor process whose environment lacks DVC_STAGE (DVC sets it for the commands it starts)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None  # no /proc (not Linux): the stage-level check alone
+        if not any(e.startswith(b"DVC_STAGE=") for e in environ):
+            return f"{pid}-{stat[19]}"
+        pid = int(stat[1])
+    return None
+
+
+def same_params_through_the_repro(path, started_with) -> None:
+    """Under `dvc repro`, every stage runs with the params file the repro's first stage read: the
+    first one leaves its parsed copy in .dvc/tmp/specauf-repro/, the next ones compare with it."""
+    repro = _dvc_process() if os.environ.get("DVC_STAGE") else None
+    if repro is None:
+        return
+    from specauf.artifacts import read_json, write_json
+
+    folder = Path(os.environ.get("DVC_ROOT", ".")) / ".dvc" / "tmp" / "specauf-repro"
+    mine = folder / f"{repro}.json"
+    if mine.is_file():
+        unchanged_since(path, read_json(mine)["params"], "this `dvc repro` ran (earlier stages read the old value)")
+        return
+    for old in folder.glob("*.json") if folder.is_dir() else ():  # the stamps of repros that have ended
+        if not Path(f"/proc/{old.stem.split('-')[0]}").exists():
+            old.unlink(missing_ok=True)
+    write_json(mine, {"params": started_with})
 
 
 def dvc_stage_item(name: str) -> str | None:
@@ -94,8 +149,11 @@ def stage_main(name: str, run, add_args=None, argv=None) -> None:
     args = parser.parse_args(argv)
     setup_logging(name)
     with one_line_errors():
+        started_with = read_params_yaml(args.params)
         params = load_params(args.params)
+        same_params_through_the_repro(args.params, started_with)
         run(params, args)
+        unchanged_since(args.params, started_with, "this stage ran")
 
 
 def split_stage_main(name: str, run, add_args, argv=None, upstream: str | None = None) -> None:

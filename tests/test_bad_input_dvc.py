@@ -123,3 +123,45 @@ def test_ctrl_c_during_rollouts_under_dvc_repro_loses_nothing(built_smoke, tmp_p
 
     verify_shards(ws / "data/rollouts", read_manifest(ws / "data/rollouts", kind="rollouts"))
     dvc(ws, "repro", "labels")  # and the next stage reads them
+
+
+def test_params_edited_during_a_repro_are_never_mixed_into_it(tmp_path, monkeypatch, capsys):
+    """`dvc exp run -S train.lr=0.003` issued while a `dvc repro` runs is refused, but leaves
+    params.yaml edited; the running repro used to record one variant at lr 0.002 and the next at
+    0.003 in one dvc.lock. Now (1) a stage of the same repro that starts after the edit refuses it
+    (the repro's first stage left its params in .dvc/tmp/specauf-repro/), and (2) a stage running
+    while the file changes fails instead of letting DVC record the new value beside old outputs."""
+    from tests.conftest import git_dvc_workspace
+
+    ws = git_dvc_workspace(tmp_path / "ws")
+    # this test process stands in for `dvc repro`: the stages' nearest ancestor without DVC_STAGE
+    env = {**os.environ, "DVC_ROOT": str(ws), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = lambda stage: subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=ws, capture_output=True, text=True,
+                                       env={**env, "DVC_STAGE": stage})
+    first = run("inputs")
+    assert first.returncode == 0, first.stderr
+    assert len(list((ws / ".dvc/tmp/specauf-repro").glob("*.json"))) == 1
+    assert run("inputs").returncode == 0  # same file: fine
+    text = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.003"))
+    second = run("inputs")
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: train.lr changed while this `dvc repro` ran (earlier stages read the old value) "
+        "(0.001 -> 0.003); nothing was recorded for this stage, whose outputs would mix two settings: "
+        "rerun `dvc repro` to make them with the file as it is now")
+
+    from specauf.stage import stage_main
+
+    def edits_mid_run(params, args):  # what a `dvc exp run -S` in another terminal does
+        (ws / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.004"))
+
+    (ws / "params.yaml").write_text(text)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    try:
+        stage_main("inputs", edits_mid_run, argv=["--params", str(ws / "params.yaml")])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {ws / 'params.yaml'}: train.lr changed while this stage ran (0.001 -> 0.004); "
+                              "nothing was recorded for this stage"), err
