@@ -47,6 +47,8 @@ case "$cmd" in
       specauf llamacpp install --server >/dev/null
     fi
     dvc repro "$@"
+    # DVC exits 0 on some failures it only warns about (an output it could not cache on a full disk)
+    specauf verify
     ;;
   preset)
     [ $# -ge 2 ] || { echo "usage: bash scripts/run.sh preset NAME DIR [dvc repro args]" >&2; exit 2; }

@@ -89,6 +89,11 @@ def main(argv=None) -> None:
     p.add_argument("--gguf", metavar="TARGET_GGUF", type=Path,
                    help="also write OUT/drafter.gguf for llama.cpp, with this target GGUF's tokenizer (e.g. data/target_gguf/f32.gguf)")
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not an earlier export (its own files stay)")
+    p = sub.add_parser("verify", help="check what DVC leaves quiet: every dvc.lock output in the cache with its bytes, "
+                       "a readable .dvc/tmp/rwlock, and (--remote) every output on the remote after `dvc push`")
+    p.add_argument("--remote", nargs="?", const=True, default=False, metavar="NAME",
+                   help="also check the remote (the default one, or NAME) holds every output")
+    p.add_argument("--root", type=Path, default=Path("."), help="workspace (default: .)")
     p = sub.add_parser("llamacpp", help="build llama.cpp's tools from the pinned sdist (cached), or print where they are")
     p.add_argument("action", choices=("install", "where"))
     p.add_argument("--server", action="store_true", help="also build llama-server (the README's serving command)")
@@ -123,6 +128,16 @@ def main(argv=None) -> None:
                                trust_remote_code=args.trust_remote_code, force=args.force, gguf_tokenizer=args.gguf)
             print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors; exactly the evaluated drafter in: "
                   + (", ".join(e for e, v in m["engines"].items() if v["exact"]) or "no engine"))
+        elif args.cmd == "verify":
+            from specauf.verify import verify
+
+            problems = verify(args.root.resolve(), args.remote)
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
+            if problems:
+                sys.exit(1)
+            print("ok: every output dvc.lock records is in the cache with its bytes"
+                  + (", and on the remote" if args.remote is not False else ""))
         elif args.cmd == "llamacpp":
             from specauf import llamacpp
             from specauf.runtime import setup_logging

@@ -11,8 +11,8 @@ from specauf.config_data import (BaseParams, LabelsParams, LaunchParams, PromptS
 @pytest.mark.parametrize("section,values,message", [
     (TargetParams, {"source": "hub"}, "target.hub_id is required when target.source is 'hub'"),
     (PromptsParams, {"min_chars": 50, "max_chars": 10}, "min_chars must be <= max_chars"),
-    (PromptsParams, {"eval": {"../up": [PromptSource(source="mtbench", count=1)]}}, "eval set name '../up' must be a plain file name"),
-    (PromptsParams, {"eval": {".hidden": [PromptSource(source="mtbench", count=1)]}}, "must be a plain file name"),
+    (PromptsParams, {"eval": {"../up": [PromptSource(source="mtbench", count=1)]}}, "eval set name '../up' must be a plain name"),
+    (PromptsParams, {"eval": {".hidden": [PromptSource(source="mtbench", count=1)]}}, "must be a plain name"),
     (LaunchParams, {"launcher": "torchrun", "hostfile": "hosts"}, "hostfile needs launcher: deepspeed"),
     (LabelsParams, {"layer_ids": []}, "layer_ids must be a non-empty list"),
     (LabelsParams, {"layer_ids": [2, -1]}, "non-negative layer ids"),
