@@ -25,13 +25,24 @@ log = logging.getLogger("specauf")
 
 
 def timed_prompts(tokenizer, prompts_dir: Path, eval_params) -> list[dict]:
-    """The eval's timed prompts as chat-template text: [{set, prompt_id, text}], in the eval's order."""
+    """The eval's timed prompts as chat-template text: [{set, prompt_id, text}], in the eval's order.
+
+    llama.cpp parses special tokens anywhere in the text it is given, so a prompt whose own text
+    holds one (`<|im_start|>`, the MASK string) would be served with forged markup: it is left
+    out, with a warning (our decoder tokenizes such text as text: generation.encode_chat)."""
+    from specauf.generation import special_token_strings
     from specauf.prompts import load_eval_prompts
 
     sets = load_eval_prompts(prompts_dir, eval_params.sets)
+    specials = special_token_strings(tokenizer)
     out = []
     for name, rows in sets.items():
         for row in rows[: eval_params.prompts_per_set]:
+            held = [t for t in specials if t in row["turns"][0]]
+            if held:
+                log.warning("serve: prompt %s of %s holds the special token %r as text; llama.cpp would parse it "
+                            "as markup, so it is not served", row["prompt_id"], name, held[0])
+                continue
             messages = [{"role": "user", "content": row["turns"][0]}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             out.append({"set": name, "prompt_id": row["prompt_id"], "text": text})

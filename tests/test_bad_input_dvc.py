@@ -79,12 +79,23 @@ def test_bad_params_under_plain_dvc_repro_lose_nothing(built_smoke, tmp_path):
     proc = dvc(ws, "repro", "train@auf-0", check=False)
     assert proc.returncode != 0 and "Parameters 'train.gamma' are missing from 'params.yaml'" in proc.stderr, proc.stderr
     assert built_outputs(ws) == built
-    subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=ws, check=True)
-    edit_params(ws, lambda p: p["train"].update(block_size=1))
-    proc = dvc(ws, "repro", "-s", "train@auf-0", check=False)
-    assert proc.returncode != 0
-    assert "error: params.yaml: train.block_size: Input should be greater than or equal to 2 (got 1)" in proc.stderr
-    assert built_outputs(ws) == built
+    cases = [  # (section, key, value, the stage's line): values that once passed, crashed or poisoned
+        ("train", "block_size", 1, "error: params.yaml: train.block_size: Input should be greater than or equal to 2 (got 1)"),
+        ("labels", "verify_temperature", 1e-300, "error: params.yaml: labels.verify_temperature: must be at least 0.01"),
+        ("eval", "temperature", 1e-300, "error: params.yaml: eval.temperature: must be 0 (greedy) or at least 0.01"),
+        ("base", "seed", 10**20, "error: params.yaml: base.seed: Input should be less than or equal to 4294967295"),
+        ("eval", "bootstrap_resamples", 10**12, "error: params.yaml: eval.bootstrap_resamples: Input should be less than "
+                                                "or equal to 1000000"),
+        ("train", "steps", "1e9", "error: params.yaml: train.steps: '1e9' is text to YAML, not a number: write 1000000000"),
+        ("train", "block_size", 32, "error: train.block_size: 32 guesses 31 tokens past an anchor, but the longest training "
+                                    "response has "),
+    ]
+    for section, key, value, line in cases:
+        subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=ws, check=True)
+        edit_params(ws, lambda p: p[section].update({key: value}))
+        proc = dvc(ws, "repro", "train@auf-0", check=False)
+        assert proc.returncode != 0 and line in proc.stderr, (key, proc.stderr[-2000:])
+        assert built_outputs(ws) == built, key
 
 
 def test_ctrl_c_during_rollouts_under_dvc_repro_loses_nothing(built_smoke, tmp_path):
