@@ -128,6 +128,9 @@ CHECK = [  # (case, params text edit, message) — each refused by check-params 
     ("lr inf", {"train": {"lr": float("inf")}}, r"train\.lr: Input should be a finite number"),
     ("temperature inf", {"eval": {"temperature": float("inf")}}, r"eval\.temperature: Input should be a finite number"),
     ("steps true", {"train": {"steps": True}}, r"train\.steps: Input should be a valid integer \(got True\)"),
+    # plain `dvc repro` fails on this one in DVC's own dvc.yaml parsing ("unexpected error - 'Value' object is
+    # not iterable"), before any project code runs: the pipeline command's check-params names it
+    ("variants a string", {"train": {"variants": "auf"}}, r"train\.variants: Input should be a valid list \(got 'auf'\)"),
 ]
 
 
