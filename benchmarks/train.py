@@ -11,7 +11,7 @@ fp32 but where named) makes the batches
 exactly as the train stage does (`TrainData.train_batch`), before timing. Four identical
 copies of the drafter then train side by side, one step each per round on the same batch:
 
-- deepspeed/decay: `specauf.distributed.init_engine` + `deepspeed_config`, decay loss;
+- deepspeed/decay: `specauf.train.distributed.init_engine` + `deepspeed_config`, decay loss;
 - plain/decay: torch.optim.AdamW (same lr, betas, eps, weight decay), clip_grad_norm_ and a
   warmup-cosine LambdaLR, decay loss;
 - deepspeed/auf: as the first, AUF loss;
@@ -47,9 +47,9 @@ def build_labels(model, tok, manifest, n: int):
     """A cached labels dir from n real rollouts; returns its path."""
     from specauf.artifacts import hash_obj, read_json, sha256_file
     from specauf.config import LabelsParams, RolloutsParams
-    from specauf.labels import run_labels
-    from specauf.prompt_sources import sharegpt_prompts
-    from specauf.rollouts import run_rollouts
+    from specauf.data.labels import run_labels
+    from specauf.data.prompt_sources import sharegpt_prompts
+    from specauf.data.rollouts import run_rollouts
 
     rp, lp = RolloutsParams(num_prompts=n, batch_size=16), LabelsParams()
     key = hash_obj({"target": manifest["fingerprint"], "n": n, "rollouts": rp.model_dump(), "labels": lp.model_dump()})
@@ -78,11 +78,11 @@ def main() -> None:
     setup_threads(1)
     import torch
     from specauf.config import TrainParams
-    from specauf.dataset import LabelsDataset
-    from specauf.distributed import deepspeed_config, init_engine
-    from specauf.losses import compute_loss
-    from specauf.train import Trainer
-    from specauf.train_data import TrainData
+    from specauf.data.dataset import LabelsDataset
+    from specauf.train.distributed import deepspeed_config, init_engine
+    from specauf.train.losses import compute_loss
+    from specauf.train.run import Trainer
+    from specauf.train.batches import TrainData
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     print_header("Training: DeepSpeed engine vs plain AdamW; AUF vs decay loss")

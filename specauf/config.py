@@ -16,7 +16,12 @@ from specauf.config_data import (BaseParams, LabelsParams, LaunchParams, ParamsE
                                  PromptsParams, RandomTargetParams, RolloutsParams, SamplingTemperature, Section,
                                  Seed, TargetParams)
 
-LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf", "decay_then_auf")
+# The one list of loss variants: each loss has its weight function in specauf/train/losses.py
+# (WEIGHTS, checked against this list when that module loads), each curriculum the losses it
+# switches between. A new variant: its name here, its weights there, a line in docs/method.md.
+LOSSES = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf")
+CURRICULA = {"decay_then_auf": ("decay", "auf")}
+LOSS_VARIANTS = (*LOSSES, *CURRICULA)
 
 
 class TrainParams(Section):
@@ -215,7 +220,7 @@ class ServeParams(Section):
     exactness_gate: bool = True
     """Fail the serve stage when a llama.cpp speculative output differs from its plain greedy output
     (every difference and where it starts is recorded either way). Holds on a CPU with llama.cpp's
-    flash attention off (specauf.llamacpp.RUN_FLAGS; with it on, a one-token step and a verified
+    flash attention off (specauf.serve.llamacpp.RUN_FLAGS; with it on, a one-token step and a verified
     block sum in different orders and greedy flipped at near-ties: docs/benchmarks.md). Our own
     decoder's gate is eval.exactness_gate."""
 
@@ -271,18 +276,26 @@ class Params(Section):
 EVAL_MAX_PROMPT_TOKENS = 1 << 20
 
 
+# What the eval stages take from `rollouts` and `labels`: an allow-list, so a key added to either
+# section reaches the eval answers only when named here (and in dvc.yaml's eval_* params, which
+# tests/test_config.py ties to these lists); every other setting is fixed below or its default.
+EVAL_ROLLOUTS_KEYS = ("batch_size", "shard_size")
+EVAL_LABELS_KEYS = ("num_feature_layers", "layer_ids", "batch_size")
+
+
 def eval_rollouts_params(params: Params) -> RolloutsParams:
     """What stage `eval_rollouts` generates with: the target's greedy answer to every eval prompt."""
-    return params.rollouts.model_copy(update=dict(
-        num_prompts=0, max_prompt_tokens=EVAL_MAX_PROMPT_TOKENS, max_new_tokens=params.eval.replay_max_new_tokens,
-        temperature=0.0, top_p=1.0, top_k=0, backend="transformers", precision="fp32", crosscheck_prompts=0))
+    return RolloutsParams(**{k: getattr(params.rollouts, k) for k in EVAL_ROLLOUTS_KEYS},
+                          num_prompts=0, max_prompt_tokens=EVAL_MAX_PROMPT_TOKENS,
+                          max_new_tokens=params.eval.replay_max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                          backend="transformers", precision="fp32", crosscheck_prompts=0)
 
 
 def eval_labels_params(params: Params) -> LabelsParams:
     """What stage `eval_labels` stores: fp32 context features of the training layers (the decode's
     own precision), no top-k."""
-    return params.labels.model_copy(update=dict(features="offline", feature_dtype="float32", top_k=0,
-                                                verify_temperature=1.0))
+    return LabelsParams(**{k: getattr(params.labels, k) for k in EVAL_LABELS_KEYS},
+                        features="offline", feature_dtype="float32", top_k=0, verify_temperature=1.0)
 
 
 # Keys that choose which stage instances run, not what one computes: a drafter's provenance must

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from specauf.errors import UserError
 
 # Bounds a computation survives, stated once. A seed past 2**32 - 1 overflows numpy's generators
-# (and the derived streams of specauf.train_data); a temperature in (0, 0.01) divides logits into
+# (and the derived streams of specauf.train.batches); a temperature in (0, 0.01) divides logits into
 # overflow (softmax of inf: NaN probabilities) while sampling like greedy anyway.
 MAX_SEED = 2**32 - 1
 MIN_TEMPERATURE = 0.01

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.stage import stage_main
 from specauf.artifacts import read_manifest
-from specauf.report import write_report
+from specauf.report.run import write_report
 
 
 def run(params, args):

@@ -14,15 +14,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specauf.config import EvalParams, LabelsParams, RolloutsParams, TargetParams, TrainParams
-from specauf.decode import DrafterProposer, OracleProposer, speculative_generate
-from specauf.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
-from specauf.target_access import init_from_target
-from specauf.evaluate import evaluate_drafter
-from specauf.labels import run_labels
-from specauf.rollouts import load_rollouts, run_rollouts
-from specauf.target import TargetError, load_target, materialize_target
-from specauf.tiny import build_tokenizer, tiny_config
-from specauf.train import train_variant
+from specauf.evaluate.decode import DrafterProposer, OracleProposer, speculative_generate
+from specauf.train.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
+from specauf.target.access import init_from_target
+from specauf.evaluate.run import evaluate_drafter
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import load_rollouts, run_rollouts
+from specauf.target.run import TargetError, load_target, materialize_target
+from specauf.target.tiny import build_tokenizer, tiny_config
+from specauf.train.run import train_variant
 from tests.conftest import prompt_rows
 
 CPU = torch.device("cpu")

@@ -1,8 +1,8 @@
 """Blocks: anchors, labels/validity, and the one-forward-many-blocks attention mask."""
 import torch
 
-from specauf.blocks import block_attention_mask, build_blocks, collate_blocks, sample_anchors
-from specauf.drafter import BlockDrafter, DrafterConfig
+from specauf.train.blocks import block_attention_mask, build_blocks, collate_blocks, sample_anchors
+from specauf.train.drafter import BlockDrafter, DrafterConfig
 
 MASK = 3
 

@@ -13,17 +13,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specauf.config import LabelsParams, RolloutsParams, TargetParams, TrainParams
-from specauf.dataset import LabelsDataset
-from specauf.decode import DrafterProposer
-from specauf.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
+from specauf.data.dataset import LabelsDataset
+from specauf.evaluate.decode import DrafterProposer
+from specauf.train.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
 from specauf.errors import UserError
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
-from specauf.target import TargetError, load_target, materialize_target
-from specauf.target_access import init_from_target
-from specauf.tiny import tiny_config
-from specauf.train import Trainer
-from specauf.train_data import TrainData
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
+from specauf.target.run import TargetError, load_target, materialize_target
+from specauf.target.access import init_from_target
+from specauf.target.tiny import tiny_config
+from specauf.train.run import Trainer
+from specauf.train.batches import TrainData
 from tests.conftest import prompt_rows
 
 CPU = torch.device("cpu")

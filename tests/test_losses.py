@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from specauf.losses import (
+from specauf.train.losses import (
     auf_support, blended_ce, compute_loss, decay_weights, default_gamma, diagnostics, distill_ce,
     per_position_ce, soft_auf_weights,
 )
@@ -223,7 +223,7 @@ def brute_dpace(logits, labels, validity, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_dpace_weights_and_losses_match_the_definition(alpha):
-    from specauf.losses import dpace_weights
+    from specauf.train.losses import dpace_weights
 
     gen = torch.Generator().manual_seed(17)
     cases = [make_case(k, gen=gen) for k in ["all_correct", "middle", "invalid_tail", "random", "first_wrong"]]
@@ -246,7 +246,7 @@ def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
     logits = logits[None].clone().requires_grad_(True)
     loss, _ = compute_loss("dpace", logits, labels[None], validity[None])
     # detached weights: the gradient is that of sum(w * CE) / sum(w) with w held constant
-    from specauf.losses import dpace_weights
+    from specauf.train.losses import dpace_weights
 
     ce = per_position_ce(logits, labels[None])
     w = dpace_weights(ce, validity[None])
@@ -262,7 +262,7 @@ def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
 def test_tv_acceptance_is_speculative_samplings_acceptance_probability():
     """Brute force: a draft token x ~ q_T is accepted with probability min(1, p_T(x) / q_T(x));
     summed over x that is what tv_acceptance computes from the target's distribution."""
-    from specauf.losses import tv_acceptance
+    from specauf.train.losses import tv_acceptance
 
     g = torch.Generator().manual_seed(0)
     V, T = 11, 0.7
@@ -287,7 +287,7 @@ def test_tv_acceptance_is_speculative_samplings_acceptance_probability():
 
 
 def test_soft_auf_with_the_targets_distribution_multiplies_tv_acceptances():
-    from specauf.losses import soft_auf_weights, tv_acceptance
+    from specauf.train.losses import soft_auf_weights, tv_acceptance
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 4, 9, generator=g)
@@ -305,7 +305,7 @@ def test_soft_auf_with_the_targets_distribution_multiplies_tv_acceptances():
 
 
 def test_block_normalization_weighs_every_block_the_same():
-    from specauf.losses import weighted_mean
+    from specauf.train.losses import weighted_mean
 
     ce = torch.tensor([[1.0, 3.0, 7.0], [5.0, 9.0, 9.0], [4.0, 4.0, 4.0]], requires_grad=True)
     w = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # AUF supports 2, 1 and none
@@ -317,3 +317,13 @@ def test_block_normalization_weighs_every_block_the_same():
     assert weighted_mean(ce, torch.zeros(3, 3), "block").item() == 0.0
     with pytest.raises(ValueError, match="unknown loss normalization 'sequence'"):
         weighted_mean(ce, w, "sequence")
+
+
+def test_one_list_of_loss_variants():
+    """params validate against specauf.config.LOSS_VARIANTS; every loss there has its weights here
+    and every curriculum switches between two of them (the list was kept twice, untied)."""
+    from specauf.config import CURRICULA, LOSS_VARIANTS, LOSSES
+    from specauf.train.losses import WEIGHTS
+
+    assert tuple(WEIGHTS) == LOSSES and LOSS_VARIANTS == (*LOSSES, *CURRICULA)
+    assert all(set(pair) <= set(LOSSES) for pair in CURRICULA.values())

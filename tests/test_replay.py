@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from specauf.config import LabelsParams, RolloutsParams
-from specauf.decode import DrafterProposer, OracleProposer, speculative_generate
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.dataset import LabelsDataset
-from specauf.generation import encode_chat
-from specauf.labels import run_labels
-from specauf.replay import (ReplayError, anchor_guesses, check_replay, replay_check, replay_drafter,
+from specauf.evaluate.decode import DrafterProposer, OracleProposer, speculative_generate
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.data.dataset import LabelsDataset
+from specauf.data.generation import encode_chat
+from specauf.data.labels import run_labels
+from specauf.evaluate.replay import (ReplayError, anchor_guesses, check_replay, replay_check, replay_drafter,
                             summarize_replay, walk)
-from specauf.rollouts import run_rollouts
+from specauf.data.rollouts import run_rollouts
 from tests.conftest import prompt_rows
 
 MASK_ID = 3

@@ -9,9 +9,9 @@ import pytest
 
 from specauf.artifacts import ArtifactError
 from specauf.stage import stage_main
-from specauf.claims import HOLDS, NOT_SIGNIFICANT, UNMEASURED, claim_auf_beats_decay, claim_decay_more_accurate, goals
-from specauf.evaluate import without_headline
-from specauf.report import load_inputs, write_report
+from specauf.report.claims import HOLDS, NOT_SIGNIFICANT, UNMEASURED, claim_auf_beats_decay, claim_decay_more_accurate, goals
+from specauf.evaluate.run import without_headline
+from specauf.report.run import load_inputs, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("humaneval", "mt-bench")

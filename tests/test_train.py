@@ -21,16 +21,16 @@ import yaml
 from safetensors.torch import load_file
 
 from specauf.params_file import full_params
-from specauf import train as train_mod
+from specauf.train import run as train_mod
 from specauf.config import LabelsParams, RolloutsParams, TrainParams
-from specauf.dataset import LabelsDataset
+from specauf.data.dataset import LabelsDataset
 from specauf.errors import UserError
-from specauf.distributed import deepspeed_config, load_checkpoint
-from specauf.drafter import BlockDrafter
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
-from specauf.train import Trainer, train_variant
-from specauf.train_data import TrainData, split_heldout
+from specauf.train.distributed import deepspeed_config, load_checkpoint
+from specauf.train.drafter import BlockDrafter
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
+from specauf.train.run import Trainer, train_variant
+from specauf.train.batches import TrainData, split_heldout
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
 CPU = torch.device("cpu")
@@ -74,7 +74,7 @@ def data(tiny_model, tmp_path_factory):
 
 
 class Capture:
-    """Patch specauf.train to remember the Trainer and the DeepSpeed engine of each run."""
+    """Patch specauf.train.run to remember the Trainer and the DeepSpeed engine of each run."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.trainers, self.engines = [], []
@@ -567,7 +567,7 @@ def test_train_processes_param_relaunches_under_the_launcher(tiny_target, data, 
 def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
     """train.loss_normalization changes how the batch's blocks are averaged, and soft AUF's `tv`
     acceptance needs the target's top-k at the same temperature: refused in one line otherwise."""
-    from specauf.losses import WEIGHTS, per_position_ce, weighted_mean
+    from specauf.train.losses import WEIGHTS, per_position_ce, weighted_mean
 
     params = TrainParams(**{**BASE, "variants": ["dpace"], "loss_normalization": "block"})
     t = trainer(params, tiny_model, data["offline"], variant="dpace")
