@@ -415,6 +415,40 @@ def test_a_block_longer_than_every_response_is_refused(ws):
                  ws.params({"train": {"block_size": 16}}))
 
 
+def test_a_nan_loss_from_damaged_labels_names_the_labels(ws, tmp_path):
+    """Labels whose stored features hold NaN (a damaged shard rewritten with a valid checksum)
+    once failed as 'training diverged ... lower train.lr'; the train stage now names the labels.
+    The first training sequence stays intact, so the layer check (which reads it) passes."""
+    import pyarrow as pa
+
+    from specauf.artifacts import write_json, write_table
+    from specauf.data.dataset import LabelsDataset
+    from specauf.train.batches import split_heldout
+
+    labels = tmp_path / "labels"
+    shutil.copytree(ws / "data/labels", labels)
+    manifest = json.loads((labels / "manifest.json").read_text())
+    keep = LabelsDataset(labels).index[split_heldout(LabelsDataset(labels), 0.25, 0, 512)[0][0]]
+    for t, entry in enumerate(manifest["shards"]):
+        table = pa.ipc.open_file(pa.memory_map(str(labels / entry["file"]))).read_all()
+        feats = table.column("features").to_pylist()
+        for r in range(len(feats)):
+            if (t, r) != keep:
+                feats[r] = [[float("nan")] * len(row) for row in feats[r]]
+        col = pa.array(feats, type=table.schema.field("features").type)
+        table = table.set_column(table.schema.get_field_index("features"), "features", col)
+        (labels / entry["file"]).unlink()
+        manifest["shards"][t] = {**entry, **write_table(labels / entry["file"], table)}
+    write_json(labels / "manifest.json", manifest)
+    out = tmp_path / "drafter"
+    code, err = ws.run("train", labels=str(labels), out=str(out), work=str(tmp_path / "work"),
+                       metrics=str(tmp_path / "metrics"))
+    assert code == 2 and len(err) == 1, err
+    assert re.match(r"error: train: the loss is nan at step 1 because the labels' context_features hold NaN or inf: "
+                    r"the labels are damaged, not train\.lr; rebuild them with `dvc repro -f labels`", err[0]), err
+    assert not out.exists()
+
+
 def test_draft_vocab_larger_than_vocabulary_means_full(ws, tiny_model):
     """Accepted on purpose (the default 8192 must work on the smoke target): no draft vocabulary."""
     from specauf.data.dataset import LabelsDataset
