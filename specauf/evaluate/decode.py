@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specauf.train.drafter import DrafterCache
+from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.sampling import SamplingParams, draft, verify
 from specauf.target.access import cache_kwarg, rollback_cache, context_features_from_hidden_states, crop_cache
 
@@ -182,15 +183,9 @@ def summarize(results: list[GenerationResult]) -> dict:
     acc = [sum(r.accepted[k] for r in results if k < len(r.accepted)) for k in range(b - 1)]
     tokens = sum(r.decode_tokens for r in results)
     seconds = sum(r.decode_time_s for r in results)
+    histogram = [cycles.count(n) for n in range(b + 1)]  # index = emitted length
     return {
-        "prompts": len(results),
-        "cycles": len(cycles),
-        "decode_tokens": tokens,
-        "tau": tokens / len(cycles) if cycles else float("nan"),
-        "length_histogram": [cycles.count(n) for n in range(b + 1)],  # index = emitted length
-        "attempted": att,
-        "accepted": acc,
-        "acceptance_per_position": [a / t if t else float("nan") for a, t in zip(acc, att)],
+        **pool_cycles(len(results), tokens, len(cycles), histogram, att, acc),
         "decode_time_s": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
         "time_per_output_token_s": seconds / tokens if tokens else float("nan"),
@@ -260,7 +255,7 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
 
     while result.finish_reason != "stop" and len(result.token_ids) < max_new_tokens:
         anchor_pos = L - 1
-        n = min(b - 1, max_new_tokens - len(result.token_ids) - 1)
+        n = guesses_per_block(b - 1, max_new_tokens, len(result.token_ids))
         if n > 0:
             guesses, q = draft(proposer.propose(seq[:L], n), sp, generator)
             block = torch.cat([seq[anchor_pos:L], guesses])
@@ -274,15 +269,10 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
             proposer.add_context(tuple(h[:, :n_acc + 1] for h in out.hidden_states))
         out = None
 
-        emitted = g[:n_acc] + [bonus]
-        stop_at = next((i for i, t in enumerate(emitted) if t in stops), None)
-        if stop_at is not None:
-            emitted = emitted[:stop_at + 1]
+        emitted, stopped = close_cycle(g[:n_acc] + [bonus], n, n_acc, stops, result.attempted, result.accepted)
+        if stopped:
             result.finish_reason = "stop"
         kept = len(emitted)
-        for k in range(1, min(n, n_acc + 1, kept) + 1):
-            result.attempted[k - 1] += 1
-            result.accepted[k - 1] += int(k <= n_acc)
         seq[L:L + kept] = torch.tensor(emitted, dtype=torch.long, device=device)
         L += kept
         result.token_ids.extend(emitted)

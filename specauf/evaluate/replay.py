@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from specauf.data.dataset import LabelsDataset
+from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
+from specauf.train.blocks import block_attention_mask
 from specauf.evaluate.decode import BLOCK_LAYOUTS
 from specauf.artifacts import ArtifactError
 from specauf.runtime import progress
@@ -24,12 +26,6 @@ from specauf.runtime import progress
 log = logging.getLogger("specauf")
 
 ANCHORS_PER_FORWARD = 64  # blocks per drafter forward: attention is (A*W)^2, so chunks keep it small
-
-
-def guesses_per_block(n_max: int, max_new_tokens: int, committed: int) -> int:
-    """Guesses the decode loop proposes with `committed` tokens generated (the prefill's included):
-    the last cycle never drafts past max_new_tokens."""
-    return min(n_max, max_new_tokens - committed - 1)
 
 
 @torch.inference_mode()
@@ -48,10 +44,7 @@ def anchor_guesses(drafter, embed, head, input_ids: torch.Tensor, features: torc
         slots = torch.arange(W)
         ids = torch.full((A, W), drafter.mask_token_id, dtype=torch.long)
         ids[:, 0] = input_ids[a]
-        ctx_visible = torch.arange(C)[None, :] < a[:, None]                                   # (A, C)
-        same = torch.arange(A)[:, None, None, None] == torch.arange(A)[None, None, :, None]     # (A, 1, A, 1)
-        own = (same & (slots[None, None, None, :] < w[None, None, :, None])).expand(A, W, A, W).reshape(A * W, A * W)
-        mask = torch.cat([ctx_visible.repeat_interleave(W, dim=0), own], dim=1)
+        mask = block_attention_mask(a, W, C, widths=w)  # the training mask, each block cut to its width
         dev = head.device
         hidden = drafter(embed(ids.to(dev)).to(drafter.dtype).view(1, A * W, -1), features[None, :C].to(dev),
                          block_position_ids=(a[:, None] + slots[None]).view(1, -1).to(dev),
@@ -82,13 +75,8 @@ def walk(response: list[int], guesses, block_size: int, max_new_tokens: int, sto
         if not emitted:
             raise ArtifactError(f"replay: the greedy answer ends after {len(response)} tokens, before "
                                 f"max_new_tokens={max_new_tokens} and without a stop token")
-        stop_at = next((i for i, t in enumerate(emitted) if t in stops), None)
-        if stop_at is not None:
-            emitted, stopped = emitted[: stop_at + 1], True
+        emitted, stopped = close_cycle(emitted, n, n_acc, stops, attempted, accepted)
         kept = len(emitted)
-        for k in range(1, min(n, n_acc + 1, kept) + 1):
-            attempted[k - 1] += 1
-            accepted[k - 1] += int(k <= n_acc)
         emitted_total, cycles, c = emitted_total + kept, cycles + 1, c + kept
         lengths[kept] += 1
     return {"emitted": emitted_total, "cycles": cycles, "attempted": attempted, "accepted": accepted,
@@ -165,14 +153,9 @@ def _table(drafter, embed, head, ids, feats, P: int, R: int, M: int, n_max: int,
 def summarize_replay(rows: list[dict], key: str) -> dict:
     """Pooled over prompts, as specauf.evaluate.decode.summarize: tau (ratio of sums), acceptance by position."""
     runs = [r[key] for r in rows if key in r]
-    emitted, cycles = sum(x["emitted"] for x in runs), sum(x["cycles"] for x in runs)
-    att = [int(v) for v in np.sum([x["attempted"] for x in runs], axis=0)] if runs else []
-    acc = [int(v) for v in np.sum([x["accepted"] for x in runs], axis=0)] if runs else []
-    return {"prompts": len(runs), "cycles": cycles, "decode_tokens": emitted,
-            "tau": emitted / cycles if cycles else float("nan"),
-            "length_histogram": [int(v) for v in np.sum([x["lengths"] for x in runs], axis=0)] if runs else [],
-            "attempted": att, "accepted": acc,
-            "acceptance_per_position": [a / t if t else float("nan") for a, t in zip(acc, att)]}
+    total = lambda field: [int(v) for v in np.sum([x[field] for x in runs], axis=0)] if runs else []
+    return pool_cycles(len(runs), sum(x["emitted"] for x in runs), sum(x["cycles"] for x in runs),
+                       total("lengths"), total("attempted"), total("accepted"))
 
 
 # Replay and decoding agree cycle for cycle up to fp32 noise: batched and cached drafter passes can

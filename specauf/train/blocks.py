@@ -56,17 +56,23 @@ def build_blocks(input_ids: torch.Tensor, response_start: int, seq_len: int, anc
             "block_position_ids": positions}
 
 
-def block_attention_mask(anchors: torch.Tensor, block_size: int, context_len: int) -> torch.Tensor:
+def block_attention_mask(anchors: torch.Tensor, block_size: int, context_len: int,
+                         widths: torch.Tensor | None = None) -> torch.Tensor:
     """Bool (A*B, context_len + A*B), True = attend.
 
     Block i's rows see context keys j < anchors[i] (the anchor's own target features do not
     exist yet at inference) and all B keys of its own block (bidirectional); never another block.
+    With `widths` (A,), block i's keys past widths[i] are hidden too, which makes a B-slot block
+    exactly a narrower one (the replay lays blocks of several widths side by side).
     """
     anchors = anchors.long()
     A, device = len(anchors), anchors.device
     ctx_visible = torch.arange(context_len, device=device)[None, :] < anchors[:, None]  # (A,C)
     block_of = torch.arange(A, device=device).repeat_interleave(block_size)  # (A*B,)
     own_block = block_of[:, None] == block_of[None, :]
+    if widths is not None:
+        slot = torch.arange(block_size, device=device).repeat(A)  # each key's slot in its block
+        own_block = own_block & (slot < widths.long().to(device)[block_of])[None, :]
     return torch.cat([ctx_visible.repeat_interleave(block_size, dim=0), own_block], dim=1)
 
 
