@@ -7,7 +7,8 @@ import torch
 from specauf.evaluate import decode
 from specauf.config import EvalParams
 from specauf.train.drafter import BlockDrafter, DrafterConfig
-from specauf.evaluate.run import ExactnessError, check_exactness, evaluate_drafter, headline, without_headline
+from specauf.errors import ExactnessError
+from specauf.evaluate.run import check_exactness, evaluate_drafter, headline, without_headline
 from specauf.config import LabelsParams, RolloutsParams
 from specauf.data.labels import run_labels
 from specauf.data.rollouts import run_rollouts

@@ -10,7 +10,8 @@ from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.data.dataset import LabelsDataset
 from specauf.data.generation import encode_chat
 from specauf.data.labels import run_labels
-from specauf.evaluate.replay import (ReplayError, anchor_guesses, check_replay, replay_check, replay_drafter,
+from specauf.errors import ExactnessError
+from specauf.evaluate.replay import (anchor_guesses, check_replay, replay_check, replay_drafter,
                             summarize_replay, walk)
 from specauf.data.rollouts import run_rollouts
 from tests.conftest import prompt_rows
@@ -177,7 +178,7 @@ def test_disagreement_fails_with_one_line():
     replayed = [{"set": "s", "prompt_id": "p", "b4": {"emitted": 20, "cycles": 8}}]
     check = replay_check(decoded, replayed)
     assert check["pooled"]["b4"]["difference"] == pytest.approx(0.5)
-    with pytest.raises(ReplayError, match="replay disagrees with decoding at block size 4"):
+    with pytest.raises(ExactnessError, match="replay disagrees with decoding at block size 4"):
         check_replay(check, gate=True)
 
 

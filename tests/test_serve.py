@@ -11,6 +11,7 @@ from specauf.config import Params
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.serve.export import export_drafter
 from specauf.report.run import served_lines
+from specauf.errors import ExactnessError
 from specauf.serve.run import check_exact, serve_drafter
 from tests.test_export import save_drafter
 
@@ -75,7 +76,7 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
 
 
 def test_exactness_gate_fails_the_stage():
-    bad = {"exactness": {"checked": 3, "mismatches": ["f32/s/a (b4)"]}}
-    with pytest.raises(RuntimeError, match="differs from its plain greedy output: f32/s/a"):
+    bad = {"engine": "llama.cpp", "exactness": {"checked": 3, "mismatches": ["f32/s/a (b4)"]}}
+    with pytest.raises(ExactnessError, match="^llama.cpp speculative output differs from its plain greedy output: f32/s/a"):
         check_exact(bad, gate=True)
     check_exact(bad, gate=False)  # a warning, not a failure

@@ -21,6 +21,7 @@ from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.train.blocks import block_attention_mask
 from specauf.evaluate.decode import BLOCK_LAYOUTS
 from specauf.artifacts import ArtifactError
+from specauf.errors import ExactnessError
 from specauf.runtime import progress
 
 log = logging.getLogger("specauf")
@@ -195,11 +196,8 @@ def check_replay(check: dict, gate: bool) -> None:
                     check["tolerance"], ", ".join(k[1:] for k in bad))
     elif bad:
         k, v = next(iter(bad.items()))
-        raise ReplayError(f"replay disagrees with decoding at block size {k[1:]}: replayed tau {v['replayed_tau']:.4f}, "
+        raise ExactnessError(f"replay disagrees with decoding at block size {k[1:]}: replayed tau {v['replayed_tau']:.4f}, "
                           f"decoded {v['decoded_tau']:.4f} over {check['prompts']} decoded prompts (tolerance "
                           f"{check['tolerance']}); the eval answers are not this target's greedy text, or the "
                           "drafter runs differently in the two")
 
-
-class ReplayError(ArtifactError):
-    """Replayed tau disagrees with decoded tau: the replay's inputs do not match this decode."""

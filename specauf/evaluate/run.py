@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from specauf.errors import ExactnessError
 from specauf.config import EvalParams
 from specauf.evaluate.cost_model import measure_cycle_costs, predict_speedups
 from specauf.evaluate.decode import DrafterProposer, speculative_generate, summarize
@@ -24,10 +25,6 @@ from specauf.evaluate.linear_kernels import tune_linears, uninstall
 from specauf.runtime import progress
 
 log = logging.getLogger("specauf")
-
-
-class ExactnessError(ValueError):
-    """Speculative output differed from plain greedy decoding (a bug: it must never happen)."""
 
 
 def _median_run(fn, repeats: int):

@@ -1,4 +1,5 @@
-"""Each trained drafter served by llama.cpp, measured on the eval's timed prompts.
+"""Each trained drafter served by a serving engine (serve.engine: llama.cpp), measured on the eval's
+timed prompts; the engine sits behind specauf/serve/engines.py.
 
 Why in the pipeline: a CPU user decodes with llama.cpp, not with our transformers loop, so the
 question "what does this drafter buy" has a second answer there. On the prompts the eval times
@@ -18,6 +19,8 @@ import logging
 from pathlib import Path
 
 from specauf.artifacts import ArtifactError, iter_shards, read_json, read_manifest
+from specauf.errors import ExactnessError
+from specauf.serve.engines import Engine, Served, engine_for
 from specauf.serve.gguf_export import TARGET_FILES
 from specauf.runtime import progress
 
@@ -76,14 +79,16 @@ def _pool(rows: list[dict], key: str, n_max: int | None) -> dict:
 
 
 def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, prompts: list[dict],
-                  eval_prompts_file: Path, our_greedy: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
-    """(metrics, per-prompt rows) of one drafter in llama.cpp; raises when an output differs from plain greedy."""
-    from specauf.serve import llamacpp
-
+                  eval_prompts_file: Path, our_greedy: dict[str, str] | None = None,
+                  engine: Engine | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, per-prompt rows) of one drafter in a serving engine (serve.engine): each target
+    GGUF, prompt and contender decoded through the Engine interface, every speculative output
+    checked against the engine's own plain greedy (check_exact fails on a difference)."""
     sp, ep = params.serve, params.eval
-    drafter = export_dir / read_manifest(export_dir, kind="export").get("gguf", {}).get("file", "drafter.gguf")
+    engine = engine or engine_for(sp)
+    drafter = export_dir / engine.drafter_file(read_manifest(export_dir, kind="export"))
     if not drafter.is_file():
-        raise ArtifactError(f"{drafter}: missing (rerun the export stage with serve.engine llama.cpp)")
+        raise ArtifactError(f"{drafter}: missing (rerun the export stage with serve.engine {engine.name})")
     sizes = ep.speculative_block_sizes
     ours = {(r["set"], r["prompt_id"]): r for r in read_json(eval_prompts_file)["decoded"]}
     targets, rows, mismatches = {}, [], []
@@ -95,50 +100,27 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
     if sp.ngram:
         contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
-    total = len(served) * len(prompts)
-    with progress(total=total, desc=f"serve {run}", unit="prompt") as bar:
+    with progress(total=len(served) * len(prompts), desc=f"serve {run}", unit="prompt") as bar:
         for name in served:
             model = target_gguf_dir / TARGET_FILES[name]
             t_rows = []
             for p in prompts:
                 # long enough to hold every speculative run (they overshoot n by up to n_max + 1)
-                plain = llamacpp.decode_plain(model, p["text"], n + longest + 1, sp.threads)
+                plain = engine.plain(model, p["text"], n + longest + 1)
                 row = {"target": name, "set": p["set"], "prompt_id": p["prompt_id"],
                        "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
-                if name == "f32" and our_greedy and p["prompt_id"] in our_greedy:  # llama.cpp's f32 target is ours?
+                if name == "f32" and our_greedy and p["prompt_id"] in our_greedy:  # the engine's f32 target is ours?
                     row["plain"]["equals_our_greedy"] = plain.text.startswith(our_greedy[p["prompt_id"]])
                 for key, draft, n_max, kind in contenders:
-                    quiet = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind)
-                    loud = llamacpp.decode_speculative(model, draft, p["text"], n, n_max, sp.threads, kind, verbose=True)
-                    same = plain.text.startswith(quiet.text) and quiet.text == loud.text \
-                        and (quiet.tokens > n or plain.text == quiet.text)
-                    row[key] = {"tokens": quiet.tokens, "tokens_per_s": quiet.tokens_per_s, "accepted": loud.accepted,
-                                "equals_plain": same}
-                    if not same:
+                    spec = engine.speculative(model, draft, p["text"], n, n_max, kind)
+                    row[key] = compare_with_plain(plain, spec, n)
+                    if not row[key]["equals_plain"]:
                         mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
-                        at = next((i for i, (a, b) in enumerate(zip(plain.text, quiet.text)) if a != b),
-                                  min(len(plain.text), len(quiet.text)))
-                        row[key]["first_difference"] = {"char": at, "plain": plain.text[max(0, at - 20):at + 30],
-                                                        "speculative": quiet.text[max(0, at - 20):at + 30]}
                 t_rows.append(row)
                 bar.update(1)
-            section = {"plain": _pool(t_rows, "plain", None)}
-            for key, _, n_max, _ in contenders:
-                section[key] = _pool(t_rows, key, n_max)
-                section[key]["speedup"] = section[key]["tokens_per_s"] / section["plain"]["tokens_per_s"]
-            if name == "f32":
-                checked = [r["plain"]["equals_our_greedy"] for r in t_rows if "equals_our_greedy" in r["plain"]]
-                section["plain"]["our_greedy_agreement"] = {"equal": sum(checked), "prompts": len(checked)}
-                for b in sizes:
-                    mine = [ours[(r["set"], r["prompt_id"])][f"b{b}"] for r in t_rows if (r["set"], r["prompt_id"]) in ours]
-                    tau_ours = sum(m["emitted"] for m in mine) / sum(m["cycles"] for m in mine) if mine else None
-                    section[f"b{b}"]["tau_ours_decoded"] = tau_ours
-                    section[f"b{b}"]["tau_minus_ours"] = (section[f"b{b}"]["tau"] - tau_ours
-                                                           if tau_ours and section[f"b{b}"]["tau"] else None)
-            targets[name] = section
+            targets[name] = pooled_section(t_rows, contenders, sizes, ours if name == "f32" else None)
             rows += t_rows
-    metrics = {"engine": "llama.cpp", "llama_cpp_commit": llamacpp.SDIST_COMMIT, "threads": sp.threads,
-               "run_flags": list(llamacpp.RUN_FLAGS), "prompts": len(prompts), "max_new_tokens": n,
+    metrics = {**engine.describe(), "prompts": len(prompts), "max_new_tokens": n,
                "block_layout": "short (an (n+1)-token block per cycle of n guesses)",
                "targets": targets, "exactness": {"checked": len(rows), "mismatches": mismatches}}
     if "f32" in targets and "source" in targets:
@@ -147,10 +129,42 @@ def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, pro
     return metrics, rows
 
 
+def compare_with_plain(plain: Served, spec: Served, n: int) -> dict:
+    """One speculative run's row: speed, cycles, and whether its text is the engine's plain greedy
+    text (a prefix of it: a speculative run may stop past n, the plain one ran longer)."""
+    same = spec.runs_agree and plain.text.startswith(spec.text) and (spec.tokens > n or plain.text == spec.text)
+    row = {"tokens": spec.tokens, "tokens_per_s": spec.tokens_per_s, "accepted": spec.accepted, "equals_plain": same}
+    if not same:
+        at = next((i for i, (a, b) in enumerate(zip(plain.text, spec.text)) if a != b), min(len(plain.text), len(spec.text)))
+        row["first_difference"] = {"char": at, "plain": plain.text[max(0, at - 20):at + 30],
+                                   "speculative": spec.text[max(0, at - 20):at + 30]}
+    return row
+
+
+def pooled_section(t_rows: list[dict], contenders: list[tuple], sizes: list[int], ours: dict | None) -> dict:
+    """One target's pooled figures per contender; with `ours` (the f32 target: our numerics), the
+    agreement with our greedy answers and our decoded tau beside the engine's."""
+    section = {"plain": _pool(t_rows, "plain", None)}
+    for key, _, n_max, _ in contenders:
+        section[key] = _pool(t_rows, key, n_max)
+        section[key]["speedup"] = section[key]["tokens_per_s"] / section["plain"]["tokens_per_s"]
+    if ours is not None:
+        checked = [r["plain"]["equals_our_greedy"] for r in t_rows if "equals_our_greedy" in r["plain"]]
+        section["plain"]["our_greedy_agreement"] = {"equal": sum(checked), "prompts": len(checked)}
+        for b in sizes:
+            mine = [ours[(r["set"], r["prompt_id"])][f"b{b}"] for r in t_rows if (r["set"], r["prompt_id"]) in ours]
+            tau_ours = sum(m["emitted"] for m in mine) / sum(m["cycles"] for m in mine) if mine else None
+            section[f"b{b}"]["tau_ours_decoded"] = tau_ours
+            section[f"b{b}"]["tau_minus_ours"] = (section[f"b{b}"]["tau"] - tau_ours
+                                                   if tau_ours and section[f"b{b}"]["tau"] else None)
+    return section
+
+
 def check_exact(metrics: dict, gate: bool) -> None:
-    """serve.exactness_gate: llama.cpp's speculative outputs against its plain greedy ones."""
+    """serve.exactness_gate: the engine's speculative outputs against its plain greedy ones."""
     bad = metrics.get("exactness", {}).get("mismatches", [])
+    engine = metrics.get("engine", "the engine")
     if bad and gate:
-        raise RuntimeError(f"llama.cpp speculative output differs from its plain greedy output: {', '.join(bad[:5])}")
+        raise ExactnessError(f"{engine} speculative output differs from its plain greedy output: {', '.join(bad[:5])}")
     if bad:
-        log.warning("llama.cpp speculative output differs from plain greedy: %s", ", ".join(bad[:5]))
+        log.warning("%s speculative output differs from plain greedy: %s", engine, ", ".join(bad[:5]))
