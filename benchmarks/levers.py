@@ -86,7 +86,7 @@ def patches(run: dict) -> contextlib.ExitStack:
     if how:
         if how not in ("copy", "zero_residual"):
             raise ValueError(f"init_final_norm: {how!r} (copy or zero_residual)")
-        base_init = specauf.train.run.Trainer.__init__
+        base_init = specauf.train.run.DrafterRun.__init__
 
         def init(self, *args, **kwargs):
             base_init(self, *args, **kwargs)
@@ -97,7 +97,7 @@ def patches(run: dict) -> contextlib.ExitStack:
                         layer.self_attn.o_proj.weight.zero_()
                         layer.mlp.down_proj.weight.zero_()
 
-        stack.enter_context(mock.patch.object(specauf.train.run.Trainer, "__init__", init))
+        stack.enter_context(mock.patch.object(specauf.train.run.DrafterRun, "__init__", init))
     return stack
 
 

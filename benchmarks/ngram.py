@@ -43,7 +43,7 @@ def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_
     """Accuracy of the drafter's greedy guess at block positions 1 and 2 over every held-out
     anchor, with the true prefix (position 2 scored whether or not position 1 was right)."""
     from specauf.train.drafter import BlockDrafter
-    from specauf.train.run import Trainer
+    from specauf.train.run import DrafterRun
     from specauf.train.batches import TrainData
 
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
@@ -52,7 +52,7 @@ def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_
     cpu = torch.device("cpu")
     data = TrainData(train_params, ds, params.base.seed, manifest["mask_token_id"],
                      target.get_output_embeddings().weight.shape[0], target, cpu)
-    t = Trainer(train_params, "full", target, manifest, data, params.base.seed, cpu)
+    t = DrafterRun(train_params, "full", target, manifest, data, params.base.seed, cpu)
     if getattr(drafter, "d2t", None) is not None and not torch.equal(drafter.d2t, t.drafter.d2t):
         raise SystemExit(f"error: --drafter {drafter_dir}: its draft vocabulary is not the one these labels give")
     t.drafter = drafter

@@ -5,7 +5,7 @@ real target with `run_rollouts` (RolloutsParams defaults: greedy, <= 160 new tok
 by `run_labels` (LabelsParams defaults: offline float16 features of 5 target layers). It is
 built once (~1 min) and cached under benchmarks/.cache/train-labels.
 
-A `Trainer` with the settings the recorded figures used (`BENCH_TRAIN`: 1 drafter layer initialised
+A `DrafterRun` with the settings the recorded figures used (`BENCH_TRAIN`: 1 drafter layer initialised
 from the target, block 8, draft vocabulary 8192, 64 anchors per sequence, micro batch 4, ZeRO 0;
 fp32 but where named) makes the batches
 exactly as the train stage does (`TrainData.train_batch`), before timing. Four identical
@@ -21,7 +21,7 @@ copies of the drafter then train side by side, one step each per round on the sa
   weights: a Newton-Schulz orthogonalisation of each one per step), the cost that decides how many
   Muon steps fit in the default's CPU minutes.
 
-A step = `Trainer.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
+A step = `DrafterRun.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
 positions (the stage's tokens_per_second). Interleaved over --rounds after one warmup round,
 1 torch thread, medians. A loss-only check times `compute_loss` + backward on fixed logits of
 one batch's shape for decay and auf (interleaved, --loss-repeats).
@@ -81,7 +81,7 @@ def main() -> None:
     from specauf.data.dataset import LabelsDataset
     from specauf.train.distributed import deepspeed_config, init_engine
     from specauf.train.losses import compute_loss
-    from specauf.train.run import Trainer
+    from specauf.train.run import DrafterRun
     from specauf.train.batches import TrainData
 
     model, tok, manifest, tdir = load_bench_target(args.target)
@@ -91,7 +91,7 @@ def main() -> None:
     p = TrainParams(**BENCH_TRAIN)
     device = torch.device("cpu")
     data = TrainData(p, ds, 0, manifest["mask_token_id"], model.get_output_embeddings().weight.shape[0], model, device)
-    t = Trainer(p, "decay", model, manifest, data, seed=0, device=device)
+    t = DrafterRun(p, "decay", model, manifest, data, seed=0, device=device)
     batches = [data.train_batch(s, 0, 1) for s in range(args.batches)]
     make_s = median(timed(data.train_batch, s, 0, 1)[0] for s in range(args.batches))
     tokens = [int(b.validity.sum()) for b in batches]
@@ -117,7 +117,7 @@ def main() -> None:
         def step():
             batch = next_batch(name)
             logits, labels, validity = t.forward(engine, batch)
-            loss, _ = compute_loss(loss_name, logits, labels, validity, gamma=t.gamma)
+            loss, _ = compute_loss(loss_name, logits, labels, validity, t.loss_options)
             engine.backward(loss)
             engine.step()
             return int(validity.sum())
@@ -137,7 +137,7 @@ def main() -> None:
         def step():
             batch = next_batch(f"plain/{loss_name}")
             logits, labels, validity = t.forward(drafter, batch)
-            loss, _ = compute_loss(loss_name, logits, labels, validity, gamma=t.gamma)
+            loss, _ = compute_loss(loss_name, logits, labels, validity, t.loss_options)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip:
@@ -186,7 +186,7 @@ def main() -> None:
     def loss_only(name):
         def run():
             x = logits0.clone().requires_grad_(True)
-            loss, _ = compute_loss(name, x, labels0, validity0, gamma=t.gamma)
+            loss, _ = compute_loss(name, x, labels0, validity0, t.loss_options)
             loss.backward()
         return run
     lruns = interleave({"decay": loss_only("decay"), "auf": loss_only("auf")}, repeats=args.loss_repeats,

@@ -31,7 +31,7 @@ def test_every_row_once_per_epoch_and_ranks_never_share_one(tiny_model, data):
 def test_a_batch_is_typed_and_its_blocks_are_the_sequences(tiny_model, data):
     d = _data(tiny_model, data["offline"])
     batch = d.train_batch(0, 0, 1)
-    N, B = d.p.micro_batch_size, d.p.block_size
+    N, B = d.params.micro_batch_size, d.params.block_size
     A = batch.block_input_ids.shape[1] // B
     assert batch.block_input_ids.shape == batch.block_position_ids.shape == (N, A * B)
     assert batch.labels.shape == batch.validity.shape == (N * A, B - 1) and batch.validity.dtype == torch.bool
@@ -82,11 +82,11 @@ def test_anchors_per_token_follow_each_responses_length_and_coverage_is_counted(
     positions some block supervises."""
     fixed = _data(tiny_model, data["offline"], micro_batch_size=1, anchors_per_seq=2)
     dense = _data(tiny_model, data["offline"], micro_batch_size=1, anchors_per_seq=2, anchors_per_token=0.5)
-    B = fixed.p.block_size
+    B = fixed.params.block_size
     for step in range(4):
         row = fixed.rows_at(step, 0, 1)[0]
         item = fixed.ds[row]
-        start, S = int(item["response_start"]), min(len(item["input_ids"]), fixed.p.max_seq_len)
+        start, S = int(item["response_start"]), min(len(item["input_ids"]), fixed.params.max_seq_len)
         for d, want in ((fixed, 2), (dense, max(1, round(0.5 * (S - start))))):
             batch = d.train_batch(step, 0, 1)
             A = batch.block_input_ids.shape[1] // B

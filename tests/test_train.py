@@ -29,7 +29,7 @@ from specauf.train.distributed import deepspeed_config, load_checkpoint
 from specauf.train.drafter import BlockDrafter
 from specauf.data.labels import run_labels
 from specauf.data.rollouts import run_rollouts
-from specauf.train.run import Trainer, train_variant
+from specauf.train.run import DrafterRun, train_variant
 from specauf.train.batches import TrainData, split_heldout
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
@@ -49,12 +49,12 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def trainer(params: TrainParams, tiny_model, labels_dir, variant: str = "auf") -> Trainer:
-    """The Trainer a run of these params builds, without training (its data at .data)."""
+def trainer(params: TrainParams, tiny_model, labels_dir, variant: str = "auf") -> DrafterRun:
+    """The DrafterRun a run of these params builds, without training (its data at .data)."""
     model, _, manifest = tiny_model
     data = TrainData(params, LabelsDataset(labels_dir), 0, manifest["mask_token_id"],
                      model.get_output_embeddings().weight.shape[0], model, CPU)
-    return Trainer(params, variant, model, manifest, data, 0, CPU)
+    return DrafterRun(params, variant, model, manifest, data, 0, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,13 @@ def data(tiny_model, tmp_path_factory):
 
 
 class Capture:
-    """Patch specauf.train.run to remember the Trainer and the DeepSpeed engine of each run."""
+    """Patch specauf.train.run to remember the DrafterRun and the DeepSpeed engine of each run."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.trainers, self.engines = [], []
         capture = self
 
-        class Recording(Trainer):
+        class Recording(DrafterRun):
             def __init__(self, *a, **k):
                 super().__init__(*a, **k)
                 capture.trainers.append(self)
@@ -92,7 +92,7 @@ class Capture:
             capture.engines.append(engine)
             return engine
 
-        mp.setattr(train_mod, "Trainer", Recording)
+        mp.setattr(train_mod, "DrafterRun", Recording)
         mp.setattr(train_mod, "init_engine", init_engine)
 
 
@@ -244,8 +244,8 @@ def test_kill_and_resume_gives_identical_weights(base_run, tiny_model, data, tmp
     (ckpt / "latest").write_text("step8")
 
     steps_seen = []
-    real_name = Trainer.loss_name
-    monkeypatch.setattr(Trainer, "loss_name", lambda self, s: steps_seen.append(s) or real_name(self, s))
+    real_name = DrafterRun.loss_name
+    monkeypatch.setattr(DrafterRun, "loss_name", lambda self, s: steps_seen.append(s) or real_name(self, s))
     resumed = train(tiny_model, data["offline"], tmp_path)
     assert steps_seen == list(range(8, 24))  # continued from the checkpoint, not from scratch
     a, b = weights(resumed["out"]), weights(base_run["out"])
@@ -575,7 +575,7 @@ def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
     loss, _ = t.loss(t.drafter, batch, step=0)
     logits, labels, validity = t.forward(t.drafter, batch)
     ce = per_position_ce(logits, labels)
-    w = WEIGHTS["dpace"](logits, labels, validity, ce, {"dpace_alpha": params.dpace_alpha})  # differs per block
+    w = WEIGHTS["dpace"](logits, labels, validity, ce, t.loss_options, None)  # differs per block
     assert torch.allclose(loss, weighted_mean(ce, w, "block"))
     assert not torch.allclose(loss, weighted_mean(ce, w, "batch"))
     with pytest.raises(UserError, match=r"train\.soft_auf_acceptance 'tv' needs the target's top-k distribution, "

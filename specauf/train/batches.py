@@ -111,7 +111,7 @@ class TrainData:
 
     def __init__(self, params: TrainParams, dataset: LabelsDataset, seed: int, mask_token_id: int,
                  target_vocab_size: int, target=None, device: torch.device | None = None):
-        self.p, self.ds, self.seed, self.mask_token_id = params, dataset, seed, mask_token_id
+        self.params, self.ds, self.seed, self.mask_token_id = params, dataset, seed, mask_token_id
         self.online = dataset.manifest["features"] == "online"
         self.target, self.device = target, device
         self.layer_ids = dataset.manifest["layer_ids"]
@@ -122,11 +122,11 @@ class TrainData:
 
     def rows_at(self, micro_batch: int, rank: int, world: int) -> list[int]:
         """The sequences of one micro batch: an epoch-wise permutation of the training rows."""
-        per_step = self.p.micro_batch_size * world
+        per_step = self.params.micro_batch_size * world
         n = len(self.train_rows)
-        start = micro_batch * per_step + rank * self.p.micro_batch_size
+        start = micro_batch * per_step + rank * self.params.micro_batch_size
         rows = []
-        for j in range(start, start + self.p.micro_batch_size):
+        for j in range(start, start + self.params.micro_batch_size):
             epoch, k = divmod(j, n)
             g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch_order", epoch))
             rows.append(self.train_rows[int(torch.randperm(n, generator=g)[k])])
@@ -135,15 +135,15 @@ class TrainData:
     def train_batch(self, micro_batch: int, rank: int, world: int) -> Batch | None:
         """Micro batch `micro_batch` of rank `rank` (None when none of its sequences has an anchor)."""
         anchor_seed = derive_seed(self.seed, "micro_batch", micro_batch * world + rank)
-        return self.batch(self.rows_at(micro_batch, rank, world), anchor_seed, self.p.anchors_per_seq,
-                          anchors_per_token=self.p.anchors_per_token)
+        return self.batch(self.rows_at(micro_batch, rank, world), anchor_seed, self.params.anchors_per_seq,
+                          anchors_per_token=self.params.anchors_per_token)
 
     def heldout_batches(self):
         """The fixed held-out blocks: twice the anchors per sequence, the same draw every time."""
         rows = self.heldout_rows or self.train_rows[: max(1, len(self.train_rows) // 20)]
-        for b in range(0, len(rows), self.p.micro_batch_size):
-            batch = self.batch(rows[b: b + self.p.micro_batch_size], derive_seed(0, "heldout_batch", b),
-                               2 * self.p.anchors_per_seq)
+        for b in range(0, len(rows), self.params.micro_batch_size):
+            batch = self.batch(rows[b: b + self.params.micro_batch_size], derive_seed(0, "heldout_batch", b),
+                               2 * self.params.anchors_per_seq)
             if batch is not None:
                 yield batch
 
@@ -154,11 +154,11 @@ class TrainData:
         each sequence's anchor count from its response length instead of `num_anchors`."""
         items = []
         covered = response_tokens = 0
-        label_key = "acceptance_ids" if self.p.label_source == "acceptance" else "input_ids"
-        B = self.p.block_size
+        label_key = "acceptance_ids" if self.params.label_source == "acceptance" else "input_ids"
+        B = self.params.block_size
         for j, i in enumerate(rows):
             item = self.ds[i]
-            S = min(len(item["input_ids"]), self.p.max_seq_len)
+            S = min(len(item["input_ids"]), self.params.max_seq_len)
             start = item["response_start"]
             g = None if anchor_seed is None else torch.Generator().manual_seed(derive_seed(anchor_seed, "sequence_anchors", j))
             n = max(1, round(anchors_per_token * max(S - start, 0))) if anchors_per_token else num_anchors
@@ -173,7 +173,7 @@ class TrainData:
             block = build_blocks(item["input_ids"][:S], start, S, anchors, B, self.mask_token_id,
                                  label_ids=item[label_key][:S].clone())
             block.update(anchors=anchors, context_len=S)
-            if self.p.distill_weight or self.p.soft_auf_acceptance == "tv":  # top-k rows: row p - start
+            if self.params.distill_weight or self.params.soft_auf_acceptance == "tv":  # top-k rows: row p - start
                 at = (anchors[:, None] + torch.arange(1, B) - start).clamp(0, item["topk_ids"].shape[0] - 1)
                 block["soft_ids"], block["soft_probs"] = item["topk_ids"][at].long(), item["topk_probs"][at].float()
             if self.online:

@@ -15,6 +15,7 @@ one-hot labels, since greedy verification accepts exactly those.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -157,21 +158,21 @@ def dpace_weights(ce: torch.Tensor, validity: torch.Tensor, alpha: float = DPACE
     return torch.flip(torch.cumsum(torch.flip(survival * v, dims=[1]), dim=1), dims=[1]) * v
 
 
-# One weight function per loss variant: (logits, labels, validity, one-hot CE, options) -> (N,K)
-# detached weights. Every loss is sum(w * CE) / sum(w) over the micro batch (weighted_mean):
+# One weight function per loss variant: (logits, labels, validity, one-hot CE, LossOptions, the
+# batch's target top-k or None) -> (N,K) detached weights. Every loss is sum(w * CE) / sum(w) over the micro batch (weighted_mean):
 # D-PACE included, so that one train.lr means the same step size under every variant
 # (speculators divides D-PACE's sum by the count of valid positions instead, which scales its
 # loss, and so its effective learning rate, by the mean weight).
 WEIGHTS = {
-    "full": lambda lg, lb, v, ce, o: v.float(),
-    "decay": lambda lg, lb, v, ce, o: decay_weights(lb.shape[1], o["gamma"], lg.device)[None, :] * v.float(),
-    "auf": lambda lg, lb, v, ce, o: auf_support(lg, lb, v).float(),
+    "full": lambda lg, lb, v, ce, o, topk: v.float(),
+    "decay": lambda lg, lb, v, ce, o, topk: decay_weights(lb.shape[1], o.gamma, lg.device)[None, :] * v.float(),
+    "auf": lambda lg, lb, v, ce, o, topk: auf_support(lg, lb, v).float(),
     # the paper finds the decay "inert" on top of AUF
-    "auf_decay": lambda lg, lb, v, ce, o: auf_support(lg, lb, v).float() * decay_weights(lb.shape[1], o["gamma"], lg.device)[None, :],
-    "dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]),
-    "auf_dpace": lambda lg, lb, v, ce, o: dpace_weights(ce, v, o["dpace_alpha"]) * auf_support(lg, lb, v).float(),
+    "auf_decay": lambda lg, lb, v, ce, o, topk: auf_support(lg, lb, v).float() * decay_weights(lb.shape[1], o.gamma, lg.device)[None, :],
+    "dpace": lambda lg, lb, v, ce, o, topk: dpace_weights(ce, v, o.dpace_alpha),
+    "auf_dpace": lambda lg, lb, v, ce, o, topk: dpace_weights(ce, v, o.dpace_alpha) * auf_support(lg, lb, v).float(),
     # EXTENSION beyond the AUF paper (soft_auf_weights); equals auf at temperature 0
-    "soft_auf": lambda lg, lb, v, ce, o: soft_auf_weights(lg, lb, v, o["temperature"], o["target_topk"]),
+    "soft_auf": lambda lg, lb, v, ce, o, topk: soft_auf_weights(lg, lb, v, o.temperature, topk if o.tv_acceptance else None),
 }
 LOSS_NAMES = tuple(WEIGHTS)
 if LOSS_NAMES != LOSSES:  # the list params validate against (specauf/config.py) and these weights are one
@@ -207,30 +208,47 @@ def diagnostics(logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tens
     }
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """What a loss variant reads besides the batch, built once per run (from_params)."""
+    gamma: float | None = None      # decay constant of decay/auf_decay; None: default_gamma(B)
+    dpace_alpha: float = DPACE_ALPHA
+    temperature: float = 0.0        # soft_auf's
+    tv_acceptance: bool = False     # soft_auf scores acceptance against the target's top-k (tv_acceptance)
+    distill_weight: float = 0.0     # CE blended with the target's top-k distribution (blended_ce)
+    normalization: str = "batch"    # weighted_mean's
+
+    @classmethod
+    def from_params(cls, p) -> "LossOptions":
+        """From TrainParams (train.gamma unset: the paper's default for train.block_size)."""
+        return cls(gamma=p.gamma or default_gamma(p.block_size), dpace_alpha=p.dpace_alpha,
+                   temperature=p.soft_auf_temperature, tv_acceptance=p.soft_auf_acceptance == "tv",
+                   distill_weight=p.distill_weight, normalization=p.loss_normalization)
+
+
 def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
-                 gamma: float | None = None, temperature: float = 0.0,
-                 soft: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
-                 dpace_alpha: float = DPACE_ALPHA, normalization: str = "batch",
+                 options: LossOptions = LossOptions(), soft: tuple[torch.Tensor, torch.Tensor] | None = None,
                  target_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """The variant's weights (WEIGHTS) applied to the CE, normalised per `normalization`
+    """The variant's weights (WEIGHTS) applied to the CE, normalised per `options.normalization`
     (`weighted_mean`); returns (loss, diagnostics).
 
-    "auf+decay" is accepted for "auf_decay". gamma defaults to `default_gamma(K + 1)`; temperature
-    is soft_auf's, which scores acceptance against `target_topk` (the target's top-k as it gave
-    it: `tv_acceptance`) when given, else by q_T(label); soft and
-    distill_weight blend in the target's top-k distribution (`blended_ce`), which changes the CE
-    only: every other weight reads the one-hot CE of the acceptance label.
+    "auf+decay" is accepted for "auf_decay". The batch's `soft` (the target's top-k renormalised
+    in the draft vocabulary) blends into the CE by options.distill_weight (`blended_ce`), which
+    changes the CE only: every other weight reads the one-hot CE of the acceptance label;
+    `target_topk` (the top-k as the target gave it) is what soft_auf scores acceptance against when
+    options.tv_acceptance (`tv_acceptance`), else q_T(label).
     """
     name = "auf_decay" if name == "auf+decay" else name
     if name not in WEIGHTS:
         raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
     validity = validity.bool()
     K = labels.shape[1]
-    gamma = default_gamma(K + 1) if gamma is None else gamma
+    gamma = default_gamma(K + 1) if options.gamma is None else options.gamma
     if not (gamma > 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma must be a positive finite number, got {gamma}")
+    if gamma != options.gamma:
+        options = replace(options, gamma=gamma)
     one_hot = per_position_ce(logits, labels)
-    ce = blended_ce(logits, labels, soft, distill_weight, ce=one_hot)
-    w = WEIGHTS[name](logits, labels, validity, one_hot, {
-        "gamma": gamma, "temperature": temperature, "dpace_alpha": dpace_alpha, "target_topk": target_topk})
-    return weighted_mean(ce, w, normalization), diagnostics(logits, labels, validity)
+    ce = blended_ce(logits, labels, soft, options.distill_weight, ce=one_hot)
+    w = WEIGHTS[name](logits, labels, validity, one_hot, options, target_topk)
+    return weighted_mean(ce, w, options.normalization), diagnostics(logits, labels, validity)

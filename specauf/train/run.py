@@ -26,7 +26,7 @@ from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.target.access import context_features_from_hidden_states, init_from_target
 from specauf.train.batches import Batch, TrainData
 from specauf.train.distributed import deepspeed_config, init_engine, load_checkpoint, restore_master_weights, save_checkpoint
-from specauf.train.losses import compute_loss, default_gamma
+from specauf.train.losses import LossOptions, compute_loss
 from specauf.runtime import pick_precision, progress
 
 log = logging.getLogger("specauf")
@@ -57,13 +57,14 @@ def check_finite(step: int, loss: torch.Tensor, grad_norm, params: TrainParams, 
                        + ("" if params.grad_clip else " or set train.grad_clip > 0"))
 
 
-class Trainer:
-    """The model side of one run: the drafter on the frozen target's embeddings and lm_head, its
-    forward on a Batch, the loss schedule and the held-out evaluation."""
+class DrafterRun:
+    """The model side of one training run (the loop is train_variant's): the drafter on the frozen
+    target's embeddings and lm_head, its forward on a Batch, the loss schedule with the run's
+    LossOptions, and the held-out evaluation."""
 
     def __init__(self, params: TrainParams, variant: str, target, target_manifest: dict, data: TrainData,
                  seed: int, device: torch.device):
-        self.p, self.variant, self.target, self.data, self.seed, self.device = params, variant, target, data, seed, device
+        self.params, self.variant, self.target, self.data, self.seed, self.device = params, variant, target, data, seed, device
         if params.distill_weight and not data.ds.manifest.get("top_k"):
             raise UserError(f"train.distill_weight = {params.distill_weight} needs the target's top-k distribution, "
                              f"which {data.ds.dir} does not hold: set labels.top_k > 0")
@@ -90,7 +91,7 @@ class Trainer:
         self.copied = init_from_target(self.drafter, target) if params.init_from_target else []
         # the lm_head rows the drafter scores, gathered once, per compute dtype
         self.draft_head = {torch.float32: self.drafter.draft_head(lm_head).float().to(device)}
-        self.gamma = params.gamma or default_gamma(params.block_size)
+        self.loss_options = LossOptions.from_params(params)
 
     @torch.no_grad()
     def check_features(self, max_tokens: int = 64) -> None:
@@ -119,7 +120,7 @@ class Trainer:
     def loss_name(self, step: int) -> str:
         if self.variant in CURRICULA:
             first, then = CURRICULA[self.variant]
-            return first if step < int(self.p.curriculum_switch * self.p.steps) else then
+            return first if step < int(self.params.curriculum_switch * self.params.steps) else then
         return self.variant
 
     def forward(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +132,7 @@ class Trainer:
         hidden = model(embeds, batch.context_features.to(dev, dtype), batch.block_position_ids.to(dev),
                        batch.context_position_ids.to(dev), batch.attention_mask.to(dev))
         N = hidden.shape[0]
-        B = self.p.block_size
+        B = self.params.block_size
         hidden = hidden.view(N, -1, B, hidden.shape[-1])[:, :, 1:].reshape(-1, B - 1, hidden.shape[-1])
         if dtype not in self.draft_head:  # bf16 training scores in bf16 as well (the CE stays fp32)
             self.draft_head[dtype] = self.draft_head[torch.float32].to(dtype)
@@ -145,11 +146,7 @@ class Trainer:
         if batch.soft_ids is not None:
             ids = batch.soft_ids.to(self.device)
             soft, target_topk = (ids, batch.soft_probs.to(self.device)), (ids, batch.soft_mass.to(self.device))
-        return compute_loss(self.loss_name(step), logits, labels, validity, gamma=self.gamma,
-                            temperature=self.p.soft_auf_temperature, soft=soft,
-                            distill_weight=self.p.distill_weight, dpace_alpha=self.p.dpace_alpha,
-                            normalization=self.p.loss_normalization,
-                            target_topk=target_topk if self.p.soft_auf_acceptance == "tv" else None)
+        return compute_loss(self.loss_name(step), logits, labels, validity, self.loss_options, soft, target_topk)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -172,7 +169,7 @@ class Trainer:
 @dataclass
 class Run:
     """What the steps of one training run share."""
-    trainer: Trainer
+    drafter_run: DrafterRun
     engine: object
     work_dir: Path
     live_dir: Path
@@ -192,12 +189,12 @@ def setup(params: TrainParams, variant: str, *, target, target_manifest: dict, l
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     data = TrainData(params, dataset, seed, target_manifest["mask_token_id"],
                      target.get_output_embeddings().weight.shape[0], target, device)
-    t = Trainer(params, variant, target, target_manifest, data, seed, device)
+    t = DrafterRun(params, variant, target, target_manifest, data, seed, device)
     log.info("read %s: %d sequences (%d train, %d held out), %s features, layers %s", labels_dir, len(dataset),
              len(data.train_rows), len(data.heldout_rows), dataset.manifest["features"], data.layer_ids)
     log.info("variant %s: block %d, %d drafter layers (%s), draft vocab %s (label coverage %.2f%%), gamma %.2f, %s",
              variant, params.block_size, params.num_layers, "init from target" if t.copied else "random init",
-             "full" if data.vocab is None else len(data.vocab.d2t), 100 * data.coverage, t.gamma, params.precision)
+             "full" if data.vocab is None else len(data.vocab.d2t), 100 * data.coverage, t.loss_options.gamma, params.precision)
     t.check_features()
     work_dir = Path(work_dir)
     own = {k: v for k, v in params.model_dump().items() if k not in NOT_PROVENANCE["train"]}  # not the other runs
@@ -233,8 +230,8 @@ def train_step(run: Run, params: TrainParams, step: int) -> tuple[torch.Tensor, 
     """One optimizer step over train.grad_accum micro batches: (last loss, its diagnostics, tokens)."""
     tokens = 0
     for micro in range(params.grad_accum):
-        batch = run.trainer.data.train_batch(step * params.grad_accum + micro, run.rank, run.world)
-        loss, diag = run.trainer.loss(run.engine, batch, step)
+        batch = run.drafter_run.data.train_batch(step * params.grad_accum + micro, run.rank, run.world)
+        loss, diag = run.drafter_run.loss(run.engine, batch, step)
         diag["coverage"] = batch.coverage  # response tokens supervised this step (train.anchors_per_token)
         check_finite(step, loss, None, params, batch)
         run.engine.backward(loss)
@@ -254,7 +251,7 @@ def log_step(run: Run, params: TrainParams, done: int, loss: torch.Tensor, diag:
                     tau=f"{metrics['train/acceptance_length']:.2f}", cov=f"{diag.get('coverage', 0.0):.2f}")
     if done % params.eval_every == 0 or done == params.steps:
         run.engine.eval()
-        metrics.update(run.trainer.evaluate(run.engine))
+        metrics.update(run.drafter_run.evaluate(run.engine))
         run.engine.train()
     run.live.step = done  # before logging: log_metric records the current step
     for k, v in metrics.items():
@@ -266,17 +263,17 @@ def finish(run: Run, params: TrainParams, variant: str, seed: int, out_dir, metr
     """The final held-out figures of the saved (fp32) drafter; rank 0 publishes drafter and metrics."""
     run.engine.eval()
     restore_master_weights(run.engine)
-    final = run.trainer.evaluate(run.engine)
+    final = run.drafter_run.evaluate(run.engine)
     if run.rank != 0:
         return final
-    t, data = run.trainer, run.trainer.data
+    t, data = run.drafter_run, run.drafter_run.data
     # the final (fp32) held-out figures replace the last logged ones under the same keys: one value each
     run.live.summary["heldout"] = {k.split("/", 1)[1]: v for k, v in final.items()}
     run.live.end()
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "drafter", "variant": variant, "seed": seed,
         "loss_schedule": "decay then auf" if variant == "decay_then_auf" else variant,
-        "block_size": params.block_size, "gamma": t.gamma, "steps": params.steps, "world_size": run.world,
+        "block_size": params.block_size, "gamma": t.loss_options.gamma, "steps": params.steps, "world_size": run.world,
         "init_from_target": bool(t.copied), "precision": params.precision, "draft_vocab_size": params.draft_vocab_size,
         "distill_weight": params.distill_weight, "draft_label_coverage": data.coverage, "heldout": final,
         "train_sequences": len(data.train_rows), "heldout_sequences": len(data.heldout_rows),
