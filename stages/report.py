@@ -13,9 +13,8 @@ def run(params, args):
     result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out,
                           seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples,
                           serve_dir=args.serve_metrics, target_manifest=read_manifest(args.target, kind="target"))
-    for claim, label in zip(result["claims"], ("auf tau > decay tau", "decay more accurate", "auf_decay ~ auf",
-                                                "auf tau > dpace tau")):
-        print(f"{label}: {claim['status']}")
+    for claim in result["claims"].values():
+        print(f"{claim['label']}: {claim['status']}")
     print(f"wrote {args.out}/report.md and {args.out}/acceptance.png")
 
 

@@ -10,7 +10,7 @@ from specauf.artifacts import write_json
 from specauf.config import Params
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.serve.export import export_drafter
-from specauf.report.run import served_lines
+from specauf.report.render import served_lines
 from specauf.errors import ExactnessError
 from specauf.serve.run import check_exact, serve_drafter
 from tests.test_export import save_drafter

@@ -227,3 +227,18 @@ def goals(data: dict) -> dict:
         out["ratio"] = best["speedup"] / peer[1]
         out["over_peer"] = MET if out["ratio"] >= GOAL_OVER_PEER else NOT_MET
     return out
+
+
+# The report's claims in its order: (name, label, how it is judged).
+CLAIMS = (
+    ("auf_beats_decay", "auf tau > decay tau on every eval set", lambda g, r: claim_auf_beats_decay(g, r)),
+    ("decay_more_accurate", "decay has the higher full-mask token accuracy (held-out)", lambda g, r: claim_decay_more_accurate(g)),
+    ("auf_decay_matches_auf", "auf_decay ≈ auf", lambda g, r: claim_auf_decay_matches_auf(g, resamples=r)),
+    ("auf_beats_dpace", "auf tau > dpace tau on every eval set (D-PACE, the field's default)", lambda g, r: claim_auf_beats_dpace(g, r)),
+)
+
+
+def named_claims(data: dict, resamples: int = evidence.RESAMPLES) -> dict[str, dict]:
+    """{name: the claim's result with its "label"}, in the report's order, each over every seed of its variants."""
+    grouped = by_variant(data)
+    return {name: {**judge(grouped, resamples), "label": label} for name, label, judge in CLAIMS}
