@@ -84,8 +84,8 @@ class TrainParams(Section):
     micro_batch_size x grad_accum x ranks, so unlike the data stages the result depends on it."""
     torch_threads: int | None = Field(2, ge=1)
     """torch intra-op threads of each training rank (null: base.torch_threads). Training times
-    nothing, and with one rank on a 2-core machine the second core would idle: 2 threads run 1.55x
-    the steps per second of 1 here (docs/benchmarks.md). The drafter's bytes depend on it."""
+    nothing, and with one rank on a 2-core machine the second core would idle: 2 threads run more
+    steps per second than 1 (docs/benchmarks.md, "Training"). The drafter's bytes depend on it."""
     steps: int = Field(1600, ge=1)
     """Optimizer steps."""
     optimizer: Literal["adamw", "muon"] = "adamw"
@@ -109,9 +109,10 @@ class TrainParams(Section):
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Training precision. bf16 keeps fp32 master weights (the saved drafter is fp32) and runs
-    the drafter's matmuls in bf16: 1.74x the steps per second of fp32 on a CPU with native bf16
-    (AVX512-BF16/AMX; `benchmarks/train.py`), about 10x FEWER on one without (AVX2). auto = bf16
-    on a GPU that supports it and on such a CPU, else fp32; the drafter's manifest records it."""
+    the drafter's matmuls in bf16: faster than fp32 on a CPU with native bf16 (AVX512-BF16/AMX),
+    many times slower on one without (AVX2); docs/benchmarks.md has the measurements
+    (`benchmarks/train.py`). auto = bf16 on a GPU that supports it and on such a CPU, else fp32;
+    the drafter's manifest records it."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
     eval_every: int = Field(400, ge=1)
@@ -168,7 +169,7 @@ class EvalParams(Section):
     """Timed repeats per prompt; medians are reported."""
     bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000)
     """Resamples of every bootstrap interval (prompts, and seeds when there are several); the
-    percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4).
+    percentile interval's Monte Carlo error at the default is in docs/method.md, section 4.
     A count whose draws would not fit in half the free memory is refused when the intervals are computed."""
     exactness_gate: bool = True
     """At temperature 0, fail the stage if speculative output differs from plain greedy decoding, or

@@ -113,9 +113,9 @@ class TargetParams(Section):
     """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
-    of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
-    changed at 2 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
-    exactness gate; on a CPU without native bf16 it is also ~10x slower."""
+    of tokens differently from one-token steps (measured in docs/benchmarks.md with
+    `benchmarks/verify_cost.py`: the argmax changes at some positions), which breaks the greedy
+    exactness gate; on a CPU without native bf16 it is also many times slower."""
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's own. A base model (Gemma 3 270M) ships
     none; the preset then names the markup it uses (the report shows it). None: the tokenizer's."""
