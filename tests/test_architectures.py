@@ -111,6 +111,16 @@ def check_exact(run: dict) -> None:
     assert exactness == {"checked": True, "mismatches": []}
 
 
+def test_every_random_architecture_the_params_offer_is_tested():
+    """One list of random-target architectures (RandomTargetParams.arch): each has its shape here
+    and runs the pipeline below, so a name added there without a builder in tiny.py fails."""
+    from typing import get_args
+
+    from specauf.config_data import RandomTargetParams
+
+    assert set(ARCHS) == set(get_args(RandomTargetParams.model_fields["arch"].annotation))
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_pipeline_on_architecture(arch, tmp_path):
     shape = ARCHS[arch]
