@@ -176,14 +176,20 @@ def test_the_lr_follows_warmup_cosine_to_its_floor(base_run):
     assert max(lr.values()) <= p.lr and max(lr.values()) > 0.9 * p.lr
 
 
-def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
-    """Non-default ZeRO stage, accumulation, clipping and lr reach the config file and the engine."""
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
+@pytest.fixture(scope="module")
+def tuned_run(tiny_model, data, tmp_path_factory):
+    """A run with non-default ZeRO stage, accumulation, clipping, lr schedule and weight decay,
+    with its DeepSpeed engine."""
     with pytest.MonkeyPatch.context() as mp:
         cap = Capture(mp)
-        run = train(tiny_model, data["offline"], tmp_path, steps=3, zero_stage=1, grad_accum=2, grad_clip=0.5,
-                    lr=2e-3, warmup_steps=1, min_lr_ratio=0.2, weight_decay=0.01, eval_every=100, log_every=1)
+        run = train(tiny_model, data["offline"], tmp_path_factory.mktemp("tuned"), steps=3, zero_stage=1, grad_accum=2,
+                    grad_clip=0.5, lr=2e-3, warmup_steps=1, min_lr_ratio=0.2, weight_decay=0.01, eval_every=100,
+                    log_every=1)
+    return run, cap.engines[0]
+
+
+def test_params_reach_the_deepspeed_config_file(tuned_run):
+    run, _ = tuned_run
     cfg = json.loads((run["out"] / "ds_config.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 1
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 2
@@ -196,13 +202,22 @@ def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
     assert sched["type"] == "WarmupCosineLR"
     assert sched["params"]["total_num_steps"] == 3 and sched["params"]["warmup_num_steps"] == 1
     assert sched["params"]["cos_min_ratio"] == 0.2
-    engine = cap.engines[0]
+
+
+def test_params_reach_the_engine(tuned_run):
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    _, engine = tuned_run
     assert engine.zero_optimization_stage() == 1
     assert engine.gradient_accumulation_steps() == 2 and engine.gradient_clipping() == 0.5
     assert isinstance(engine.lr_scheduler, WarmupCosineLR)
-    assert engine.global_steps == 3  # optimizer steps, not micro batches
     assert engine.get_lr()[0] == pytest.approx(2e-3 * 0.2)
     assert engine.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_a_step_is_an_optimizer_step_not_a_micro_batch(tuned_run):
+    run, engine = tuned_run
+    assert engine.global_steps == 3
     assert [s for s, _ in logged(run["metrics"], "loss")] == [1, 2, 3]
 
 
@@ -476,7 +491,11 @@ def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
             assert torch.allclose(fa[n, :S], fb[n, :S], atol=1e-2, rtol=1e-2), (fa[n, :S] - fb[n, :S]).abs().max()
             assert not a["attention_mask"][n, 0, :, S:C].any()
 
-    # training runs the frozen target inside each step (and leaves it frozen)
+
+
+def test_online_training_runs_the_frozen_target_in_every_step(tiny_model, data, tmp_path, monkeypatch):
+    """labels.features online: training runs the frozen target inside each step and leaves it frozen."""
+    model, _, manifest = tiny_model
     calls = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
