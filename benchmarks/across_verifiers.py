@@ -4,7 +4,7 @@ Reads each target's metrics folder (the eval and train stages' outputs, as commi
 per target and eval set at one inference block size: tau per variant with its 95% interval, the
 paired auf - decay and auf - dpace differences with theirs, the verdicts, the held-out full-mask
 token accuracy, and the best decoded speedup. The figures are the report's own functions
-(specauf/claims.py, specauf/evidence.py) on the same files: nothing is recomputed differently.
+(specauf/report/claims.py, specauf/evidence.py) on the same files: nothing is recomputed differently.
 
     python benchmarks/across_verifiers.py --target SmolLM2-135M-Instruct=metrics \
         --target gemma-3-270m=results/gemma3-270m/metrics --block-size 4
@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from specauf import evidence
-from specauf.claims import by_variant, claim_auf_beats_decay, claim_auf_beats_dpace, claim_decay_more_accurate, goals
-from specauf.report import load_inputs
+from specauf.report.claims import by_variant, claim_auf_beats_decay, claim_auf_beats_dpace, claim_decay_more_accurate, goals
+from specauf.report.run import load_inputs
 
 VARIANTS = ["decay", "dpace", "auf"]
 

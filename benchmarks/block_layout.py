@@ -30,13 +30,13 @@ def main() -> None:
 
     from specauf import evidence
     from specauf.artifacts import read_manifest
-    from specauf.decode import DrafterProposer, speculative_generate
-    from specauf.drafter import BlockDrafter
-    from specauf.generation import encode_chat
+    from specauf.evaluate.decode import DrafterProposer, speculative_generate
+    from specauf.train.drafter import BlockDrafter
+    from specauf.data.generation import encode_chat
     from specauf.params_file import load_params
-    from specauf.prompts import load_eval_prompts
-    from specauf.replay import replay_drafter
-    from specauf.target import load_target
+    from specauf.data.prompts import load_eval_prompts
+    from specauf.evaluate.replay import replay_drafter
+    from specauf.target.run import load_target
 
     params = load_params(args.params)
     target, tok, manifest = load_target("data/target")

@@ -105,7 +105,7 @@ def target_dir(prefer: str | Path | None = None) -> Path:
     cached = CACHE / "target"
     if not (cached / "manifest.json").is_file():
         from specauf.config import TargetParams
-        from specauf.target import materialize_target
+        from specauf.target.run import materialize_target
 
         print(f"materialising the target into {cached} (once, ~20 s)", flush=True)
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def target_dir(prefer: str | Path | None = None) -> Path:
 
 def load_bench_target(prefer: str | Path | None = None):
     """(model, tokenizer, manifest, directory) of the real target, fp32, eval mode, on CPU."""
-    from specauf.target import load_target
+    from specauf.target.run import load_target
 
     d = target_dir(prefer)
     model, tok, manifest = load_target(d, "cpu")
@@ -125,8 +125,8 @@ def load_bench_target(prefer: str | Path | None = None):
 def sharegpt_encoded(tokenizer, n: int, max_prompt_tokens: int, skip: int = 0) -> list[dict]:
     """The first n ShareGPT prompts (after `skip`) whose chat-templated first turn fits
     max_prompt_tokens, as {"prompt_id", "turns", "prompt_ids"}."""
-    from specauf.generation import encode_chat
-    from specauf.prompt_sources import sharegpt_prompts
+    from specauf.data.generation import encode_chat
+    from specauf.data.prompt_sources import sharegpt_prompts
 
     out, seen = [], 0
     for row in sharegpt_prompts():

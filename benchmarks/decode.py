@@ -4,7 +4,7 @@ prompt lookup, batch 1, greedy, 1 torch thread.
 Contenders, each run once per prompt per round, interleaved (round r: prompt 1: plain, drafter
 b=.., ..., hf plain, hf prompt lookup; prompt 2: ...), --repeats rounds:
 
-- plain: `specauf.decode.speculative_generate` with block size 1 (the same engine, no drafter);
+- plain: `specauf.evaluate.decode.speculative_generate` with block size 1 (the same engine, no drafter);
 - <drafter> b=K: the same engine with `DrafterProposer` at inference block size K;
 - hf plain / hf prompt lookup: `model.generate(do_sample=False)` without / with
   `prompt_lookup_num_tokens` (timed as in the eval stage: the first token is timed separately
@@ -47,14 +47,14 @@ def main() -> None:
     import torch
     from specauf.artifacts import read_manifest
     from specauf.config import EvalParams
-    from specauf.decode import DrafterProposer, speculative_generate
-    from specauf.drafter import BlockDrafter, DrafterConfig
-    from specauf.target_access import default_target_layer_ids
-    from specauf.evaluate import _hf_generate_time, decode_row_counts
-    from specauf.linear_kernels import describe_plan, tune_linears
-    from specauf.generation import encode_chat
-    from specauf.prompts import load_prompt_set
-    from specauf.target import check_fingerprint
+    from specauf.evaluate.decode import DrafterProposer, speculative_generate
+    from specauf.train.drafter import BlockDrafter, DrafterConfig
+    from specauf.target.access import default_target_layer_ids
+    from specauf.evaluate.run import _hf_generate_time, decode_row_counts
+    from specauf.evaluate.linear_kernels import describe_plan, tune_linears
+    from specauf.data.generation import encode_chat
+    from specauf.data.prompts import load_prompt_set
+    from specauf.target.run import check_fingerprint
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     stops, pad = manifest["stop_token_ids"], manifest["pad_token_id"]

@@ -19,7 +19,7 @@ def full_vocab_twin(path):
     """The drafter at `path` as an engine without draft-vocabulary support builds it: same weights, no d2t."""
     from safetensors.torch import load_file
 
-    from specauf.drafter import BlockDrafter, DrafterConfig
+    from specauf.train.drafter import BlockDrafter, DrafterConfig
 
     config = DrafterConfig.from_pretrained(path)
     config.draft_vocab_size = 0
@@ -37,11 +37,11 @@ def main() -> None:
     args = ap.parse_args()
     setup_threads(1)
     from specauf import evidence
-    from specauf.drafter import BlockDrafter
+    from specauf.train.drafter import BlockDrafter
     from specauf.params_file import load_params
-    from specauf.prompts import load_eval_prompts
-    from specauf.replay import replay_drafter
-    from specauf.target import load_target
+    from specauf.data.prompts import load_eval_prompts
+    from specauf.evaluate.replay import replay_drafter
+    from specauf.target.run import load_target
 
     params = load_params(args.params)
     target, _, manifest = load_target("data/target")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow.ipc as ipc
 
-from specauf.dataset import LabelsDataset
-from specauf.drafter import BlockDrafter
+from specauf.data.dataset import LabelsDataset
+from specauf.train.drafter import BlockDrafter
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     ws = args.workspace
     drafter = BlockDrafter.from_pretrained(ws / "data" / "drafters" / args.run)
-    # the drafter's d2t holds the absolute target ids it scores (specauf/drafter.py)
+    # the drafter's d2t holds the absolute target ids it scores (specauf/train/drafter.py)
     vocab = set(drafter.d2t.tolist()) if drafter.config.draft_vocab_size else None
     sets = {}
     for f in sorted((ws / "data" / "prompts").glob("eval-*.arrow")):

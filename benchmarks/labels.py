@@ -1,4 +1,4 @@
-"""Labels-stage throughput: `specauf.labels.label_batch` vs a bare teacher-forced forward, and the
+"""Labels-stage throughput: `specauf.data.labels.label_batch` vs a bare teacher-forced forward, and the
 bytes per token a labels shard really takes on disk.
 
 Short greedy rollouts are made first with `generate_batch` (untimed). The sequences
@@ -36,9 +36,9 @@ def main() -> None:
     import torch
     from specauf.artifacts import write_table
     from specauf.config import LabelsParams
-    from specauf.generation import generate_batch
-    from specauf.labels import FEATURE_DTYPES, label_batch, label_shard, resolve_layer_ids
-    from specauf.rollouts import SCHEMA as ROLLOUTS_SCHEMA
+    from specauf.data.generation import generate_batch
+    from specauf.data.labels import FEATURE_DTYPES, label_batch, label_shard, resolve_layer_ids
+    from specauf.data.rollouts import SCHEMA as ROLLOUTS_SCHEMA
 
     params = LabelsParams()
     model, tok, manifest, tdir = load_bench_target(args.target)

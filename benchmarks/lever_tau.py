@@ -2,7 +2,7 @@
 
 Trains each run with the real train stage (`stages/train.py`, the default params plus the run's
 `train.*` overrides, one process at `--threads`), then replays it on every eval prompt of the
-default pipeline's `data/eval_labels` (specauf.replay, the eval stage's own tau) and compares it
+default pipeline's `data/eval_labels` (specauf.evaluate.replay, the eval stage's own tau) and compares it
 with its baseline, the default params' drafter of the same loss variant and seed: tau(lever) -
 tau(baseline) with the two-level bootstrap interval over seeds and prompts (specauf.evidence),
 pooled and per eval set, at `--block-size`. A baseline the default pipeline has
@@ -167,9 +167,9 @@ def replay(drafter_dir: Path, rows_file: Path, params, seed: int, target, answer
     import torch
 
     from specauf.artifacts import loading, read_manifest
-    from specauf.drafter import BlockDrafter
-    from specauf.replay import replay_drafter
-    from specauf.target import check_fingerprint
+    from specauf.train.drafter import BlockDrafter
+    from specauf.evaluate.replay import replay_drafter
+    from specauf.target.run import check_fingerprint
 
     if rows_file.is_file():
         return json.loads(rows_file.read_text())
@@ -253,9 +253,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base, params = full_params(args.params), load_params(args.params)
     jobs = [(n, s) for n in names for s in seeds]
-    from specauf.dataset import LabelsDataset
-    from specauf.prompts import load_eval_prompts
-    from specauf.target import load_target
+    from specauf.data.dataset import LabelsDataset
+    from specauf.data.prompts import load_eval_prompts
+    from specauf.target.run import load_target
 
     model, _, manifest = load_target(workspace / "data/target", "cpu")
     answers = LabelsDataset(workspace / "data/eval_labels")

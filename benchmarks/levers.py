@@ -1,6 +1,6 @@
 """Which training levers make a useful drafter on the embedded target within CPU minutes.
 
-Runs the real train stage code (`specauf.train.train_variant`) on `data/labels` with the default
+Runs the real train stage code (`specauf.train.run.train_variant`) on `data/labels` with the default
 params plus one override per run, and prints held-out token accuracy and teacher-forced
 acceptance length (the offline tau estimate) against wall time. 1 torch thread.
 
@@ -26,12 +26,12 @@ from unittest import mock
 
 import torch
 
-import specauf.blocks
-import specauf.train
+import specauf.train.blocks
+import specauf.train.run
 from specauf.params_file import load_params
 from specauf.runtime import setup_logging
-from specauf.target import load_target
-from specauf.train import train_variant
+from specauf.target.run import load_target
+from specauf.train.run import train_variant
 
 RUNS = {
     "default": {},
@@ -74,7 +74,7 @@ def patches(run: dict) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     window, how = run.get("context_window"), run.get("init_final_norm")
     if window:  # hide context features more than `window` positions before each block's anchor
-        full = specauf.blocks.block_attention_mask
+        full = specauf.train.blocks.block_attention_mask
 
         def windowed(anchors, block_size, context_len):
             mask = full(anchors, block_size, context_len)
@@ -82,11 +82,11 @@ def patches(run: dict) -> contextlib.ExitStack:
             mask[:, :context_len] &= ~too_far.repeat_interleave(block_size, dim=0)
             return mask
 
-        stack.enter_context(mock.patch.object(specauf.blocks, "block_attention_mask", windowed))
+        stack.enter_context(mock.patch.object(specauf.train.blocks, "block_attention_mask", windowed))
     if how:
         if how not in ("copy", "zero_residual"):
             raise ValueError(f"init_final_norm: {how!r} (copy or zero_residual)")
-        base_init = specauf.train.Trainer.__init__
+        base_init = specauf.train.run.DrafterRun.__init__
 
         def init(self, *args, **kwargs):
             base_init(self, *args, **kwargs)
@@ -97,7 +97,7 @@ def patches(run: dict) -> contextlib.ExitStack:
                         layer.self_attn.o_proj.weight.zero_()
                         layer.mlp.down_proj.weight.zero_()
 
-        stack.enter_context(mock.patch.object(specauf.train.Trainer, "__init__", init))
+        stack.enter_context(mock.patch.object(specauf.train.run.DrafterRun, "__init__", init))
     return stack
 
 

@@ -5,7 +5,7 @@ On the eval's timed prompts (the serve stage's own, chat-template text) and the 
 GGUFs (`data/target_gguf`: f32, and the original Q4_1 as `source`), runs llama-completion (plain
 greedy) and llama-speculative-simple (draft-dflash with `data/export/<run>/drafter.gguf` at each
 eval block size, and llama.cpp's n-gram speculation) under the project's flags
-(`specauf.llamacpp.RUN_FLAGS`) with `-fa on` and with `-fa off`, and counts the runs whose text
+(`specauf.serve.llamacpp.RUN_FLAGS`) with `-fa on` and with `-fa off`, and counts the runs whose text
 leaves plain greedy (the serve stage's test). One llama.cpp thread; tokens/s are medians.
 
     .venv/bin/python benchmarks/llamacpp_exactness.py --run auf-0    # ~10 min on 2 cores
@@ -27,10 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from specauf import llamacpp
-    from specauf.gguf_export import TARGET_FILES
+    from specauf.serve import llamacpp
+    from specauf.serve.gguf_export import TARGET_FILES
     from specauf.params_file import load_params
-    from specauf.serve import timed_prompts
+    from specauf.serve.run import timed_prompts
 
     ws = Path(args.workspace)
     params = load_params(ws / "params.yaml")

@@ -18,8 +18,8 @@ from collections import Counter, defaultdict
 import torch
 
 from specauf.params_file import load_params
-from specauf.dataset import LabelsDataset
-from specauf.train_data import split_heldout
+from specauf.data.dataset import LabelsDataset
+from specauf.train.batches import split_heldout
 
 
 def sequences(ds: LabelsDataset, rows: list[int]):
@@ -42,9 +42,9 @@ def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_
                      held: list[int]) -> tuple[float, float]:
     """Accuracy of the drafter's greedy guess at block positions 1 and 2 over every held-out
     anchor, with the true prefix (position 2 scored whether or not position 1 was right)."""
-    from specauf.drafter import BlockDrafter
-    from specauf.train import Trainer
-    from specauf.train_data import TrainData
+    from specauf.train.drafter import BlockDrafter
+    from specauf.train.run import DrafterRun
+    from specauf.train.batches import TrainData
 
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     train_params = params.train.model_copy(update={"block_size": drafter.block_size,
@@ -52,7 +52,7 @@ def drafter_accuracy(params, ds: LabelsDataset, target, manifest: dict, drafter_
     cpu = torch.device("cpu")
     data = TrainData(train_params, ds, params.base.seed, manifest["mask_token_id"],
                      target.get_output_embeddings().weight.shape[0], target, cpu)
-    t = Trainer(train_params, "full", target, manifest, data, params.base.seed, cpu)
+    t = DrafterRun(train_params, "full", target, manifest, data, params.base.seed, cpu)
     if getattr(drafter, "d2t", None) is not None and not torch.equal(drafter.d2t, t.drafter.d2t):
         raise SystemExit(f"error: --drafter {drafter_dir}: its draft vocabulary is not the one these labels give")
     t.drafter = drafter
@@ -104,7 +104,7 @@ def main():
     print(f"| trigram (bigram backoff): after the token before the anchor and the anchor | block position 1 | {hit_tri / max(n, 1):.3f} |")
     print(f"| skip-bigram: two after the anchor token | block position 2 | {hit_skip / max(n_skip, 1):.3f} |")
     if args.drafter:
-        from specauf.target import load_target
+        from specauf.target.run import load_target
 
         target, _, manifest = load_target(args.target)
     for d in args.drafter:

@@ -1,6 +1,6 @@
 """Rollout throughput: our batched greedy generation vs batch-1 `model.generate` on the same prompts.
 
-A = `specauf.generation.generate_batch` over the prompts sorted by length, in batches of
+A = `specauf.data.generation.generate_batch` over the prompts sorted by length, in batches of
 --batch-size (what the rollouts stage runs; default its `rollouts.batch_size`, 32); B = transformers `model.generate(do_sample=False)`
 one prompt at a time. Both stop at the target's stop tokens and at --max-new-tokens, both are
 timed end to end (prefill included), interleaved A, B, A, B over --repeats rounds, 1 torch thread.
@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_threads(1)
     import torch
-    from specauf.generation import generate_batch
+    from specauf.data.generation import generate_batch
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     stops, pad = manifest["stop_token_ids"], manifest["pad_token_id"]

@@ -5,13 +5,13 @@ real target with `run_rollouts` (RolloutsParams defaults: greedy, <= 160 new tok
 by `run_labels` (LabelsParams defaults: offline float16 features of 5 target layers). It is
 built once (~1 min) and cached under benchmarks/.cache/train-labels.
 
-A `Trainer` with the settings the recorded figures used (`BENCH_TRAIN`: 1 drafter layer initialised
+A `DrafterRun` with the settings the recorded figures used (`BENCH_TRAIN`: 1 drafter layer initialised
 from the target, block 8, draft vocabulary 8192, 64 anchors per sequence, micro batch 4, ZeRO 0;
 fp32 but where named) makes the batches
 exactly as the train stage does (`TrainData.train_batch`), before timing. Four identical
 copies of the drafter then train side by side, one step each per round on the same batch:
 
-- deepspeed/decay: `specauf.distributed.init_engine` + `deepspeed_config`, decay loss;
+- deepspeed/decay: `specauf.train.distributed.init_engine` + `deepspeed_config`, decay loss;
 - plain/decay: torch.optim.AdamW (same lr, betas, eps, weight decay), clip_grad_norm_ and a
   warmup-cosine LambdaLR, decay loss;
 - deepspeed/auf: as the first, AUF loss;
@@ -21,7 +21,7 @@ copies of the drafter then train side by side, one step each per round on the sa
   weights: a Newton-Schulz orthogonalisation of each one per step), the cost that decides how many
   Muon steps fit in the default's CPU minutes.
 
-A step = `Trainer.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
+A step = `DrafterRun.forward` + `compute_loss` + backward + optimizer step; tokens = valid block
 positions (the stage's tokens_per_second). Interleaved over --rounds after one warmup round,
 1 torch thread, medians. A loss-only check times `compute_loss` + backward on fixed logits of
 one batch's shape for decay and auf (interleaved, --loss-repeats).
@@ -47,9 +47,9 @@ def build_labels(model, tok, manifest, n: int):
     """A cached labels dir from n real rollouts; returns its path."""
     from specauf.artifacts import hash_obj, read_json, sha256_file
     from specauf.config import LabelsParams, RolloutsParams
-    from specauf.labels import run_labels
-    from specauf.prompt_sources import sharegpt_prompts
-    from specauf.rollouts import run_rollouts
+    from specauf.data.labels import run_labels
+    from specauf.data.prompt_sources import sharegpt_prompts
+    from specauf.data.rollouts import run_rollouts
 
     rp, lp = RolloutsParams(num_prompts=n, batch_size=16), LabelsParams()
     key = hash_obj({"target": manifest["fingerprint"], "n": n, "rollouts": rp.model_dump(), "labels": lp.model_dump()})
@@ -78,11 +78,11 @@ def main() -> None:
     setup_threads(1)
     import torch
     from specauf.config import TrainParams
-    from specauf.dataset import LabelsDataset
-    from specauf.distributed import deepspeed_config, init_engine
-    from specauf.losses import compute_loss
-    from specauf.train import Trainer
-    from specauf.train_data import TrainData
+    from specauf.data.dataset import LabelsDataset
+    from specauf.train.distributed import deepspeed_config, init_engine
+    from specauf.train.losses import compute_loss
+    from specauf.train.run import DrafterRun
+    from specauf.train.batches import TrainData
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     print_header("Training: DeepSpeed engine vs plain AdamW; AUF vs decay loss")
@@ -91,7 +91,7 @@ def main() -> None:
     p = TrainParams(**BENCH_TRAIN)
     device = torch.device("cpu")
     data = TrainData(p, ds, 0, manifest["mask_token_id"], model.get_output_embeddings().weight.shape[0], model, device)
-    t = Trainer(p, "decay", model, manifest, data, seed=0, device=device)
+    t = DrafterRun(p, "decay", model, manifest, data, seed=0, device=device)
     batches = [data.train_batch(s, 0, 1) for s in range(args.batches)]
     make_s = median(timed(data.train_batch, s, 0, 1)[0] for s in range(args.batches))
     tokens = [int(b.validity.sum()) for b in batches]
@@ -117,7 +117,7 @@ def main() -> None:
         def step():
             batch = next_batch(name)
             logits, labels, validity = t.forward(engine, batch)
-            loss, _ = compute_loss(loss_name, logits, labels, validity, gamma=t.gamma)
+            loss, _ = compute_loss(loss_name, logits, labels, validity, t.loss_options)
             engine.backward(loss)
             engine.step()
             return int(validity.sum())
@@ -137,7 +137,7 @@ def main() -> None:
         def step():
             batch = next_batch(f"plain/{loss_name}")
             logits, labels, validity = t.forward(drafter, batch)
-            loss, _ = compute_loss(loss_name, logits, labels, validity, gamma=t.gamma)
+            loss, _ = compute_loss(loss_name, logits, labels, validity, t.loss_options)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip:
@@ -186,7 +186,7 @@ def main() -> None:
     def loss_only(name):
         def run():
             x = logits0.clone().requires_grad_(True)
-            loss, _ = compute_loss(name, x, labels0, validity0, gamma=t.gamma)
+            loss, _ = compute_loss(name, x, labels0, validity0, t.loss_options)
             loss.backward()
         return run
     lruns = interleave({"decay": loss_only("decay"), "auf": loss_only("auf")}, repeats=args.loss_repeats,

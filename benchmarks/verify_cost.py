@@ -10,7 +10,7 @@ after one warmup), 1 torch thread, medians:
   prompts, chat template; the K tokens are the prompt's continuation ids), then the cache is
   cropped back, so every call sees the same cache. bf16 = a bf16 copy of the target.
 - tuned m=K: an fp32 copy with the eval stage's calibrated linear kernels
-  (`specauf.linear_kernels`, `eval.linear_kernels: auto`), calibrated here for rows --sizes.
+  (`specauf.evaluate.linear_kernels`, `eval.linear_kernels: auto`), calibrated here for rows --sizes.
 
 Exactness check (--blocks blocks of --block tokens taken from the prompts): the logits of a block
 scored in one pass vs the same positions scored one token at a time, per dtype: max |diff| and
@@ -41,8 +41,8 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    from specauf.target_access import cache_kwarg, crop_cache
-    from specauf.linear_kernels import tune_linears
+    from specauf.target.access import cache_kwarg, crop_cache
+    from specauf.evaluate.linear_kernels import tune_linears
 
     model, tok, manifest, tdir = load_bench_target(args.target)
     print_header("Verify cost: the target scoring a block of m tokens vs one token, fp32 and bf16")

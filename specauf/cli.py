@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     p.add_argument("--gguf", metavar="TARGET_GGUF", type=Path,
                    help="also write OUT/drafter.gguf for llama.cpp, with this target GGUF's tokenizer (e.g. data/target_gguf/f32.gguf)")
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not an earlier export (its own files stay)")
+    p = sub.add_parser("deps", help="print each stage's code deps (its import closure), or --write them into dvc.yaml")
+    p.add_argument("--write", action="store_true", help="rewrite the code deps of every stage in dvc.yaml")
+    p.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml", help="pipeline file (default: this checkout's)")
     p = sub.add_parser("verify", help="check what DVC leaves quiet: every dvc.lock output in the cache with its bytes, "
                        "a readable .dvc/tmp/rwlock, and (--remote) every output on the remote after `dvc push`")
     p.add_argument("--remote", nargs="?", const=True, default=False, metavar="NAME",
@@ -120,7 +123,7 @@ def main(argv=None) -> None:
             new_workspace(args.dest, args.preset)
             print(f"created {args.dest}: cd there and run `dvc repro`")
         elif args.cmd == "export":
-            from specauf.export import export_drafter
+            from specauf.serve.export import export_drafter
             from specauf.runtime import setup_logging
 
             setup_logging("export")
@@ -128,6 +131,15 @@ def main(argv=None) -> None:
                                trust_remote_code=args.trust_remote_code, force=args.force, gguf_tokenizer=args.gguf)
             print(f"wrote {args.out}: {m['architecture']}, {len(m['tensors'])} tensors; exactly the evaluated drafter in: "
                   + (", ".join(e for e, v in m["engines"].items() if v["exact"]) or "no engine"))
+        elif args.cmd == "deps":
+            from specauf.codedeps import stage_code_deps, write_code_deps
+
+            if args.write:
+                changed = write_code_deps(args.dvc_yaml)
+                print(f"{args.dvc_yaml}: code deps rewritten" + (f" ({', '.join(changed)} changed)" if changed else " (unchanged)"))
+            else:
+                for stage, files in stage_code_deps(args.dvc_yaml).items():
+                    print(f"{stage}: {' '.join(files)}")
         elif args.cmd == "verify":
             from specauf.verify import verify
 
@@ -139,7 +151,7 @@ def main(argv=None) -> None:
             print("ok: every output dvc.lock records is in the cache with its bytes"
                   + (", and on the remote" if args.remote is not False else ""))
         elif args.cmd == "llamacpp":
-            from specauf import llamacpp
+            from specauf.serve import llamacpp
             from specauf.runtime import setup_logging
 
             if args.action == "install":

@@ -16,7 +16,12 @@ from specauf.config_data import (BaseParams, LabelsParams, LaunchParams, ParamsE
                                  PromptsParams, RandomTargetParams, RolloutsParams, SamplingTemperature, Section,
                                  Seed, TargetParams)
 
-LOSS_VARIANTS = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf", "decay_then_auf")
+# The one list of loss variants: each loss has its weight function in specauf/train/losses.py
+# (WEIGHTS, checked against this list when that module loads), each curriculum the losses it
+# switches between. A new variant: its name here, its weights there, a line in docs/method.md.
+LOSSES = ("full", "decay", "auf", "auf_decay", "dpace", "auf_dpace", "soft_auf")
+CURRICULA = {"decay_then_auf": ("decay", "auf")}
+LOSS_VARIANTS = (*LOSSES, *CURRICULA)
 
 
 class TrainParams(Section):
@@ -79,8 +84,8 @@ class TrainParams(Section):
     micro_batch_size x grad_accum x ranks, so unlike the data stages the result depends on it."""
     torch_threads: int | None = Field(2, ge=1)
     """torch intra-op threads of each training rank (null: base.torch_threads). Training times
-    nothing, and with one rank on a 2-core machine the second core would idle: 2 threads run 1.55x
-    the steps per second of 1 here (docs/benchmarks.md). The drafter's bytes depend on it."""
+    nothing, and with one rank on a 2-core machine the second core would idle: 2 threads run more
+    steps per second than 1 (docs/benchmarks.md, "Training"). The drafter's bytes depend on it."""
     steps: int = Field(1600, ge=1)
     """Optimizer steps."""
     optimizer: Literal["adamw", "muon"] = "adamw"
@@ -104,9 +109,10 @@ class TrainParams(Section):
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Training precision. bf16 keeps fp32 master weights (the saved drafter is fp32) and runs
-    the drafter's matmuls in bf16: 1.74x the steps per second of fp32 on a CPU with native bf16
-    (AVX512-BF16/AMX; `benchmarks/train.py`), about 10x FEWER on one without (AVX2). auto = bf16
-    on a GPU that supports it and on such a CPU, else fp32; the drafter's manifest records it."""
+    the drafter's matmuls in bf16: faster than fp32 on a CPU with native bf16 (AVX512-BF16/AMX),
+    many times slower on one without (AVX2); docs/benchmarks.md has the measurements
+    (`benchmarks/train.py`). auto = bf16 on a GPU that supports it and on such a CPU, else fp32;
+    the drafter's manifest records it."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Rollouts held out from training to measure the offline tau estimate."""
     eval_every: int = Field(400, ge=1)
@@ -163,7 +169,7 @@ class EvalParams(Section):
     """Timed repeats per prompt; medians are reported."""
     bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000)
     """Resamples of every bootstrap interval (prompts, and seeds when there are several); the
-    percentile interval's Monte Carlo error is about 0.005 tau at 2000 (docs/method.md, section 4).
+    percentile interval's Monte Carlo error at the default is in docs/method.md, section 4.
     A count whose draws would not fit in half the free memory is refused when the intervals are computed."""
     exactness_gate: bool = True
     """At temperature 0, fail the stage if speculative output differs from plain greedy decoding, or
@@ -215,7 +221,7 @@ class ServeParams(Section):
     exactness_gate: bool = True
     """Fail the serve stage when a llama.cpp speculative output differs from its plain greedy output
     (every difference and where it starts is recorded either way). Holds on a CPU with llama.cpp's
-    flash attention off (specauf.llamacpp.RUN_FLAGS; with it on, a one-token step and a verified
+    flash attention off (specauf.serve.llamacpp.RUN_FLAGS; with it on, a one-token step and a verified
     block sum in different orders and greedy flipped at near-ties: docs/benchmarks.md). Our own
     decoder's gate is eval.exactness_gate."""
 
@@ -271,18 +277,26 @@ class Params(Section):
 EVAL_MAX_PROMPT_TOKENS = 1 << 20
 
 
+# What the eval stages take from `rollouts` and `labels`: an allow-list, so a key added to either
+# section reaches the eval answers only when named here (and in dvc.yaml's eval_* params, which
+# tests/test_config.py ties to these lists); every other setting is fixed below or its default.
+EVAL_ROLLOUTS_KEYS = ("batch_size", "shard_size")
+EVAL_LABELS_KEYS = ("num_feature_layers", "layer_ids", "batch_size")
+
+
 def eval_rollouts_params(params: Params) -> RolloutsParams:
     """What stage `eval_rollouts` generates with: the target's greedy answer to every eval prompt."""
-    return params.rollouts.model_copy(update=dict(
-        num_prompts=0, max_prompt_tokens=EVAL_MAX_PROMPT_TOKENS, max_new_tokens=params.eval.replay_max_new_tokens,
-        temperature=0.0, top_p=1.0, top_k=0, backend="transformers", precision="fp32", crosscheck_prompts=0))
+    return RolloutsParams(**{k: getattr(params.rollouts, k) for k in EVAL_ROLLOUTS_KEYS},
+                          num_prompts=0, max_prompt_tokens=EVAL_MAX_PROMPT_TOKENS,
+                          max_new_tokens=params.eval.replay_max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                          backend="transformers", precision="fp32", crosscheck_prompts=0)
 
 
 def eval_labels_params(params: Params) -> LabelsParams:
     """What stage `eval_labels` stores: fp32 context features of the training layers (the decode's
     own precision), no top-k."""
-    return params.labels.model_copy(update=dict(features="offline", feature_dtype="float32", top_k=0,
-                                                verify_temperature=1.0))
+    return LabelsParams(**{k: getattr(params.labels, k) for k in EVAL_LABELS_KEYS},
+                        features="offline", feature_dtype="float32", top_k=0, verify_temperature=1.0)
 
 
 # Keys that choose which stage instances run, not what one computes: a drafter's provenance must

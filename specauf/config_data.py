@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from specauf.errors import UserError
 
 # Bounds a computation survives, stated once. A seed past 2**32 - 1 overflows numpy's generators
-# (and the derived streams of specauf.train_data); a temperature in (0, 0.01) divides logits into
+# (and the derived streams of specauf.train.batches); a temperature in (0, 0.01) divides logits into
 # overflow (softmax of inf: NaN probabilities) while sampling like greedy anyway.
 MAX_SEED = 2**32 - 1
 MIN_TEMPERATURE = 0.01
@@ -113,9 +113,9 @@ class TargetParams(Section):
     """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the materialised safetensors weights. fp32 on CPU: a bf16 target scores a block
-    of tokens differently from one-token steps (SmolLM2: up to 1.23 in a logit, the argmax
-    changed at 2 of 64 positions; `benchmarks/verify_cost.py`), which breaks the greedy
-    exactness gate; on a CPU without native bf16 it is also ~10x slower."""
+    of tokens differently from one-token steps (measured in docs/benchmarks.md with
+    `benchmarks/verify_cost.py`: the argmax changes at some positions), which breaks the greedy
+    exactness gate; on a CPU without native bf16 it is also many times slower."""
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's own. A base model (Gemma 3 270M) ships
     none; the preset then names the markup it uses (the report shows it). None: the tokenizer's."""

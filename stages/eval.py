@@ -8,17 +8,17 @@ from specauf.artifacts import loading, read_manifest, write_json
 from specauf.config import run_name
 from specauf.stage import add_run_args, stage_main, stage_run
 from specauf.errors import UserError
-from specauf.evaluate import check_exactness, evaluate_drafter, headline, without_headline
-from specauf.target_access import check_drafter_fits
-from specauf.replay import check_replay
-from specauf.prompts import load_eval_prompts
+from specauf.evaluate.run import check_exactness, evaluate_drafter, headline, without_headline
+from specauf.target.access import check_drafter_fits
+from specauf.evaluate.replay import check_replay
+from specauf.data.prompts import load_eval_prompts
 from specauf.runtime import setup
-from specauf.target import load_target_for
+from specauf.target.run import load_target_for
 
 
 def run(params, args):
     device = setup(params.base, f"eval {args.run}")
-    from specauf.drafter import BlockDrafter
+    from specauf.train.drafter import BlockDrafter
 
     target, tokenizer, target_manifest = load_target_for(args.target, args.drafter, "drafter", device,
                                                          params.target.trust_remote_code)

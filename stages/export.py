@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.config import run_name
 from specauf.stage import add_run_args, stage_main, stage_manifest_extra, stage_run
-from specauf.export import export_drafter
-from specauf.gguf_export import tokenizer_gguf
+from specauf.serve.export import export_drafter
+from specauf.serve.gguf_export import tokenizer_gguf
 
 
 def run(params, args):

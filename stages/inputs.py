@@ -1,11 +1,11 @@
-"""Stage `inputs`: hash the inputs that live outside the workspace (see specauf/inputs.py)."""
+"""Stage `inputs`: hash the inputs that live outside the workspace (see specauf/target/inputs.py)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.stage import stage_main
-from specauf.inputs import write_inputs
+from specauf.target.inputs import write_inputs
 from specauf.runtime import setup_logging
 
 

@@ -18,9 +18,9 @@ def run(params, args):
     # Before the heavy imports: the launching process only checks its inputs and execs.
     relaunch_if_needed(params.launch, args.stage, {args.target: "target", args.rollouts: "rollouts"})
     from specauf.config import eval_labels_params
-    from specauf.labels import run_labels
+    from specauf.data.labels import run_labels
     from specauf.runtime import setup
-    from specauf.target import load_target_for
+    from specauf.target.run import load_target_for
 
     labels_params = params.labels if args.split == "train" else eval_labels_params(params)
     group = RankGroup()

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.stage import stage_main, stage_manifest_extra
-from specauf.prompts import build_prompt_sets, write_prompt_sets
+from specauf.data.prompts import build_prompt_sets, write_prompt_sets
 from specauf.runtime import setup
 
 

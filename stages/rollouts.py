@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from specauf.stage import split_stage_main, stage_manifest_extra
 from specauf.errors import UserError
 from specauf.launch import RankGroup, rank_device, relaunch_if_needed
-from specauf.serving import require_backend
+from specauf.data.vllm_backend import require_backend
 
 
 def run(params, args):
@@ -21,10 +21,10 @@ def run(params, args):
     require_backend(backend)
     if backend == "transformers":
         relaunch_if_needed(params.launch, args.stage, {args.target: "target", args.prompts: "prompts"})
-    from specauf.prompts import load_eval_prompts, load_prompt_set
-    from specauf.rollouts import run_rollouts
+    from specauf.data.prompts import load_eval_prompts, load_prompt_set
+    from specauf.data.rollouts import run_rollouts
     from specauf.runtime import setup
-    from specauf.target import load_target
+    from specauf.target.run import load_target
     from specauf.config import eval_rollouts_params
 
     if args.split == "eval":
@@ -41,7 +41,7 @@ def run(params, args):
                              "start the stage without a launcher")
         device = rank_device(setup(params.base, args.stage))
         if rollouts_params.backend == "vllm":
-            from specauf.rollouts import start_vllm
+            from specauf.data.rollouts import start_vllm
 
             model, tokenizer, target = start_vllm(args.target, device, prompts, rollouts_params, seed=params.base.seed,
                                                   trust_remote_code=params.target.trust_remote_code)

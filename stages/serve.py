@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.artifacts import write_json
 from specauf.config import run_name
-from specauf.serve import check_exact, our_greedy_texts, serve_drafter, timed_prompts
+from specauf.serve.run import check_exact, our_greedy_texts, serve_drafter, timed_prompts
 from specauf.stage import add_run_args, stage_main, stage_run
 
 

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.stage import stage_main, stage_manifest_extra
 from specauf.runtime import setup
-from specauf.target import materialize_target
+from specauf.target.run import materialize_target
 
 
 def run(params, args):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.gguf_export import build_target_ggufs, served_source_gguf
+from specauf.serve.gguf_export import build_target_ggufs, served_source_gguf
 from specauf.stage import stage_main
 
 

@@ -16,8 +16,8 @@ def run(params, args):
     launch = params.launch.model_copy(update={"processes": params.train.processes})
     relaunch_if_needed(launch, f"train {run}", {args.target: "target", args.labels: "labels"})
     from specauf.runtime import setup
-    from specauf.target import load_target_for
-    from specauf.train import train_variant
+    from specauf.target.run import load_target_for
+    from specauf.train.run import train_variant
 
     threads = params.train.torch_threads or params.base.torch_threads
     device = rank_device(setup(params.base.model_copy(update={"torch_threads": threads}), f"train {run}"))

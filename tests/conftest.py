@@ -17,7 +17,7 @@ def tiny_target(tmp_path_factory):
     """A random 4-layer Llama target folder with its manifest (as the target stage writes it)."""
     from specauf.config import TargetParams
     from specauf.runtime import setup_logging
-    from specauf.target import materialize_target
+    from specauf.target.run import materialize_target
 
     setup_logging("test")
     out = tmp_path_factory.mktemp("target") / "target"
@@ -28,7 +28,7 @@ def tiny_target(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_target):
-    from specauf.target import load_target
+    from specauf.target.run import load_target
 
     model, tok, manifest = load_target(tiny_target[0])
     return model, tok, manifest
@@ -170,12 +170,12 @@ def llama_target(tmp_path_factory):
     Skipped, with the command that builds it, where llama.cpp is not built."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specauf import llamacpp
+    from specauf.serve import llamacpp
     from specauf.config import TargetParams
     from specauf.runtime import setup_logging
-    from specauf.gguf_source import gguf_path
-    from specauf.target import materialize_target
-    from specauf.tiny import tiny_config
+    from specauf.target.gguf_source import gguf_path
+    from specauf.target.run import materialize_target
+    from specauf.target.tiny import tiny_config
 
     if not llamacpp.installed():
         pytest.skip("llama.cpp tools not built: run `specauf llamacpp install`")

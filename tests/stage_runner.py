@@ -146,7 +146,7 @@ def save_drafter(out: Path, target_dir: Path, **overrides) -> None:
     """A drafter folder as the train stage writes it (untrained: eval's checks come before decoding)."""
     from transformers import AutoConfig
 
-    from specauf.drafter import BlockDrafter, DrafterConfig
+    from specauf.train.drafter import BlockDrafter, DrafterConfig
 
     tm = json.loads((target_dir / "manifest.json").read_text())
     config = DrafterConfig.from_target_config(AutoConfig.from_pretrained(target_dir), num_layers=1, block_size=4,

@@ -1,8 +1,8 @@
 """Blocks: anchors, labels/validity, and the one-forward-many-blocks attention mask."""
 import torch
 
-from specauf.blocks import block_attention_mask, build_blocks, collate_blocks, sample_anchors
-from specauf.drafter import BlockDrafter, DrafterConfig
+from specauf.train.blocks import block_attention_mask, build_blocks, collate_blocks, sample_anchors
+from specauf.train.drafter import BlockDrafter, DrafterConfig
 
 MASK = 3
 
@@ -107,3 +107,21 @@ def test_collate_pads_sequences_and_matches_separate_runs():
             for i, a in enumerate(it["anchors"].tolist()):
                 alone = run_alone(model, it["context_features"], embed[it["block_input_ids"][i]], a)
                 assert torch.allclose(out[n, i], alone, atol=1e-5)
+
+
+def test_a_block_cut_to_a_width_is_exactly_the_narrower_block():
+    """The replay lays blocks of several widths side by side in B slots: block i with width w
+    attends like a w-token block (its slots past w hidden as keys), the rest as in training."""
+    import torch
+
+    from specauf.train.blocks import block_attention_mask
+
+    anchors, B, C = torch.tensor([3, 5]), 4, 6
+    cut = block_attention_mask(anchors, B, C, widths=torch.tensor([4, 2]))
+    full = block_attention_mask(anchors, B, C)
+    assert torch.equal(cut[:, :C], full[:, :C])  # the context part is unchanged
+    own = cut[:, C:].view(2, B, 2, B)
+    assert own[0, :, 0].all() and not own[0, :, 1].any()  # block 0: all 4 of its keys, none of block 1's
+    assert own[1, :, 1, :2].all() and not own[1, :, 1, 2:].any()  # block 1: its first 2 keys only
+    narrow = block_attention_mask(anchors[1:], 2, C)
+    assert torch.equal(cut[B:B + 2, C + B:C + B + 2], narrow[:, C:])

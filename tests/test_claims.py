@@ -1,11 +1,11 @@
-"""The claims (specauf/claims.py): each judged from the paired interval of its difference (holds,
+"""The claims (specauf/report/claims.py): each judged from the paired interval of its difference (holds,
 reversed, not significant; equivalence inside +-0.05), point comparisons said to be such, and
 not measured when a variant or a number is missing."""
 import pytest
 
-from specauf.claims import (FAILS, HOLDS, MET, NOT_MET, NOT_SIGNIFICANT, REVERSED, UNMEASURED, claim_auf_beats_decay,
+from specauf.report.claims import (FAILS, HOLDS, MET, NOT_MET, NOT_SIGNIFICANT, REVERSED, UNMEASURED, claim_auf_beats_decay,
                             claim_auf_decay_matches_auf, claim_decay_more_accurate, goals, train_metric)
-from specauf.report import load_inputs
+from specauf.report.run import load_inputs
 from tests.test_report import VARIANTS, _eval, _taus, _train, _write, failing, holding  # noqa: F401 (fixtures)
 
 
@@ -73,7 +73,7 @@ def test_dpace_claim_and_an_inconclusive_equivalence(holding):
     """Claim 4 (auf vs dpace) is judged like claim 1; an interval straddling +-0.05 is inconclusive."""
     import numpy as np
 
-    from specauf.claims import INCONCLUSIVE, claim_auf_beats_dpace
+    from specauf.report.claims import INCONCLUSIVE, claim_auf_beats_dpace
 
     _write(holding, "dpace", _eval(_taus(1.80), speedup=2.0), _train(0.40, 1.6))
     data = load_inputs(holding / "eval", holding / "train", ["decay", "auf", "auf_decay", "dpace"])
@@ -87,7 +87,7 @@ def test_dpace_claim_and_an_inconclusive_equivalence(holding):
     c3 = claim_auf_decay_matches_auf(data)
     assert c3["status"] == INCONCLUSIVE, c3["detail"]
     assert NOT_SIGNIFICANT == "not significant"
-    from specauf.report import render_markdown
+    from specauf.report.run import render_markdown
 
     text = render_markdown(data)
     assert "| | tau decay | tau auf | auf - decay | tau dpace | auf - dpace |" in text.replace("|  |", "| |")
@@ -99,8 +99,8 @@ def test_an_interval_over_too_few_prompts_judges_nothing(tmp_path):
     """Eval sets of one prompt give a zero-width '95% interval': once reported as a claim that
     holds. Below evidence.MIN_PROMPTS prompts the claim says so instead, and the report too."""
     from specauf import evidence
-    from specauf.claims import TOO_FEW
-    from specauf.report import write_report
+    from specauf.report.claims import TOO_FEW
+    from specauf.report.run import write_report
     from tests.test_report import _prompt_rows
 
     m = tmp_path / "metrics"

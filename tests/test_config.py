@@ -112,6 +112,10 @@ def test_typed_defaults_are_the_shipped_params_yaml():
 
 
 def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
+    from specauf.config import EVAL_LABELS_KEYS, EVAL_ROLLOUTS_KEYS
+
+    assert EVAL_ROLLOUTS_KEYS == ("batch_size", "shard_size") and EVAL_LABELS_KEYS == ("num_feature_layers", "layer_ids",
+                                                                                        "batch_size")
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     # which runs exist (variants x seeds: the matrix) is not what one run computes
     train_keys = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields
@@ -125,10 +129,9 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "rollouts": {"base", "rollouts", "target.trust_remote_code"},
         "labels": {"base", "labels", "target.trust_remote_code"},
         # the eval answers fix sampling, length, backend and precision (eval_rollouts_params, eval_labels_params)
-        "eval_rollouts": {"base", "rollouts.batch_size", "rollouts.shard_size", "eval.replay_max_new_tokens", "eval.sets",
-                          "target.trust_remote_code"},
-        "eval_labels": {"base", "labels.num_feature_layers", "labels.layer_ids", "labels.batch_size",
-                        "target.trust_remote_code"},
+        "eval_rollouts": {"base", *(f"rollouts.{k}" for k in EVAL_ROLLOUTS_KEYS), "eval.replay_max_new_tokens",
+                          "eval.sets", "target.trust_remote_code"},
+        "eval_labels": {"base", *(f"labels.{k}" for k in EVAL_LABELS_KEYS), "target.trust_remote_code"},
         "train": {"base", "target.trust_remote_code"} | train_keys,
         "eval": {"base", "eval", "target.trust_remote_code"},
         "export": {"target.trust_remote_code", "serve.engine"},  # serve.engine: whether drafter.gguf is written

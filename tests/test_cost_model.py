@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specauf.cost_model import measure_cycle_costs, predict_speedups
-from specauf.decode import DrafterProposer, speculative_generate
-from specauf.drafter import BlockDrafter, DrafterConfig
+from specauf.evaluate.cost_model import measure_cycle_costs, predict_speedups
+from specauf.evaluate.decode import DrafterProposer, speculative_generate
+from specauf.train.drafter import BlockDrafter, DrafterConfig
 
 
 def test_predicted_speedup_is_tau_times_plain_over_the_cycle():

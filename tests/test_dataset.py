@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specauf.artifacts import ArtifactError, read_manifest
-from specauf.dataset import LabelsDataset, _values
+from specauf.data.dataset import LabelsDataset, _values
 from tests.test_labels import label, make_rollouts
 
 

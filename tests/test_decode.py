@@ -1,6 +1,6 @@
 """Speculative decoding engine: exactness against HF greedy, accounting, lossless sampling.
 
-Tiny random-init targets (specauf.tiny) give varied, decisive greedy outputs in milliseconds,
+Tiny random-init targets (specauf.target.tiny) give varied, decisive greedy outputs in milliseconds,
 so every check runs the real engine end to end; nothing under test is mocked.
 """
 import math
@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from specauf.decode import (
+from specauf.evaluate.decode import (
     DrafterProposer, OracleProposer, Proposer, speculative_generate, summarize,
 )
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.target_access import context_features_from_hidden_states
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.target.access import context_features_from_hidden_states
 from specauf.sampling import SamplingParams
 from tests.test_sampling import chi2, chi2_bound
-from specauf.tiny import build_tiny_target
+from specauf.target.tiny import build_tiny_target
 
 MASK_ID = 3  # reserved <|mask|> in the tiny tokenizer
 MAX_NEW = 33

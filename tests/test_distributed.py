@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specauf.config import TrainParams
-from specauf.distributed import (_NotYetStarted, deepspeed_config, ensure_rank_env, init_engine, load_checkpoint,
+from specauf.train.distributed import (_NotYetStarted, deepspeed_config, ensure_rank_env, init_engine, load_checkpoint,
                                  restore_master_weights, save_checkpoint)
 
 CPU = torch.device("cpu")

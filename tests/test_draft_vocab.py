@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from specauf.dataset import LabelsDataset
-from specauf.draft_vocab import DraftVocab, renormalise
+from specauf.data.dataset import LabelsDataset
+from specauf.train.draft_vocab import DraftVocab, renormalise
 from tests.test_train import data  # noqa: F401  (the labels fixture of the training tests)
 
 

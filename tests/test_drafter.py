@@ -5,11 +5,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from specauf.blocks import block_attention_mask, build_blocks, sample_anchors
-from specauf.drafter import BlockDrafter, DrafterCache, DrafterConfig, RotaryEmbedding
-from specauf.target_access import context_features_from_hidden_states
-from specauf.losses import compute_loss
-from specauf.tiny import build_tiny_target
+from specauf.train.blocks import block_attention_mask, build_blocks, sample_anchors
+from specauf.train.drafter import BlockDrafter, DrafterCache, DrafterConfig, RotaryEmbedding
+from specauf.target.access import context_features_from_hidden_states
+from specauf.train.losses import compute_loss
+from specauf.target.tiny import build_tiny_target
 
 MASK = 3
 
@@ -31,7 +31,7 @@ def randomize(model, seed=0):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
 def test_from_target_config_copies_shapes(arch):
-    from specauf.tiny import tiny_config
+    from specauf.target.tiny import tiny_config
     tc = tiny_config(arch, hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2)
     cfg = DrafterConfig.from_target_config(tc, num_layers=2, block_size=8, mask_token_id=MASK,
                                            target_layer_ids=None)

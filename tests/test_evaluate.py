@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specauf import decode
+from specauf.evaluate import decode
 from specauf.config import EvalParams
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.evaluate import ExactnessError, check_exactness, evaluate_drafter, headline, without_headline
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.errors import ExactnessError
+from specauf.evaluate.run import check_exactness, evaluate_drafter, headline, without_headline
 from specauf.config import LabelsParams, RolloutsParams
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
 from tests.conftest import prompt_rows
 
 
@@ -73,7 +74,7 @@ def test_metrics_accounting_and_peers(setup):
     leaves = lambda d: sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
     assert leaves(h) < 40  # a screenful, not the details
     # ...and the details hold no figure of the headline; the report joins them back to the same values
-    from specauf.report import with_headline
+    from specauf.report.run import with_headline
 
     d = without_headline(m, h)
     assert all(f not in d[part][key] for part, key, f in (("overall", "b2", "tau"), ("overall", "b4", "speedup")))

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from specauf.artifacts import SCHEMA_VERSION, write_json
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.export import export_drafter, reference_config
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.serve.export import export_drafter, reference_config
 from tests.conftest import ROOT, dvc, git_dvc_workspace
 
 LAYOUT = json.loads((ROOT / "tests/fixtures/dflash_layout.json").read_text())
@@ -182,7 +182,7 @@ def test_export_stage_follows_train_in_the_dag(tmp_path):
 def test_llamacpp_row_of_the_engine_table(tiny_target, tmp_path, capsys):
     """llama.cpp runs the evaluated drafter only from drafter.gguf, and only for a target whose graph
     hands a DFlash draft its layer inputs; --strict llama.cpp refuses an export without the GGUF."""
-    from specauf.export import LLAMACPP_DFLASH_TARGETS, engine_table
+    from specauf.serve.export import LLAMACPP_DFLASH_TARGETS, engine_table
 
     for draft_vocab in (0, 64):
         assert engine_table(draft_vocab, "llama", gguf=True)["llama.cpp"]["exact"] is True  # d2t included

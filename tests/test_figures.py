@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from specauf import evidence
-from specauf.figures import overlay_rows, plot_acceptance, tau_interval
-from specauf.report import load_inputs
+from specauf.report.figures import overlay_rows, plot_acceptance, tau_interval
+from specauf.report.run import load_inputs
 from tests.test_report import PNG_SIGNATURE, _eval, _train, _write
 
 

@@ -13,17 +13,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specauf.config import LabelsParams, RolloutsParams, TargetParams, TrainParams
-from specauf.dataset import LabelsDataset
-from specauf.decode import DrafterProposer
-from specauf.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
+from specauf.data.dataset import LabelsDataset
+from specauf.evaluate.decode import DrafterProposer
+from specauf.train.drafter import BlockDrafter, DrafterConfig, RotaryEmbedding
 from specauf.errors import UserError
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
-from specauf.target import TargetError, load_target, materialize_target
-from specauf.target_access import init_from_target
-from specauf.tiny import tiny_config
-from specauf.train import Trainer
-from specauf.train_data import TrainData
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
+from specauf.target.run import TargetError, load_target, materialize_target
+from specauf.target.access import init_from_target
+from specauf.target.tiny import tiny_config
+from specauf.train.run import DrafterRun
+from specauf.train.batches import TrainData
 from tests.conftest import prompt_rows
 
 CPU = torch.device("cpu")
@@ -66,7 +66,7 @@ def test_training_and_decoding_embed_block_tokens_as_the_target(gemma, monkeypat
                          heldout_fraction=0.0, num_layers=1, precision="fp32")
     data = TrainData(params, LabelsDataset(root / "labels"), 0, manifest["mask_token_id"],
                      model.get_output_embeddings().weight.shape[0], model, CPU)
-    trainer = Trainer(params, "auf", model, manifest, data, 0, CPU)
+    trainer = DrafterRun(params, "auf", model, manifest, data, 0, CPU)
     batch = data.train_batch(0, 0, 1)
     trainer.forward(trainer.drafter, batch)
     ids = batch.block_input_ids

@@ -1,12 +1,12 @@
-"""Batched generation (specauf/generation.py): batched greedy == unbatched == HF generate, finished rows
+"""Batched generation (specauf/data/generation.py): batched greedy == unbatched == HF generate, finished rows
 leave the batch, a sampled row does not depend on its batch, grouped prefill == one padded batch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specauf.generation import PREFILL_GROUP, encode_chat, generate_batch, prefill
-from specauf import rollouts as rollouts_mod
+from specauf.data.generation import PREFILL_GROUP, encode_chat, generate_batch, prefill
+from specauf.data import rollouts as rollouts_mod
 from specauf.sampling import SamplingParams
 from tests.conftest import prompt_rows
 
@@ -14,7 +14,7 @@ from tests.conftest import prompt_rows
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_batched_greedy_equals_unbatched_and_hf_generate(tmp_path, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from specauf.tiny import build_tiny_target
+    from specauf.target.tiny import build_tiny_target
 
     path = build_tiny_target(tmp_path / arch, arch)
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -1,4 +1,4 @@
-"""The drafter as a llama.cpp DFlash GGUF (specauf/gguf_export.py), read back with llama.cpp's own
+"""The drafter as a llama.cpp DFlash GGUF (specauf/serve/gguf_export.py), read back with llama.cpp's own
 gguf-py: metadata its runtime reads, tensor names and shapes, bit-equal weights, d2t absolute."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from specauf.drafter import DrafterConfig
-from specauf.export import export_drafter
-from specauf.llamacpp import gguf_module
+from specauf.train.drafter import DrafterConfig
+from specauf.serve.export import export_drafter
+from specauf.serve.llamacpp import gguf_module
 from tests.test_export import save_drafter
 
 
@@ -23,7 +23,7 @@ def read_gguf(path):
 @pytest.mark.parametrize("draft_vocab", [0, 40])
 def test_gguf_drafter_round_trip(llama_target, tmp_path, draft_vocab):
     target_dir, target_gguf, tm = llama_target
-    from specauf.target import load_target
+    from specauf.target.run import load_target
 
     model = load_target(target_dir)[0]
     config = DrafterConfig.from_target_config(model.config, num_layers=2, block_size=4, mask_token_id=tm["mask_token_id"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from specauf.config import TargetParams
-from specauf.gguf_source import GGUFSourceError, gguf_path, packaged_gguf
+from specauf.target.gguf_source import GGUFSourceError, gguf_path, packaged_gguf
 
 
 # --- fake chunk packages -------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_the_source_gguf_is_sought_only_where_llama_cpp_serves_it(chunked):
     """data/target_gguf copies the original GGUF for serve.targets `source`; with serve.engine
     none (the gemma preset) a chunked GGUF is not asked for, where asking would refuse."""
     from specauf.config import Params, ServeParams
-    from specauf.gguf_export import served_source_gguf
+    from specauf.serve.gguf_export import served_source_gguf
 
     target, _, _ = chunked
     assert served_source_gguf(Params(target=target, serve=ServeParams(engine="none"))) is None

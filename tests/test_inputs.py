@@ -9,7 +9,7 @@ import pytest
 
 from specauf.config import Params
 from specauf.errors import UserError
-from specauf.inputs import HashCache, describe, external_inputs, write_inputs
+from specauf.target.inputs import HashCache, describe, external_inputs, write_inputs
 
 
 def _params(tmp_path, **target) -> Params:

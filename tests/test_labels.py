@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from specauf import labels as labels_mod
+from specauf.data import labels as labels_mod
 from specauf.artifacts import ArtifactError, read_manifest
 from specauf.config import LabelsParams, RolloutsParams
-from specauf.dataset import LabelsDataset
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
-from specauf.target import check_fingerprint
+from specauf.data.dataset import LabelsDataset
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
+from specauf.target.run import check_fingerprint
 from tests.conftest import prompt_rows
 
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from specauf import linear_kernels as lk
-from specauf.decode import OracleProposer, speculative_generate
-from specauf.tiny import build_tiny_target
+from specauf.evaluate import linear_kernels as lk
+from specauf.evaluate.decode import OracleProposer, speculative_generate
+from specauf.target.tiny import build_tiny_target
 
 
 @pytest.fixture(scope="module")

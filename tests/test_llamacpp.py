@@ -1,4 +1,4 @@
-"""llama.cpp's tools from the pinned sdist (specauf/llamacpp.py), and our GGUF drafter in them: the
+"""llama.cpp's tools from the pinned sdist (specauf/serve/llamacpp.py), and our GGUF drafter in them: the
 build is cached, a damaged download is refused, and draft-dflash with our drafter is lossless and
 drafts what our own decoder drafts."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import subprocess
 import pytest
 import torch
 
-from specauf import llamacpp
+from specauf.serve import llamacpp
 from specauf.artifacts import write_json
-from specauf.drafter import BlockDrafter, DrafterConfig
+from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.errors import UserError
-from specauf.export import export_drafter
+from specauf.serve.export import export_drafter
 from tests.test_export import save_drafter
 
 
@@ -68,9 +68,9 @@ def first_llamacpp_draft(log: str, n: int) -> list[int]:
 
 @pytest.mark.parametrize("draft_vocab", [0, 300])
 def test_llamacpp_runs_our_drafter_losslessly_and_drafts_what_we_draft(llama_target, tmp_path, draft_vocab):
-    from specauf.decode import DrafterProposer
-    from specauf.generation import encode_chat
-    from specauf.target import load_target
+    from specauf.evaluate.decode import DrafterProposer
+    from specauf.data.generation import encode_chat
+    from specauf.target.run import load_target
 
     target_dir, target_gguf, tm = llama_target
     model, tok, _ = load_target(target_dir)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from specauf.losses import (
-    auf_support, blended_ce, compute_loss, decay_weights, default_gamma, diagnostics, distill_ce,
+from specauf.train.losses import (
+    LossOptions, auf_support, blended_ce, compute_loss, decay_weights, default_gamma, diagnostics, distill_ce,
     per_position_ce, soft_auf_weights,
 )
 
@@ -99,7 +99,7 @@ def test_losses_match_their_formulas():
         "auf_decay": (m * w * ce).sum() / (m * w).sum(),
     }
     for name, value in expect.items():
-        loss, _ = compute_loss(name, logits, labels, validity, gamma=2.5)
+        loss, _ = compute_loss(name, logits, labels, validity, LossOptions(gamma=2.5))
         assert torch.allclose(loss, value), name
     assert not torch.allclose(expect["full"], expect["auf"])  # the cases really differ
 
@@ -141,18 +141,18 @@ def test_distillation_blends_the_ce_and_leaves_the_weights_alone():
     m = brute_support(logits, labels, validity).float()
     ce = 0.6 * per_position_ce(logits, labels) + 0.4 * by_hand
     for name in ["auf", "decay"]:
-        assert torch.equal(compute_loss(name, logits, labels, validity, soft=soft, distill_weight=0.0)[0],
+        assert torch.equal(compute_loss(name, logits, labels, validity, LossOptions(distill_weight=0.0), soft=soft)[0],
                            compute_loss(name, logits, labels, validity)[0])
-    loss, _ = compute_loss("auf", logits, labels, validity, soft=soft, distill_weight=0.4)
+    loss, _ = compute_loss("auf", logits, labels, validity, LossOptions(distill_weight=0.4), soft=soft)
     assert torch.allclose(loss, (m * ce).sum() / m.sum(), atol=1e-6)
     # AUF with distillation still sends no gradient past the first failure
     x = logits[1:2].clone().requires_grad_(True)  # "middle": failure at k index 3
-    compute_loss("auf", x, labels[1:2], validity[1:2], soft=(soft_ids[1:2], soft_probs[1:2]),
-                 distill_weight=0.5)[0].backward()
+    compute_loss("auf", x, labels[1:2], validity[1:2], LossOptions(distill_weight=0.5),
+                 soft=(soft_ids[1:2], soft_probs[1:2]))[0].backward()
     per_pos = x.grad[0].abs().sum(-1)
     assert torch.all(per_pos[4:] == 0) and torch.all(per_pos[:4] > 0)
     with pytest.raises(ValueError, match="labels.top_k"):
-        compute_loss("auf", logits, labels, validity, distill_weight=0.5)
+        compute_loss("auf", logits, labels, validity, LossOptions(distill_weight=0.5))
 
 
 def test_soft_auf_at_temperature_zero_equals_auf():
@@ -164,7 +164,7 @@ def test_soft_auf_at_temperature_zero_equals_auf():
         assert torch.equal(soft_auf_weights(logits, labels, validity, 0.0),
                            auf_support(logits, labels, validity).float())
         a, _ = compute_loss("auf", logits, labels, validity)
-        s, _ = compute_loss("soft_auf", logits, labels, validity, temperature=0.0)
+        s, _ = compute_loss("soft_auf", logits, labels, validity, LossOptions(temperature=0.0))
         assert torch.equal(a, s)
 
 
@@ -223,7 +223,7 @@ def brute_dpace(logits, labels, validity, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_dpace_weights_and_losses_match_the_definition(alpha):
-    from specauf.losses import dpace_weights
+    from specauf.train.losses import dpace_weights
 
     gen = torch.Generator().manual_seed(17)
     cases = [make_case(k, gen=gen) for k in ["all_correct", "middle", "invalid_tail", "random", "first_wrong"]]
@@ -235,7 +235,7 @@ def test_dpace_weights_and_losses_match_the_definition(alpha):
         assert torch.equal(w, torch.flip(torch.cumsum(torch.flip(validity.double(), [1]), 1), [1]) * validity)
     m = brute_support(logits, labels, validity).double()
     for name, weights in [("dpace", w), ("auf_dpace", w * m)]:
-        loss, _ = compute_loss(name, logits, labels, validity, dpace_alpha=alpha)
+        loss, _ = compute_loss(name, logits, labels, validity, LossOptions(dpace_alpha=alpha))
         expect = (weights * ce.double()).sum() / weights.sum()
         assert torch.allclose(loss.double(), expect, atol=1e-6), name
 
@@ -246,7 +246,7 @@ def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
     logits = logits[None].clone().requires_grad_(True)
     loss, _ = compute_loss("dpace", logits, labels[None], validity[None])
     # detached weights: the gradient is that of sum(w * CE) / sum(w) with w held constant
-    from specauf.losses import dpace_weights
+    from specauf.train.losses import dpace_weights
 
     ce = per_position_ce(logits, labels[None])
     w = dpace_weights(ce, validity[None])
@@ -262,7 +262,7 @@ def test_dpace_weights_are_detached_and_auf_dpace_trains_no_tail():
 def test_tv_acceptance_is_speculative_samplings_acceptance_probability():
     """Brute force: a draft token x ~ q_T is accepted with probability min(1, p_T(x) / q_T(x));
     summed over x that is what tv_acceptance computes from the target's distribution."""
-    from specauf.losses import tv_acceptance
+    from specauf.train.losses import tv_acceptance
 
     g = torch.Generator().manual_seed(0)
     V, T = 11, 0.7
@@ -287,7 +287,7 @@ def test_tv_acceptance_is_speculative_samplings_acceptance_probability():
 
 
 def test_soft_auf_with_the_targets_distribution_multiplies_tv_acceptances():
-    from specauf.losses import soft_auf_weights, tv_acceptance
+    from specauf.train.losses import soft_auf_weights, tv_acceptance
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 4, 9, generator=g)
@@ -299,13 +299,13 @@ def test_soft_auf_with_the_targets_distribution_multiplies_tv_acceptances():
     a = tv_acceptance(logits, 1.0, ids, p)
     assert torch.allclose(w[0], torch.stack([torch.tensor(1.0), a[0, 0], a[0, 0] * a[0, 1], a[0, :3].prod()]))
     assert torch.allclose(w[1], torch.tensor([1.0, float(a[1, 0]), 0.0, 0.0]))
-    loss, _ = compute_loss("soft_auf", logits, labels, validity, temperature=1.0, target_topk=(ids, p))
+    loss, _ = compute_loss("soft_auf", logits, labels, validity, LossOptions(temperature=1.0, tv_acceptance=True), target_topk=(ids, p))
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 9), labels.reshape(-1), reduction="none").view(2, 4)
     assert torch.allclose(loss, (w * ce).sum() / w.sum())
 
 
 def test_block_normalization_weighs_every_block_the_same():
-    from specauf.losses import weighted_mean
+    from specauf.train.losses import weighted_mean
 
     ce = torch.tensor([[1.0, 3.0, 7.0], [5.0, 9.0, 9.0], [4.0, 4.0, 4.0]], requires_grad=True)
     w = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # AUF supports 2, 1 and none
@@ -317,3 +317,13 @@ def test_block_normalization_weighs_every_block_the_same():
     assert weighted_mean(ce, torch.zeros(3, 3), "block").item() == 0.0
     with pytest.raises(ValueError, match="unknown loss normalization 'sequence'"):
         weighted_mean(ce, w, "sequence")
+
+
+def test_one_list_of_loss_variants():
+    """params validate against specauf.config.LOSS_VARIANTS; every loss there has its weights here
+    and every curriculum switches between two of them (the list was kept twice, untied)."""
+    from specauf.config import CURRICULA, LOSS_VARIANTS, LOSSES
+    from specauf.train.losses import WEIGHTS
+
+    assert tuple(WEIGHTS) == LOSSES and LOSS_VARIANTS == (*LOSSES, *CURRICULA)
+    assert all(set(pair) <= set(LOSSES) for pair in CURRICULA.values())

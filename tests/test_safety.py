@@ -245,7 +245,7 @@ def test_a_variant_name_cannot_run_a_command(tmp_path):
 
 def test_export_never_takes_trust_remote_code_from_an_artifact(ws, tmp_path, monkeypatch):
     """6. A target manifest saying trust_remote_code: true turns nothing on; the flag does."""
-    import specauf.export as export
+    import specauf.serve.export as export
 
     target = tmp_path / "target"
     import shutil
@@ -294,13 +294,13 @@ def test_workspace_runs_the_code_dvc_hashes(tmp_path):
     """7. Editing a workspace module reruns its stage, and the run uses the edited code."""
     ws = git_dvc_workspace(tmp_path / "ws")
     assert _ran(dvc(ws, "repro", "prompts").stdout) == ["inputs", "prompts"]
-    module = ws / "specauf/prompts.py"
+    module = ws / "specauf/data/prompts.py"
     module.write_text(module.read_text().replace(
-        "def build_prompt_sets(", 'log.warning("workspace copy of specauf.prompts")\n\n\ndef build_prompt_sets(', 1))
+        "def build_prompt_sets(", 'log.warning("workspace copy of specauf.data.prompts")\n\n\ndef build_prompt_sets(', 1))
     assert "prompts" in dvc(ws, "status").stdout
     proc = dvc(ws, "repro", "prompts")
     assert _ran(proc.stdout) == ["inputs", "prompts"]
-    assert "workspace copy of specauf.prompts" in proc.stdout + proc.stderr
+    assert "workspace copy of specauf.data.prompts" in proc.stdout + proc.stderr
 
 
 def test_inputs_outside_the_workspace_are_dependencies(tmp_path, tiny_target):
@@ -469,7 +469,7 @@ def test_fill_params_keeps_comments_and_a_backup(tmp_path, capsys):
 
 def test_random_target_leaves_no_temp_folder(tmp_path):
     from specauf.config import TargetParams
-    from specauf.target import materialize_target
+    from specauf.target.run import materialize_target
 
     before = set(Path(tempfile.gettempdir()).glob("specauf-random-target-*"))
     materialize_target(TargetParams(source="random"), tmp_path / "t", seed=0, params_hash="x")
@@ -483,7 +483,7 @@ def test_a_nan_from_damaged_labels_blames_the_labels_not_the_lr():
 
     from specauf.config import TrainParams
     from specauf.errors import UserError
-    from specauf.train import Diverged, check_finite
+    from specauf.train.run import Diverged, check_finite
 
     class B:
         soft_probs = soft_mass = None

@@ -1,4 +1,4 @@
-"""The serve stage's measurement (specauf/serve.py) on the tiny SmolLM2-tokenizer target: llama.cpp
+"""The serve stage's measurement (specauf/serve/run.py) on the tiny SmolLM2-tokenizer target: llama.cpp
 plain, draft-dflash at each block size and the n-gram peer, every output checked against plain
 greedy, tau beside our decode's on the same prompts, and the report's table."""
 from __future__ import annotations
@@ -8,17 +8,18 @@ import torch
 
 from specauf.artifacts import write_json
 from specauf.config import Params
-from specauf.drafter import BlockDrafter, DrafterConfig
-from specauf.export import export_drafter
-from specauf.report import served_lines
-from specauf.serve import check_exact, serve_drafter
+from specauf.train.drafter import BlockDrafter, DrafterConfig
+from specauf.serve.export import export_drafter
+from specauf.report.render import served_lines
+from specauf.errors import ExactnessError
+from specauf.serve.run import check_exact, serve_drafter
 from tests.test_export import save_drafter
 
 
 def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
-    from specauf.decode import DrafterProposer, speculative_generate
-    from specauf.generation import encode_chat
-    from specauf.target import load_target
+    from specauf.evaluate.decode import DrafterProposer, speculative_generate
+    from specauf.data.generation import encode_chat
+    from specauf.target.run import load_target
 
     target_dir, target_gguf, tm = llama_target
     model, tok, _ = load_target(target_dir)
@@ -75,7 +76,7 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
 
 
 def test_exactness_gate_fails_the_stage():
-    bad = {"exactness": {"checked": 3, "mismatches": ["f32/s/a (b4)"]}}
-    with pytest.raises(RuntimeError, match="differs from its plain greedy output: f32/s/a"):
+    bad = {"engine": "llama.cpp", "exactness": {"checked": 3, "mismatches": ["f32/s/a (b4)"]}}
+    with pytest.raises(ExactnessError, match="^llama.cpp speculative output differs from its plain greedy output: f32/s/a"):
         check_exact(bad, gate=True)
     check_exact(bad, gate=False)  # a warning, not a failure

@@ -10,10 +10,10 @@ import sys
 import pytest
 import yaml
 
-from specauf import rollouts as rollouts_mod
+from specauf.data import rollouts as rollouts_mod
 from specauf.config import ParamsError
 from specauf.params_file import full_params, load_params
-from specauf.prompts import write_prompt_sets
+from specauf.data.prompts import write_prompt_sets
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 from tests.test_launch import LAUNCH_ENV
 

@@ -8,7 +8,7 @@ import pytest
 
 from specauf.artifacts import ArtifactError
 from specauf.config import TargetParams
-from specauf.target import TargetError, choose_mask_token, load_target, materialize_target, read_target_manifest
+from specauf.target.run import TargetError, choose_mask_token, load_target, materialize_target, read_target_manifest
 
 
 def test_local_folder_source_keeps_weights_and_fingerprint(tiny_target, tmp_path):
@@ -38,7 +38,7 @@ def test_missing_folder_and_non_causal_model(tmp_path):
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64).save_pretrained(tmp_path / "t5")
     with pytest.raises(TargetError, match="model type 't5' is not a causal LM"):
         materialize_target(TargetParams(source="local", path=str(tmp_path / "t5")), tmp_path / "o", seed=0, params_hash="x")
-    from specauf.tiny import tiny_config
+    from specauf.target.tiny import tiny_config
 
     tiny_config("llama").save_pretrained(tmp_path / "empty")  # a config but no weights or tokenizer
     with pytest.raises(TargetError, match="target.path: cannot"):

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specauf.tiny import build_tiny_target, build_tokenizer, tiny_config
+from specauf.target.tiny import build_tiny_target, build_tokenizer, tiny_config
 
 
 def _weights_sha(folder) -> str:

@@ -21,16 +21,16 @@ import yaml
 from safetensors.torch import load_file
 
 from specauf.params_file import full_params
-from specauf import train as train_mod
+from specauf.train import run as train_mod
 from specauf.config import LabelsParams, RolloutsParams, TrainParams
-from specauf.dataset import LabelsDataset
+from specauf.data.dataset import LabelsDataset
 from specauf.errors import UserError
-from specauf.distributed import deepspeed_config, load_checkpoint
-from specauf.drafter import BlockDrafter
-from specauf.labels import run_labels
-from specauf.rollouts import run_rollouts
-from specauf.train import Trainer, train_variant
-from specauf.train_data import TrainData, split_heldout
+from specauf.train.distributed import deepspeed_config, load_checkpoint
+from specauf.train.drafter import BlockDrafter
+from specauf.data.labels import run_labels
+from specauf.data.rollouts import run_rollouts
+from specauf.train.run import DrafterRun, train_variant
+from specauf.train.batches import TrainData, split_heldout
 from tests.conftest import ROOT, Killed, die_after, prompt_rows
 
 CPU = torch.device("cpu")
@@ -49,12 +49,12 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def trainer(params: TrainParams, tiny_model, labels_dir, variant: str = "auf") -> Trainer:
-    """The Trainer a run of these params builds, without training (its data at .data)."""
+def trainer(params: TrainParams, tiny_model, labels_dir, variant: str = "auf") -> DrafterRun:
+    """The DrafterRun a run of these params builds, without training (its data at .data)."""
     model, _, manifest = tiny_model
     data = TrainData(params, LabelsDataset(labels_dir), 0, manifest["mask_token_id"],
                      model.get_output_embeddings().weight.shape[0], model, CPU)
-    return Trainer(params, variant, model, manifest, data, 0, CPU)
+    return DrafterRun(params, variant, model, manifest, data, 0, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,13 @@ def data(tiny_model, tmp_path_factory):
 
 
 class Capture:
-    """Patch specauf.train to remember the Trainer and the DeepSpeed engine of each run."""
+    """Patch specauf.train.run to remember the DrafterRun and the DeepSpeed engine of each run."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.trainers, self.engines = [], []
         capture = self
 
-        class Recording(Trainer):
+        class Recording(DrafterRun):
             def __init__(self, *a, **k):
                 super().__init__(*a, **k)
                 capture.trainers.append(self)
@@ -92,7 +92,7 @@ class Capture:
             capture.engines.append(engine)
             return engine
 
-        mp.setattr(train_mod, "Trainer", Recording)
+        mp.setattr(train_mod, "DrafterRun", Recording)
         mp.setattr(train_mod, "init_engine", init_engine)
 
 
@@ -176,14 +176,20 @@ def test_the_lr_follows_warmup_cosine_to_its_floor(base_run):
     assert max(lr.values()) <= p.lr and max(lr.values()) > 0.9 * p.lr
 
 
-def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
-    """Non-default ZeRO stage, accumulation, clipping and lr reach the config file and the engine."""
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
+@pytest.fixture(scope="module")
+def tuned_run(tiny_model, data, tmp_path_factory):
+    """A run with non-default ZeRO stage, accumulation, clipping, lr schedule and weight decay,
+    with its DeepSpeed engine."""
     with pytest.MonkeyPatch.context() as mp:
         cap = Capture(mp)
-        run = train(tiny_model, data["offline"], tmp_path, steps=3, zero_stage=1, grad_accum=2, grad_clip=0.5,
-                    lr=2e-3, warmup_steps=1, min_lr_ratio=0.2, weight_decay=0.01, eval_every=100, log_every=1)
+        run = train(tiny_model, data["offline"], tmp_path_factory.mktemp("tuned"), steps=3, zero_stage=1, grad_accum=2,
+                    grad_clip=0.5, lr=2e-3, warmup_steps=1, min_lr_ratio=0.2, weight_decay=0.01, eval_every=100,
+                    log_every=1)
+    return run, cap.engines[0]
+
+
+def test_params_reach_the_deepspeed_config_file(tuned_run):
+    run, _ = tuned_run
     cfg = json.loads((run["out"] / "ds_config.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 1
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 2
@@ -196,13 +202,22 @@ def test_deepspeed_config_and_engine_reflect_params(tiny_model, data, tmp_path):
     assert sched["type"] == "WarmupCosineLR"
     assert sched["params"]["total_num_steps"] == 3 and sched["params"]["warmup_num_steps"] == 1
     assert sched["params"]["cos_min_ratio"] == 0.2
-    engine = cap.engines[0]
+
+
+def test_params_reach_the_engine(tuned_run):
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    _, engine = tuned_run
     assert engine.zero_optimization_stage() == 1
     assert engine.gradient_accumulation_steps() == 2 and engine.gradient_clipping() == 0.5
     assert isinstance(engine.lr_scheduler, WarmupCosineLR)
-    assert engine.global_steps == 3  # optimizer steps, not micro batches
     assert engine.get_lr()[0] == pytest.approx(2e-3 * 0.2)
     assert engine.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_a_step_is_an_optimizer_step_not_a_micro_batch(tuned_run):
+    run, engine = tuned_run
+    assert engine.global_steps == 3
     assert [s for s, _ in logged(run["metrics"], "loss")] == [1, 2, 3]
 
 
@@ -244,8 +259,8 @@ def test_kill_and_resume_gives_identical_weights(base_run, tiny_model, data, tmp
     (ckpt / "latest").write_text("step8")
 
     steps_seen = []
-    real_name = Trainer.loss_name
-    monkeypatch.setattr(Trainer, "loss_name", lambda self, s: steps_seen.append(s) or real_name(self, s))
+    real_name = DrafterRun.loss_name
+    monkeypatch.setattr(DrafterRun, "loss_name", lambda self, s: steps_seen.append(s) or real_name(self, s))
     resumed = train(tiny_model, data["offline"], tmp_path)
     assert steps_seen == list(range(8, 24))  # continued from the checkpoint, not from scratch
     a, b = weights(resumed["out"]), weights(base_run["out"])
@@ -476,7 +491,11 @@ def test_online_features_match_offline(tiny_model, data, tmp_path, monkeypatch):
             assert torch.allclose(fa[n, :S], fb[n, :S], atol=1e-2, rtol=1e-2), (fa[n, :S] - fb[n, :S]).abs().max()
             assert not a["attention_mask"][n, 0, :, S:C].any()
 
-    # training runs the frozen target inside each step (and leaves it frozen)
+
+
+def test_online_training_runs_the_frozen_target_in_every_step(tiny_model, data, tmp_path, monkeypatch):
+    """labels.features online: training runs the frozen target inside each step and leaves it frozen."""
+    model, _, manifest = tiny_model
     calls = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
@@ -567,7 +586,7 @@ def test_train_processes_param_relaunches_under_the_launcher(tiny_target, data, 
 def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
     """train.loss_normalization changes how the batch's blocks are averaged, and soft AUF's `tv`
     acceptance needs the target's top-k at the same temperature: refused in one line otherwise."""
-    from specauf.losses import WEIGHTS, per_position_ce, weighted_mean
+    from specauf.train.losses import WEIGHTS, per_position_ce, weighted_mean
 
     params = TrainParams(**{**BASE, "variants": ["dpace"], "loss_normalization": "block"})
     t = trainer(params, tiny_model, data["offline"], variant="dpace")
@@ -575,7 +594,7 @@ def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
     loss, _ = t.loss(t.drafter, batch, step=0)
     logits, labels, validity = t.forward(t.drafter, batch)
     ce = per_position_ce(logits, labels)
-    w = WEIGHTS["dpace"](logits, labels, validity, ce, {"dpace_alpha": params.dpace_alpha})  # differs per block
+    w = WEIGHTS["dpace"](logits, labels, validity, ce, t.loss_options, None)  # differs per block
     assert torch.allclose(loss, weighted_mean(ce, w, "block"))
     assert not torch.allclose(loss, weighted_mean(ce, w, "batch"))
     with pytest.raises(UserError, match=r"train\.soft_auf_acceptance 'tv' needs the target's top-k distribution, "

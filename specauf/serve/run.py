@@ -1,0 +1,170 @@
+"""Each trained drafter served by a serving engine (serve.engine: llama.cpp), measured on the eval's
+timed prompts; the engine sits behind specauf/serve/engines.py.
+
+Why in the pipeline: a CPU user decodes with llama.cpp, not with our transformers loop, so the
+question "what does this drafter buy" has a second answer there. On the prompts the eval times
+(`eval.prompts_per_set` per set, `eval.max_new_tokens`), interleaved per prompt on one thread:
+plain greedy, draft-dflash at each eval block size B (llama.cpp drafts B-1 tokens per cycle), and
+llama.cpp's own n-gram speculation as a peer. Every speculative output must equal plain greedy
+(the eval's exactness gate). With the f32 target GGUF (the eval's numerics) llama.cpp's tau is put
+beside our decode's tau on the same prompts; the original (quantised) GGUF shows what a user gets.
+
+One layout difference is known and stated in the metrics: llama.cpp runs a cycle of n guesses as
+an (n+1)-token block (our eval.block_layout `short`); the eval's default layout `trained` runs the
+trained B-token block and keeps n. At B = train.block_size the two are the same block.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from specauf.artifacts import ArtifactError, iter_shards, read_json, read_manifest
+from specauf.errors import ExactnessError
+from specauf.serve.engines import Engine, Served, engine_for
+from specauf.serve.gguf_export import TARGET_FILES
+from specauf.runtime import progress
+
+log = logging.getLogger("specauf")
+
+
+def timed_prompts(tokenizer, prompts_dir: Path, eval_params) -> list[dict]:
+    """The eval's timed prompts as chat-template text: [{set, prompt_id, text}], in the eval's order.
+
+    llama.cpp parses special tokens anywhere in the text it is given, so a prompt whose own text
+    holds one (`<|im_start|>`, the MASK string) would be served with forged markup: it is left
+    out, with a warning (our decoder tokenizes such text as text: generation.encode_chat)."""
+    from specauf.data.generation import special_token_strings
+    from specauf.data.prompts import load_eval_prompts
+
+    sets = load_eval_prompts(prompts_dir, eval_params.sets)
+    specials = special_token_strings(tokenizer)
+    out = []
+    for name, rows in sets.items():
+        for row in rows[: eval_params.prompts_per_set]:
+            held = [t for t in specials if t in row["turns"][0]]
+            if held:
+                log.warning("serve: prompt %s of %s holds the special token %r as text; llama.cpp would parse it "
+                            "as markup, so it is not served", row["prompt_id"], name, held[0])
+                continue
+            messages = [{"role": "user", "content": row["turns"][0]}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out.append({"set": name, "prompt_id": row["prompt_id"], "text": text})
+    return out
+
+
+def our_greedy_texts(tokenizer, eval_rollouts_dir: Path, prompts: list[dict], n: int) -> dict[str, str]:
+    """{prompt_id: the first n tokens of our target's greedy answer, as text} (data/eval_rollouts:
+    fp32 transformers, the text tau is replayed on), for the timed prompts."""
+    want = {p["prompt_id"] for p in prompts}
+    manifest = read_manifest(eval_rollouts_dir, kind="rollouts")
+    out = {}
+    for table in iter_shards(eval_rollouts_dir, manifest):
+        for pid, resp in zip(table.column("prompt_id").to_pylist(), table.column("response_ids").to_pylist()):
+            if pid in want:
+                out[pid] = tokenizer.decode(resp[:n], skip_special_tokens=True)
+    return out
+
+
+def _pool(rows: list[dict], key: str, n_max: int | None) -> dict:
+    """Pooled speed and, for a speculative contender, tau and acceptance by position."""
+    tokens = sum(r[key]["tokens"] for r in rows)
+    secs = sum(r[key]["tokens"] / r[key]["tokens_per_s"] for r in rows)
+    out = {"tokens_per_s": tokens / secs if secs else None}
+    if n_max is not None:
+        cycles = [a for r in rows for a in r[key]["accepted"]]
+        out["cycles"] = len(cycles)
+        out["tau"] = (sum(cycles) + len(cycles)) / len(cycles) if cycles else None
+        out["acceptance"] = [sum(a > i for a in cycles) / len(cycles) if cycles else None for i in range(n_max)]
+    return out
+
+
+def serve_drafter(params, run: str, target_gguf_dir: Path, export_dir: Path, prompts: list[dict],
+                  eval_prompts_file: Path, our_greedy: dict[str, str] | None = None,
+                  engine: Engine | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, per-prompt rows) of one drafter in a serving engine (serve.engine): each target
+    GGUF, prompt and contender decoded through the Engine interface, every speculative output
+    checked against the engine's own plain greedy (check_exact fails on a difference)."""
+    sp, ep = params.serve, params.eval
+    engine = engine or engine_for(sp)
+    drafter = export_dir / engine.drafter_file(read_manifest(export_dir, kind="export"))
+    if not drafter.is_file():
+        raise ArtifactError(f"{drafter}: missing (rerun the export stage with serve.engine {engine.name})")
+    sizes = ep.speculative_block_sizes
+    ours = {(r["set"], r["prompt_id"]): r for r in read_json(eval_prompts_file)["decoded"]}
+    targets, rows, mismatches = {}, [], []
+    n = ep.max_new_tokens
+    longest = max([b - 1 for b in sizes] + ([sp.ngram_n_max] if sp.ngram else []))
+    served = [t for t in sp.targets if (target_gguf_dir / TARGET_FILES[t]).is_file()]  # no `source` for a non-GGUF target
+    if not served:
+        raise ArtifactError(f"{target_gguf_dir}: none of serve.targets {sp.targets} (rerun the target_gguf stage)")
+    contenders = [(f"b{b}", drafter, b - 1, "draft-dflash") for b in sizes]
+    if sp.ngram:
+        contenders.append(("ngram", None, sp.ngram_n_max, sp.ngram))
+    with progress(total=len(served) * len(prompts), desc=f"serve {run}", unit="prompt") as bar:
+        for name in served:
+            model = target_gguf_dir / TARGET_FILES[name]
+            t_rows = []
+            for p in prompts:
+                # long enough to hold every speculative run (they overshoot n by up to n_max + 1)
+                plain = engine.plain(model, p["text"], n + longest + 1)
+                row = {"target": name, "set": p["set"], "prompt_id": p["prompt_id"],
+                       "plain": {"tokens": plain.tokens, "tokens_per_s": plain.tokens_per_s}}
+                if name == "f32" and our_greedy and p["prompt_id"] in our_greedy:  # the engine's f32 target is ours?
+                    row["plain"]["equals_our_greedy"] = plain.text.startswith(our_greedy[p["prompt_id"]])
+                for key, draft, n_max, kind in contenders:
+                    spec = engine.speculative(model, draft, p["text"], n, n_max, kind)
+                    row[key] = compare_with_plain(plain, spec, n)
+                    if not row[key]["equals_plain"]:
+                        mismatches.append(f"{name}/{p['set']}/{p['prompt_id']} ({key})")
+                t_rows.append(row)
+                bar.update(1)
+            targets[name] = pooled_section(t_rows, contenders, sizes, ours if name == "f32" else None)
+            rows += t_rows
+    metrics = {**engine.describe(), "prompts": len(prompts), "max_new_tokens": n,
+               "block_layout": "short (an (n+1)-token block per cycle of n guesses)",
+               "targets": targets, "exactness": {"checked": len(rows), "mismatches": mismatches}}
+    if "f32" in targets and "source" in targets:
+        metrics["quantisation_tau_drop"] = {f"b{b}": targets["f32"][f"b{b}"]["tau"] - targets["source"][f"b{b}"]["tau"]
+                                            for b in sizes if targets["f32"][f"b{b}"]["tau"] and targets["source"][f"b{b}"]["tau"]}
+    return metrics, rows
+
+
+def compare_with_plain(plain: Served, spec: Served, n: int) -> dict:
+    """One speculative run's row: speed, cycles, and whether its text is the engine's plain greedy
+    text (a prefix of it: a speculative run may stop past n, the plain one ran longer)."""
+    same = spec.runs_agree and plain.text.startswith(spec.text) and (spec.tokens > n or plain.text == spec.text)
+    row = {"tokens": spec.tokens, "tokens_per_s": spec.tokens_per_s, "accepted": spec.accepted, "equals_plain": same}
+    if not same:
+        at = next((i for i, (a, b) in enumerate(zip(plain.text, spec.text)) if a != b), min(len(plain.text), len(spec.text)))
+        row["first_difference"] = {"char": at, "plain": plain.text[max(0, at - 20):at + 30],
+                                   "speculative": spec.text[max(0, at - 20):at + 30]}
+    return row
+
+
+def pooled_section(t_rows: list[dict], contenders: list[tuple], sizes: list[int], ours: dict | None) -> dict:
+    """One target's pooled figures per contender; with `ours` (the f32 target: our numerics), the
+    agreement with our greedy answers and our decoded tau beside the engine's."""
+    section = {"plain": _pool(t_rows, "plain", None)}
+    for key, _, n_max, _ in contenders:
+        section[key] = _pool(t_rows, key, n_max)
+        section[key]["speedup"] = section[key]["tokens_per_s"] / section["plain"]["tokens_per_s"]
+    if ours is not None:
+        checked = [r["plain"]["equals_our_greedy"] for r in t_rows if "equals_our_greedy" in r["plain"]]
+        section["plain"]["our_greedy_agreement"] = {"equal": sum(checked), "prompts": len(checked)}
+        for b in sizes:
+            mine = [ours[(r["set"], r["prompt_id"])][f"b{b}"] for r in t_rows if (r["set"], r["prompt_id"]) in ours]
+            tau_ours = sum(m["emitted"] for m in mine) / sum(m["cycles"] for m in mine) if mine else None
+            section[f"b{b}"]["tau_ours_decoded"] = tau_ours
+            section[f"b{b}"]["tau_minus_ours"] = (section[f"b{b}"]["tau"] - tau_ours
+                                                   if tau_ours and section[f"b{b}"]["tau"] else None)
+    return section
+
+
+def check_exact(metrics: dict, gate: bool) -> None:
+    """serve.exactness_gate: the engine's speculative outputs against its plain greedy ones."""
+    bad = metrics.get("exactness", {}).get("mismatches", [])
+    engine = metrics.get("engine", "the engine")
+    if bad and gate:
+        raise ExactnessError(f"{engine} speculative output differs from its plain greedy output: {', '.join(bad[:5])}")
+    if bad:
+        log.warning("%s speculative output differs from plain greedy: %s", engine, ", ".join(bad[:5]))

@@ -1,0 +1,90 @@
+"""The serving-engine seam (specauf/serve/engines.py): the serve stage's loop, exactness check and
+pooling run through the Engine interface, whatever engine sits behind it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specauf.artifacts import write_json
+from specauf.config import Params
+from specauf.errors import ExactnessError
+from specauf.serve.engines import ENGINES, LlamaCppEngine, Served
+from specauf.serve.gguf_export import TARGET_FILES
+from specauf.serve.run import check_exact, serve_drafter
+
+TEXT = "one two three four five six seven eight nine ten"
+
+
+class ScriptedEngine:
+    """An engine that answers from a script: plain greedy is TEXT; speculative runs accept two
+    guesses a cycle and return TEXT's prefix, except where `wrong` names the contender."""
+    name = "scripted"
+
+    def __init__(self, wrong: set[int] = frozenset(), disagree: bool = False):
+        self.wrong, self.disagree, self.calls = wrong, disagree, []
+
+    def describe(self):
+        return {"engine": self.name, "version": "1"}
+
+    def drafter_file(self, export_manifest):
+        return "drafter.bin"
+
+    def plain(self, model, prompt, n):
+        self.calls.append(("plain", model.name, n))
+        return Served(TEXT, 10, 100.0)
+
+    def speculative(self, model, drafter, prompt, n, n_max, kind):
+        self.calls.append((kind, model.name, n_max))
+        text = TEXT.replace("five", "FIVE") if n_max in self.wrong else TEXT[: 5 * n]
+        return Served(text, n + 1, 150.0, accepted=[2, 2, 1], runs_agree=not self.disagree)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    params = Params.model_validate({"eval": {"block_sizes": [2, 4], "prompts_per_set": 1, "max_new_tokens": 4,
+                                             "replay_max_new_tokens": 8},
+                                    "serve": {"targets": ["f32"], "ngram": None}})
+    gguf = tmp_path / "target_gguf"
+    gguf.mkdir()
+    (gguf / TARGET_FILES["f32"]).write_bytes(b"gguf")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "drafter.bin").write_bytes(b"d")
+    write_json(export / "manifest.json", {"schema_version": 1, "kind": "export"})
+    decoded = [{"set": "s", "prompt_id": "a", "b2": {"emitted": 6, "cycles": 4}, "b4": {"emitted": 8, "cycles": 4}}]
+    (tmp_path / "prompts.json").write_text(json.dumps({"decoded": decoded}))
+    prompts = [{"set": "s", "prompt_id": "a", "text": "hi"}]
+    return params, gguf, export, prompts, tmp_path / "prompts.json"
+
+
+def test_the_serve_loop_runs_any_engine_and_pools_once(inputs):
+    params, gguf, export, prompts, decoded = inputs
+    engine = ScriptedEngine()
+    metrics, rows = serve_drafter(params, "auf-0", gguf, export, prompts, decoded, {"a": "one two"}, engine=engine)
+    assert [c[0] for c in engine.calls] == ["plain", "draft-dflash", "draft-dflash"]
+    assert metrics["engine"] == "scripted" and metrics["version"] == "1" and metrics["exactness"]["mismatches"] == []
+    b4 = metrics["targets"]["f32"]["b4"]
+    assert b4["tau"] == (5 + 3) / 3 and b4["acceptance"] == [1.0, 2 / 3, 0.0] and b4["speedup"] == 1.5
+    assert b4["tau_ours_decoded"] == 2.0 and metrics["targets"]["f32"]["plain"]["our_greedy_agreement"] == {"equal": 1, "prompts": 1}
+    check_exact(metrics, gate=True)
+
+
+@pytest.mark.parametrize("engine", [ScriptedEngine(wrong={3}), ScriptedEngine(disagree=True)], ids=["other text", "runs disagree"])
+def test_an_output_that_leaves_plain_greedy_fails_the_gate_for_any_engine(inputs, engine):
+    params, gguf, export, prompts, decoded = inputs
+    metrics, rows = serve_drafter(params, "auf-0", gguf, export, prompts, decoded, engine=engine)
+    assert "f32/s/a (b4)" in metrics["exactness"]["mismatches"]
+    assert rows[0]["b4"]["equals_plain"] is False
+    with pytest.raises(ExactnessError, match=r"^scripted speculative output differs from its plain greedy output: .*f32/s/a \(b4\)"):
+        check_exact(metrics, gate=True)
+
+
+def test_llama_cpp_is_registered_and_says_what_it_ran():
+    from specauf.serve import llamacpp
+
+    assert ENGINES["llama.cpp"] is LlamaCppEngine
+    e = LlamaCppEngine(threads=1)
+    assert e.describe() == {"engine": "llama.cpp", "llama_cpp_commit": llamacpp.SDIST_COMMIT, "threads": 1,
+                            "run_flags": list(llamacpp.RUN_FLAGS)}
+    assert e.drafter_file({"gguf": {"file": "x.gguf"}}) == "x.gguf" and e.drafter_file({}) == "drafter.gguf"
