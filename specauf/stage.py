@@ -12,7 +12,7 @@ from pathlib import Path
 from specauf.artifacts import hash_obj, versions
 from specauf.config import Params, parse_run_name, section_dict
 from specauf.errors import UserError
-from specauf.params_file import load_params, read_params_yaml
+from specauf.params_file import parse_params, read_params_yaml
 
 
 @contextlib.contextmanager
@@ -150,7 +150,7 @@ def stage_main(name: str, run, add_args=None, argv=None) -> None:
     setup_logging(name)
     with one_line_errors():
         started_with = read_params_yaml(args.params)
-        params = load_params(args.params)
+        params = parse_params(started_with, str(args.params))  # the file read once: validated and kept to compare
         same_params_through_the_repro(args.params, started_with)
         run(params, args)
         unchanged_since(args.params, started_with, "this stage ran")

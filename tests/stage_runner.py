@@ -142,6 +142,15 @@ def expect_error(ws: Workspace, stage: str, message: str, params: Path | None = 
     return err[0]
 
 
+def train_on_labels(ws: "Workspace", labels: Path, tmp_path: Path) -> tuple[int, list[str], Path]:
+    """The train stage on a labels folder of the test's own (its outputs under tmp_path):
+    (exit code, stderr lines, the drafter folder it would write)."""
+    out = tmp_path / "drafter"
+    code, err = ws.run("train", labels=str(labels), out=str(out), work=str(tmp_path / "work"),
+                       metrics=str(tmp_path / "metrics"))
+    return code, err, out
+
+
 def save_drafter(out: Path, target_dir: Path, **overrides) -> None:
     """A drafter folder as the train stage writes it (untrained: eval's checks come before decoding)."""
     from transformers import AutoConfig

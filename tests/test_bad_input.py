@@ -23,7 +23,7 @@ import torch
 
 from specauf import artifacts
 from tests.conftest import ROOT
-from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot
+from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot, train_on_labels
 
 
 @pytest.fixture(scope="module")
@@ -440,9 +440,7 @@ def test_a_nan_loss_from_damaged_labels_names_the_labels(ws, tmp_path):
         (labels / entry["file"]).unlink()
         manifest["shards"][t] = {**entry, **write_table(labels / entry["file"], table)}
     write_json(labels / "manifest.json", manifest)
-    out = tmp_path / "drafter"
-    code, err = ws.run("train", labels=str(labels), out=str(out), work=str(tmp_path / "work"),
-                       metrics=str(tmp_path / "metrics"))
+    code, err, out = train_on_labels(ws, labels, tmp_path)
     assert code == 2 and len(err) == 1, err
     assert re.match(r"error: train: the loss is nan at step 1 because the labels' context_features hold NaN or inf: "
                     r"the labels are damaged, not train\.lr; rebuild them with `dvc repro -f labels`", err[0]), err

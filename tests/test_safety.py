@@ -21,7 +21,7 @@ import yaml
 from specauf import artifacts
 from specauf.artifacts import ArtifactError, atomic_dir, claim_work_dir
 from tests.conftest import ROOT, dvc, git_dvc_workspace
-from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot
+from tests.stage_runner import built_workspace, expect_error, prompts_jsonl, save_drafter, snapshot, train_on_labels
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +341,7 @@ def test_hand_edited_layer_ids_are_caught(ws, tmp_path):
     assert m["layer_ids"] == [0, 2]
     m["layer_ids"] = [0, 3]
     (labels / "manifest.json").write_text(json.dumps(m))
-    out = tmp_path / "drafter"
-    code, err = ws.run("train", labels=str(labels), out=str(out), work=str(tmp_path / "work"),
-                       metrics=str(tmp_path / "metrics"))
+    code, err, out = train_on_labels(ws, labels, tmp_path)
     assert code == 2 and len(err) == 1, err
     assert re.match(r"error: .*labels/manifest\.json: layer_ids \[0, 3\] do not describe the stored features "
                     r"\(layer 3: relative difference [0-9.e+-]+ from the target's own\)", err[0]), err
