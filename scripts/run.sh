@@ -4,10 +4,12 @@
 #   bash scripts/run.sh test [pytest args]          install, then run the test suite
 #   bash scripts/run.sh install                     install only
 #   bash scripts/run.sh llamacpp [--server]         install, then build llama.cpp's tools (pinned sdist, cached)
+#   bash scripts/run.sh vllm                        install, then install vLLM into a venv of its own (pinned, cached)
 #   bash scripts/run.sh preset NAME DIR [args]      install (with the preset's optional extra), then `dvc repro`
 #                                                   presets/NAME.yaml in a fresh workspace DIR
-# pipeline and test build llama.cpp's tools too (once per machine, several CPU minutes): the serve
-# stage and the llama.cpp tests run them.
+# pipeline and test build llama.cpp's tools and install vLLM too (once per machine: several CPU
+# minutes, and 3-4 GB for vLLM): the serve stages and their tests run them. A pipeline whose params
+# turn an engine off (serve.engine none, vllm.serve false) skips it.
 # Installing is idempotent: a stamp holding the hash of pyproject.toml and this script skips it
 # when nothing changed.
 set -euo pipefail
@@ -15,6 +17,16 @@ cd "$(dirname "$0")/.."
 VENV=${SPECAUF_VENV:-.venv}
 case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 PY=${PYTHON:-python3}
+
+# Build or install the serving engines the params file in the current directory uses.
+engines() {
+  if python -c "import sys; from specauf.params_file import load_params; sys.exit(load_params('params.yaml').serve.engine != 'llama.cpp')"; then
+    specauf llamacpp install --server >/dev/null
+  fi
+  if python -c "import sys; from specauf.params_file import load_params; sys.exit(not load_params('params.yaml').vllm.serve)"; then
+    specauf vllm install >/dev/null
+  fi
+}
 
 install() {
   local want
@@ -43,9 +55,7 @@ case "$cmd" in
     [ -d .git ] || { echo "error: run from a git clone (DVC needs git)" >&2; exit 2; }
     # Validate before DVC starts: DVC deletes a stage's outputs before the stage can refuse its params.
     specauf check-params params.yaml >/dev/null || exit 2
-    if python -c "import sys; from specauf.params_file import load_params; sys.exit(load_params('params.yaml').serve.engine != 'llama.cpp')"; then
-      specauf llamacpp install --server >/dev/null
-    fi
+    engines
     dvc repro "$@"
     # DVC exits 0 on some failures it only warns about (an output it could not cache on a full disk)
     specauf verify
@@ -63,19 +73,22 @@ case "$cmd" in
     specauf new "$dest" --preset "$name"
     cd "$dest"
     specauf check-params params.yaml >/dev/null || exit 2
-    if python -c "import sys; from specauf.params_file import load_params; sys.exit(load_params('params.yaml').serve.engine != 'llama.cpp')"; then
-      specauf llamacpp install --server >/dev/null
-    fi
+    engines
     dvc repro "$@"
     ;;
   llamacpp)
     install
     "$VENV/bin/specauf" llamacpp install "$@"
     ;;
+  vllm)
+    install
+    "$VENV/bin/specauf" vllm install
+    ;;
   test)
     install
     export PATH="$VENV/bin:$PATH"
     specauf llamacpp install >/dev/null
+    specauf vllm install >/dev/null
     set +e
     python -m pytest "$@"
     rc=$?
@@ -84,5 +97,5 @@ case "$cmd" in
     [ "$rc" -eq 5 ] && echo "error: no tests were collected" >&2
     exit "$rc"
     ;;
-  *) echo "usage: bash scripts/run.sh {pipeline|test|install|llamacpp|preset} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/run.sh {pipeline|test|install|llamacpp|vllm|preset} [args]" >&2; exit 2 ;;
 esac

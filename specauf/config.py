@@ -233,6 +233,26 @@ class ServeParams(Section):
         return v
 
 
+class VllmParams(Section):
+    serve: bool = True
+    """Run stage `serve_vllm`: each trained drafter served by vLLM's own DFlash (`bash scripts/run.sh
+    vllm` installs vLLM into a venv of its own, once per machine), its tau from vLLM's counters
+    checked against our replay on the same prompts (the served-equals-evaluated gate). false = skip
+    (no install; the stage writes `{"engine": "none"}`)."""
+    batch_prompts_per_set: int = Field(8, ge=1)
+    """The first this many eval prompts of each set are served all at once (continuous batching,
+    the regime vLLM is for), eval.replay_max_new_tokens each: throughput plain vs DFlash, and the
+    prompts the gate compares vLLM's tau with our replay's on."""
+    tau_tolerance: float = Field(0.02, gt=0.0, le=1.0)
+    """The gate: |vLLM's tau - our replay's tau| over the batch prompts, at every block size, at
+    most this (pooled, both counting the bonus token). Measured on the default run: within 0.004
+    (fp32 numerics of two engines); a broken export (layer ids, draft vocabulary, MASK id, block
+    convention) is off by far more: docs/benchmarks.md, "Served by vLLM"."""
+    gate: bool = True
+    """Fail the stage when the gate fails or a vLLM DFlash output differs from vLLM's plain greedy
+    (recorded either way)."""
+
+
 class Params(Section):
     base: BaseParams = BaseParams()
     """Shared settings."""
@@ -252,6 +272,8 @@ class Params(Section):
     """Stage `eval` (one per trained drafter)."""
     serve: ServeParams = ServeParams()
     """Stages `target_gguf` and `serve` (each trained drafter in a serving engine) and the GGUF export."""
+    vllm: VllmParams = VllmParams()
+    """Stage `serve_vllm` (each trained drafter served by vLLM, checked against the replay)."""
 
     @model_validator(mode="after")
     def _cross(self):

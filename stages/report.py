@@ -12,7 +12,8 @@ from specauf.report.run import write_report
 def run(params, args):
     result = write_report(args.eval_metrics, args.train_metrics, list(params.train.variants), args.out,
                           seeds=list(params.train.seeds), resamples=params.eval.bootstrap_resamples,
-                          serve_dir=args.serve_metrics, target_manifest=read_manifest(args.target, kind="target"))
+                          serve_dir=args.serve_metrics, target_manifest=read_manifest(args.target, kind="target"),
+                          serve_vllm_dir=args.serve_vllm_metrics)
     for claim in result["claims"].values():
         print(f"{claim['label']}: {claim['status']}")
     print(f"wrote {args.out}/report.md and {args.out}/acceptance.png")
@@ -24,6 +25,7 @@ def add_args(p):
     p.add_argument("--eval-metrics", default="metrics/eval")
     p.add_argument("--train-metrics", default="metrics/train")
     p.add_argument("--serve-metrics", default="metrics/serve", help="the serve stages' metrics (a table when present)")
+    p.add_argument("--serve-vllm-metrics", default="metrics/serve_vllm", help="the serve_vllm stages' metrics (a table when present)")
 
 
 def main():

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from specauf.artifacts import write_json
 from specauf.config import run_name
-from specauf.serve.run import check_exact, our_greedy_texts, serve_drafter, timed_prompts
+from specauf.serve.run import check_exact, gguf_models, our_greedy_texts, serve_drafter, timed_prompts
 from specauf.stage import add_run_args, stage_main, stage_run
 
 
@@ -22,7 +22,7 @@ def run(params, args):
         tokenizer = AutoTokenizer.from_pretrained(args.target)
         prompts = timed_prompts(tokenizer, Path(args.prompts), params.eval)
         greedy = our_greedy_texts(tokenizer, Path(args.eval_rollouts), prompts, params.eval.max_new_tokens)
-        metrics, rows = serve_drafter(params, run, Path(args.target_gguf), Path(args.export or f"data/export/{run}"),
+        metrics, rows = serve_drafter(params, run, gguf_models(Path(args.target_gguf), params.serve), Path(args.export or f"data/export/{run}"),
                                       prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"), greedy)
         check_exact(metrics, params.serve.exactness_gate)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)

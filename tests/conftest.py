@@ -162,13 +162,32 @@ def copy_workspace(src: Path, dest: Path) -> Path:
     return dest
 
 
+def decisive_model(config, seed: int = 0):
+    """A random causal LM whose greedy choices are decisive: far from ties, so two engines' float
+    orders (ggml's, vLLM's kernels) pick the same tokens as transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5)
+        # over 49k tokens the top two logits of a random head are often within 1e-4 (relative), which
+        # llama.cpp's float order can flip; rows of log-normal norms put the top far ahead (>= 3e-3)
+        head = model.get_output_embeddings().weight
+        head.mul_(torch.exp(2.0 * torch.randn(head.shape[0], 1)))
+    return model
+
+
 @pytest.fixture(scope="session")
 def llama_target(tmp_path_factory):
     """(target dir, its f32 GGUF) for the llama.cpp tests: a random 4-layer Llama with SmolLM2's
     real tokenizer (llama.cpp's converter knows it; a tokenizer trained for a test is not one it
     knows), materialised by the target stage's own code and converted by llama.cpp's converter.
     Skipped, with the command that builds it, where llama.cpp is not built."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from specauf.serve import llamacpp
     from specauf.config import TargetParams
@@ -185,17 +204,7 @@ def llama_target(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     config = tiny_config("llama", vocab_size=len(tok), hidden_size=64, num_layers=4, rope_theta=50000.0,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # decisive greedy choices: far from ties, robust to ggml's float order
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.5)
-        # over 49k tokens the top two logits of a random head are often within 1e-4 (relative), which
-        # llama.cpp's float order can flip; rows of log-normal norms put the top far ahead (>= 3e-3)
-        head = model.get_output_embeddings().weight
-        head.mul_(torch.exp(2.0 * torch.randn(head.shape[0], 1)))
+    model = decisive_model(config)
     model.save_pretrained(root / "src", safe_serialization=True)
     tok.save_pretrained(root / "src")
     target = root / "target"

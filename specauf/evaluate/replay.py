@@ -84,6 +84,32 @@ def walk(response: list[int], guesses, block_size: int, max_new_tokens: int, sto
             "lengths": lengths}
 
 
+def serving_walk(response: list[int], guesses, n_max: int, max_new_tokens: int, stops: set[int]) -> dict:
+    """One prompt's cycles in a serving engine's books (vLLM's counters): every cycle drafts n_max
+    guesses, also in the last one, and counts every guess it accepts, also those past
+    max_new_tokens that the engine then cuts; tau = 1 + accepted / cycles. Our walk above never
+    drafts past the end, so on short answers with good acceptance the two differ by up to n_max
+    per prompt: the gate compares like with like. `response` must run n_max tokens past
+    max_new_tokens (or end with a stop token)."""
+    accepted, cycles, c = [0] * n_max, 0, 1
+    stopped = not response or response[0] in stops
+    while not stopped and c < max_new_tokens:
+        g = guesses(c, n_max)
+        n_acc = 0
+        while n_acc < n_max and c + n_acc < len(response) and g[n_acc] == response[c + n_acc]:
+            n_acc += 1
+        if n_acc < n_max and c + n_acc >= len(response) and response[-1] not in stops:
+            raise ArtifactError(f"replay: the greedy answer ends after {len(response)} tokens, before the guesses of a "
+                                f"cycle at {c} with {n_max} guesses were checked")
+        for i in range(n_acc):
+            accepted[i] += 1
+        emitted = response[c: c + n_acc + 1]
+        stop_at = next((i for i, t in enumerate(emitted) if t in stops), None)
+        stopped = stop_at is not None
+        c, cycles = c + (stop_at + 1 if stopped else len(emitted)), cycles + 1
+    return {"cycles": cycles, "accepted": accepted}
+
+
 def _feature_columns(drafter, layer_ids: list[int], hidden_size: int, where: str) -> torch.Tensor | None:
     """Columns of the stored features the drafter reads (None: all of them, in order)."""
     want = drafter.target_layer_ids
@@ -97,10 +123,11 @@ def _feature_columns(drafter, layer_ids: list[int], hidden_size: int, where: str
 
 
 def replay_drafter(drafter, target, answers: LabelsDataset | str, prompt_set: dict[str, str], block_sizes: list[int], layout: str,
-                   max_new_tokens: int, stop_ids: list[int], desc: str = "replay") -> list[dict]:
+                   max_new_tokens: int, stop_ids: list[int], desc: str = "replay", served: bool = False) -> list[dict]:
     """Per prompt of `prompt_set` ({prompt_id: set name}) and block size: emitted, cycles, attempted,
     accepted, emitted-length histogram, over the first max_new_tokens of its greedy answer.
-    `answers`: stage eval_labels' output, opened (its checksums verified once per stage) or a path."""
+    `answers`: stage eval_labels' output, opened (its checksums verified once per stage) or a path.
+    served: in a serving engine's books instead (serving_walk: cycles, accepted by position)."""
     if layout not in BLOCK_LAYOUTS:
         raise ValueError(f"block layout {layout!r} is not one of {BLOCK_LAYOUTS}")
     data = answers if isinstance(answers, LabelsDataset) else LabelsDataset(answers)
@@ -129,6 +156,11 @@ def replay_drafter(drafter, target, answers: LabelsDataset | str, prompt_set: di
             for b in block_sizes:
                 if b == 1:
                     continue
+                if served:  # every cycle drafts b - 1 guesses, the last one too
+                    table = _table(drafter, embed, head, ids, feats, P, len(response), M, b - 1,
+                                   (lambda n: B) if layout == "trained" else (lambda n: n + 1), full=True)
+                    row[f"b{b}"] = serving_walk(response, lambda c, n: table[c][:n], b - 1, M, stops)
+                    continue
                 if layout == "trained":  # one forward serves every block size: the first n of B - 1 guesses
                     if trained is None:
                         trained = _table(drafter, embed, head, ids, feats, P, len(response), M, B - 1, lambda n: B)
@@ -141,12 +173,15 @@ def replay_drafter(drafter, target, answers: LabelsDataset | str, prompt_set: di
     return rows
 
 
-def _table(drafter, embed, head, ids, feats, P: int, R: int, M: int, n_max: int, width) -> dict[int, np.ndarray]:
-    """{committed c: guesses} for every c the walk can reach with guesses to propose."""
-    cs = [c for c in range(1, min(R, M)) if guesses_per_block(n_max, M, c) > 0]
+def _table(drafter, embed, head, ids, feats, P: int, R: int, M: int, n_max: int, width,
+           full: bool = False) -> dict[int, np.ndarray]:
+    """{committed c: guesses} for every c the walk can reach with guesses to propose (full: n_max
+    guesses at every c, as a serving engine drafts)."""
+    n_at = (lambda c: n_max) if full else (lambda c: guesses_per_block(n_max, M, c))
+    cs = [c for c in range(1, min(R, M)) if n_at(c) > 0]
     if not cs:
         return {}
-    widths = [width(guesses_per_block(n_max, M, c)) for c in cs]
+    widths = [width(n_at(c)) for c in cs]
     g = anchor_guesses(drafter, embed, head, ids, feats, [P + c - 1 for c in cs], widths, n_max)
     return dict(zip(cs, g))
 

@@ -274,6 +274,51 @@ def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
     return L
 
 
+def vllm_lines(serve_dir: str | Path, data: dict) -> list[str]:
+    """"Served by vLLM": each run's serve_vllm metrics (metrics/serve_vllm/RUN.json), when present."""
+    found = {label: read_json(Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json") for label, d in data.items()
+             if (Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json").is_file()}
+    found = {k: v for k, v in found.items() if v.get("engine") == "vllm"}
+    if not found:
+        return []
+    m0 = next(iter(found.values()))
+    sizes = sorted({int(k[1:]) for m in found.values() for k in m["batch"] if k[1:].isdigit()})
+    batch = m0["batch"]
+    L = ["## Served by vLLM", "",
+         f"vLLM {m0['vllm_version']} ({m0['package']}, its own DFlash: `speculative_config` method `dflash`, "
+         f"num_speculative_tokens = B - 1), {m0['dtype']}, {m0['threads']} thread, loading data/export as it is. One "
+         f"request at a time: the eval's {m0['prompts']} timed prompts, {m0['max_new_tokens']} new tokens (tau (ours) = "
+         f"our decode's tau on them). All at once: the first {batch['prompts']} eval prompts "
+         f"({batch['max_new_tokens']} new tokens), where vLLM's tau (from its counters: 1 + accepted per draft, "
+         "the bonus token counted as ours counts it) must equal our replay of the trained drafter on the same "
+         f"prompts within {batch['tolerance']} (the served-equals-evaluated gate). Speedup = tokens/s over vLLM's "
+         "plain greedy, same engine settings.", ""]
+    rows = []
+    for label, m in found.items():
+        t, b = m["targets"]["f32"], m["batch"]
+        cells = [label, _fmt(t["plain"]["tokens_per_s"], 1)]
+        for k in sizes:
+            c = t.get(f"b{k}") or {}
+            cells.append(f"{_fmt(c.get('tau'))} ({_fmt(c.get('tau_ours_decoded'))}), {_fmt(c.get('speedup'), 2)}x")
+        cells.append(_fmt(b["plain"]["tokens_per_s"], 1))
+        for k in sizes:
+            c = b.get(f"b{k}") or {}
+            cells.append(f"{_fmt(c['vllm']['tau'])} / {_fmt(c['replay']['tau'])} ({c['tau_difference']:+.4f}), "
+                         f"{_fmt(c.get('speedup'), 2)}x" if c else "–")
+        rows.append(cells)
+    L += _table(["run", "1 request: plain tokens/s", *(f"B={k}: tau (ours), speedup" for k in sizes),
+                 f"{batch['prompts']} at once: plain tokens/s", *(f"B={k}: tau vLLM / replay (diff), speedup" for k in sizes)], rows)
+    def exact(m):
+        batch_bad = sum(len(m["batch"][f"b{k}"]["outputs_differing_from_plain"]) for k in sizes if f"b{k}" in m["batch"])
+        a, g = m["targets"]["f32"]["plain"].get("our_greedy_agreement"), m["batch"]["plain"]["our_greedy_agreement"]
+        return (("every DFlash output equals vLLM's plain greedy" if not m["exactness"]["mismatches"] and not batch_bad
+                 else f"{len(m['exactness']['mismatches']) + batch_bad} DFlash outputs leave vLLM's plain greedy")
+                + (f"; vLLM's plain greedy equals our target's on {a['equal']}/{a['prompts']} timed and "
+                   f"{g['equal']}/{g['prompts']} batch prompts" if a else ""))
+    L += ["Exactness: " + "; ".join(f"{label}: {exact(m)}" for label, m in found.items()) + ".", ""]
+    return L
+
+
 def _tau_ci(d: dict, k: int, set_name: str | None, resamples: int) -> str:
     ci = tau_interval(d, k, set_name, resamples)
     return "–" if ci is None else f"{ci['value']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"

@@ -16,7 +16,7 @@ from specauf.report.claims import goals, named_claims
 from specauf.config import run_name
 from specauf.errors import UserError
 from specauf.report.figures import overlay_rows, plot_acceptance
-from specauf.report.render import render_markdown, served_lines
+from specauf.report.render import render_markdown, served_lines, vllm_lines
 
 
 # ------------------------------------------------------------------------------ loading
@@ -77,14 +77,16 @@ def target_line(manifest: dict) -> str:
 
 def write_report(eval_dir: str | Path, train_dir: str | Path, variants: list[str], out_dir: str | Path,
                  seeds: list[int] = (0,), resamples: int = evidence.RESAMPLES, serve_dir: str | Path | None = None,
-                 target_manifest: dict | None = None) -> dict:
+                 target_manifest: dict | None = None, serve_vllm_dir: str | Path | None = None) -> dict:
     """Read every run's metrics, write out_dir/report.md and out_dir/acceptance.png (whole or not
     at all); return the claims and goals."""
     data = load_inputs(eval_dir, train_dir, variants, seeds)
     text = render_markdown(data, resamples)
     if target_manifest is not None:
         text = text.replace("# spec-auf report\n\n", f"# spec-auf report\n\n{target_line(target_manifest)}\n\n", 1)
-    if serve_dir is not None and (served := served_lines(serve_dir, data)):
+    served = (served_lines(serve_dir, data) if serve_dir is not None else []) + \
+        (vllm_lines(serve_vllm_dir, data) if serve_vllm_dir is not None else [])
+    if served:
         text = text.replace("## Runs: exactness gate and machine", "\n".join(served) + "\n## Runs: exactness gate and machine", 1)
     overlays = overlay_rows(data, train_dir, resamples)
     png = plot_acceptance(data, overlays["tau"])
