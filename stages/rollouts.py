@@ -34,7 +34,7 @@ def run(params, args):
         rollouts_params, sections = params.rollouts, ("base", "rollouts")
         prompts = load_prompt_set(args.prompts, "train")
 
-    group = RankGroup()
+    group, model = RankGroup(), None
     try:
         if group.world > 1 and backend != "transformers":
             raise UserError(f"rollouts.backend={backend} runs as one process: "
@@ -43,7 +43,10 @@ def run(params, args):
         if rollouts_params.backend == "vllm":
             from specauf.data.rollouts import start_vllm
 
+            import torch
+
             model, tokenizer, target = start_vllm(args.target, device, prompts, rollouts_params, seed=params.base.seed,
+                                                  threads=torch.get_num_threads(),  # base.torch_threads
                                                   trust_remote_code=params.target.trust_remote_code)
         else:
             model, tokenizer, target = load_target(args.target, device, trust_remote_code=params.target.trust_remote_code)
@@ -53,6 +56,8 @@ def run(params, args):
         run_rollouts(model, tokenizer, prompts, rollouts_params, out_dir=args.out, work_dir=args.work,
                      seed=params.base.seed, stop_ids=target["stop_token_ids"], manifest_extra=extra, group=group)
     finally:
+        if hasattr(model, "close"):  # the vLLM worker process
+            model.close()
         group.close()
 
 

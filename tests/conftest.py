@@ -212,3 +212,53 @@ def llama_target(tmp_path_factory):
     gguf = root / "f32.gguf"
     llamacpp.convert_target(target, gguf, "f32")
     return target, gguf, manifest
+
+
+@pytest.fixture(scope="session")
+def vllm_workspace(tmp_path_factory):
+    """(workspace, params) for the vLLM tests: built by our stages on a decisive tiny Llama whose
+    greedy answers loop, so a drafter learns them in a few hundred steps, acceptance is high and a
+    broken export shows. Skipped, with the command that installs it, where vLLM is not installed."""
+    import yaml
+
+    from specauf import vllm
+    from tests.stage_runner import Workspace, prompts_jsonl
+
+    if not vllm.installed():
+        pytest.skip("vLLM not installed: run `specauf vllm install`")
+    import torch
+    from specauf.config import Params
+    from specauf.serve.export import export_drafter
+    from specauf.target.tiny import build_tokenizer, tiny_config
+
+    root = tmp_path_factory.mktemp("vllm_ws")
+    tok = build_tokenizer()
+    # head_dim 64: vLLM's CPU attention has kernels for a few head sizes only (16 is refused)
+    config = tiny_config("llama", vocab_size=len(tok), hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=4,
+                         rope_theta=50000.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = decisive_model(config, seed=3)
+    with torch.no_grad():  # attention writes nothing: the next token is a function of the last one, so
+        for layer in model.model.layers:  # answers loop, and a drafter learns them in seconds
+            layer.self_attn.o_proj.weight.zero_()
+    model.save_pretrained(root / "src", safe_serialization=True)
+    tok.save_pretrained(root / "src")
+    prompts_jsonl(root / "train.jsonl", 64, "t")
+    prompts_jsonl(root / "eval.jsonl", 8, "e", [f"tell me about {w} and the number {i}" for i, w in
+                                                  enumerate("fox dog robot paint story apple river cloud".split())])
+    ws = Workspace(root)
+    over = {"target": {"source": "local", "path": str(root / "src")},
+            "prompts": {"eval": {"chat": [{"source": "jsonl", "count": 8, "path": str(root / "eval.jsonl")}]}},
+            "rollouts": {"max_new_tokens": 64},
+            "labels": {"layer_ids": [1, 2]},
+            "train": {"block_size": 4, "draft_vocab_size": 64, "anchors_per_seq": 16, "micro_batch_size": 4,
+                      "steps": 200, "lr": 3e-3, "warmup_steps": 10, "eval_every": 200, "checkpoint_every": 200,
+                      "log_every": 50},
+            "eval": {"block_sizes": [2, 4], "prompts_per_set": 2, "max_new_tokens": 16, "replay_max_new_tokens": 48},
+            "vllm": {"batch_prompts_per_set": 8}}
+    params_file = ws.params(over)
+    for stage in ("target", "prompts", "rollouts", "labels", "train", "eval_rollouts", "eval_labels", "eval"):
+        code, err = ws.run(stage, params_file)
+        assert code == 0, (stage, err)
+    export_drafter(ws / "data/drafters/auf", ws / "data/export/auf", ws / "data/target")
+    params = Params.model_validate(yaml.safe_load(params_file.read_text()))
+    return ws, params

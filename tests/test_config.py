@@ -138,6 +138,9 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "target_gguf": {"target.source", "target.gguf_package", "target.gguf_file", "serve.engine", "serve.targets"},
         # llama.cpp decodes the eval's timed prompts, at the eval's lengths and block sizes
         "serve": {"serve", "eval.sets", "eval.prompts_per_set", "eval.max_new_tokens", "eval.block_sizes"},
+        # vLLM serves the timed prompts and the batch; the replay it is checked against
+        "serve_vllm": {"vllm", "serve.threads", "target.trust_remote_code", "eval.sets", "eval.prompts_per_set",
+                       "eval.max_new_tokens", "eval.replay_max_new_tokens", "eval.block_sizes"},
         "report": {"train.variants", "train.seeds", "eval.bootstrap_resamples"},
     }
     assert set(dvc) == set(expected)

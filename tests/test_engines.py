@@ -11,7 +11,7 @@ from specauf.config import Params
 from specauf.errors import ExactnessError
 from specauf.serve.engines import ENGINES, LlamaCppEngine, Served
 from specauf.serve.gguf_export import TARGET_FILES
-from specauf.serve.run import check_exact, serve_drafter
+from specauf.serve.run import check_exact, gguf_models, serve_drafter
 
 TEXT = "one two three four five six seven eight nine ten"
 
@@ -30,14 +30,20 @@ class ScriptedEngine:
     def drafter_file(self, export_manifest):
         return "drafter.bin"
 
-    def plain(self, model, prompt, n):
-        self.calls.append(("plain", model.name, n))
-        return Served(TEXT, 10, 100.0)
+    def peers(self, serve_params):
+        return []
 
-    def speculative(self, model, drafter, prompt, n, n_max, kind):
-        self.calls.append((kind, model.name, n_max))
-        text = TEXT.replace("five", "FIVE") if n_max in self.wrong else TEXT[: 5 * n]
-        return Served(text, n + 1, 150.0, accepted=[2, 2, 1], runs_agree=not self.disagree)
+    def decode(self, model, prompts, contenders):
+        out = {}
+        for c in contenders:
+            self.calls.append((c.kind, model.name, c.n_max))
+            if c.kind == "plain":
+                out[c.key] = [Served(TEXT, 10, 100.0) for _ in prompts]
+                continue
+            text = TEXT.replace("five", "FIVE") if c.n_max in self.wrong else TEXT[: 5 * c.tokens]
+            out[c.key] = [Served(text, c.tokens + 1, 150.0, accepted=[2, 2, 1], runs_agree=not self.disagree)
+                          for _ in prompts]
+        return out
 
 
 @pytest.fixture
@@ -61,7 +67,7 @@ def inputs(tmp_path):
 def test_the_serve_loop_runs_any_engine_and_pools_once(inputs):
     params, gguf, export, prompts, decoded = inputs
     engine = ScriptedEngine()
-    metrics, rows = serve_drafter(params, "auf-0", gguf, export, prompts, decoded, {"a": "one two"}, engine=engine)
+    metrics, rows = serve_drafter(params, "auf-0", gguf_models(gguf, params.serve), export, prompts, decoded, {"a": "one two"}, engine=engine)
     assert [c[0] for c in engine.calls] == ["plain", "draft-dflash", "draft-dflash"]
     assert metrics["engine"] == "scripted" and metrics["version"] == "1" and metrics["exactness"]["mismatches"] == []
     b4 = metrics["targets"]["f32"]["b4"]
@@ -73,11 +79,19 @@ def test_the_serve_loop_runs_any_engine_and_pools_once(inputs):
 @pytest.mark.parametrize("engine", [ScriptedEngine(wrong={3}), ScriptedEngine(disagree=True)], ids=["other text", "runs disagree"])
 def test_an_output_that_leaves_plain_greedy_fails_the_gate_for_any_engine(inputs, engine):
     params, gguf, export, prompts, decoded = inputs
-    metrics, rows = serve_drafter(params, "auf-0", gguf, export, prompts, decoded, engine=engine)
+    metrics, rows = serve_drafter(params, "auf-0", gguf_models(gguf, params.serve), export, prompts, decoded, engine=engine)
     assert "f32/s/a (b4)" in metrics["exactness"]["mismatches"]
     assert rows[0]["b4"]["equals_plain"] is False
     with pytest.raises(ExactnessError, match=r"^scripted speculative output differs from its plain greedy output: .*f32/s/a \(b4\)"):
         check_exact(metrics, gate=True)
+
+
+def test_vllm_is_registered_and_turns_its_counters_into_cycles():
+    from specauf.serve.engines import VllmEngine, cycles_from_counters
+
+    assert ENGINES["vllm"] is VllmEngine and VllmEngine(1, None, [2]).drafter_file({}) == "."
+    cycles = cycles_from_counters({"drafts": 5, "accepted_per_position": [3, 1, 0]}, 3)
+    assert sorted(cycles) == [0, 0, 1, 1, 2] and (sum(cycles) + len(cycles)) / len(cycles) == 1 + 4 / 5
 
 
 def test_llama_cpp_is_registered_and_says_what_it_ran():

