@@ -135,3 +135,82 @@ def serve_with_vllm(params, run: str, target_dir: Path, prompts_dir: Path, eval_
                                         our_greedy_ids(eval_rollouts_dir, batch["prompt_ids"]), vp.tau_tolerance)
     metrics["engine_start_s"] = engine.engine_start_s
     return metrics, rows
+
+
+# The field's silent serving bugs, as an export can carry them (the fourth is a serving flag, not a
+# file): what tests/test_vllm_gate.py and benchmarks/vllm_gate.py show the gate catches.
+BROKEN = ("layer ids shifted by one", "mask token id off by one", "d2t as absolute ids",
+          "num_speculative_tokens = block size")
+
+
+def broken_export(src: Path, dest: Path, how: str) -> Path:
+    """A copy of an export with one of BROKEN's first three bugs."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    if how == BROKEN[0]:
+        config["dflash_config"]["target_layer_ids"] = [i + 1 for i in config["dflash_config"]["target_layer_ids"]]
+    elif how == BROKEN[1]:
+        config["dflash_config"]["mask_token_id"] += 1
+    elif how == BROKEN[2]:
+        state = load_file(dest / "model.safetensors")
+        state["d2t"] = state["d2t"] + torch.arange(len(state["d2t"]), dtype=state["d2t"].dtype)
+        save_file(state, dest / "model.safetensors")
+    else:
+        raise ValueError(f"not an export bug: {how!r}")
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, prompts_dir: Path,
+                         eval_rollouts_dir: Path, eval_labels_dir: Path, block_size: int, per_set: int,
+                         max_new_tokens: int, tolerance: float, scratch: Path, threads: int = 1) -> dict:
+    """The gate against BROKEN, on a real drafter: the right export and each broken one served at
+    `block_size` in one vLLM worker (the concurrent phase), each judged by check_served against our
+    replay. {case: {tau, replay_tau, tau_difference, outputs_differing_from_plain, caught (the
+    gate's line, or vLLM's error when it could not serve), passed}}; `right` must pass, the rest
+    must be caught."""
+    import torch
+
+    from specauf.data.prompts import load_eval_prompts
+    from specauf.evaluate.replay import replay_drafter
+    from specauf.serve.engines import Contender, VllmEngine
+    from specauf.serve.run import our_greedy_ids
+    from specauf.target.run import load_target
+    from specauf.train.drafter import BlockDrafter
+
+    target, tok, manifest = load_target(target_dir)
+    horizon = max_new_tokens - block_size  # room for the widest contender (B + 1 tokens a cycle)
+    batch = batch_prompts(tok, load_eval_prompts(prompts_dir, None), per_set, horizon)
+    engine = VllmEngine(threads, tok, manifest["stop_token_ids"], manifest["dtype"], batch=batch, keep_going=True)
+    exports = {how: broken_export(export_dir, scratch / f"broken{i}", how) for i, how in enumerate(BROKEN[:3])}
+    k = block_size - 1
+    engine.decode(target_dir, [], [Contender("plain", None, 0, "plain", 1), Contender("right", export_dir, k, "draft-dflash", 1),
+                                   *(Contender(how, path, k, "draft-dflash", 1) for how, path in exports.items()),
+                                   Contender(BROKEN[3], export_dir, k + 1, "draft-dflash", 1)])
+    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
+    with torch.no_grad():
+        replayed = replay_drafter(drafter, target, eval_labels_dir, dict(zip(batch["prompt_ids"], batch["sets"])),
+                                  [block_size], "short", horizon, manifest["stop_token_ids"], served=True)
+    greedy = our_greedy_ids(eval_rollouts_dir, batch["prompt_ids"])
+    key, out = f"b{block_size}", {}
+    for case in ("right", *BROKEN):
+        if case in engine.failed:
+            out[case] = {"caught": engine.failed[case].splitlines()[0], "passed": False}
+            continue
+        section = served_vs_replay({"plain": engine.batches["plain"], key: engine.batches[case]}, batch, replayed,
+                                   [block_size], greedy, tolerance)
+        v = section[key]
+        row = {"tau": v["vllm"]["tau"], "replay_tau": v["replay"]["tau"], "tau_difference": v["tau_difference"],
+               "outputs_differing_from_plain": v["outputs_differing_from_plain"], "passed": True}
+        try:
+            check_served("run", section, [], gate=True)
+        except ExactnessError as e:
+            row.update(caught=str(e), passed=False)
+        out[case] = row
+    return {"prompts": len(batch["prompt_ids"]), "max_new_tokens": horizon, "block_size": block_size, "cases": out}
