@@ -4,9 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.artifacts import write_json
 from specauf.config import run_name
-from specauf.serve.run import check_exact, gguf_models, our_greedy_texts, serve_drafter, timed_prompts
+from specauf.serve.run import check_exact, gguf_models, our_greedy_texts, serve_drafter, timed_prompts, write_served
 from specauf.stage import add_run_args, stage_main, stage_run
 
 
@@ -25,9 +24,7 @@ def run(params, args):
         metrics, rows = serve_drafter(params, run, gguf_models(Path(args.target_gguf), params.serve), Path(args.export or f"data/export/{run}"),
                                       prompts, Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"), greedy)
         check_exact(metrics, params.serve.exactness_gate)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
-    write_json(metrics_file, metrics)  # last: DVC records the stage only when all outputs exist
+    write_served(metrics_file, run, metrics, rows)
 
 
 def add_args(p):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
-from specauf.artifacts import write_json
 from specauf.config import run_name
+from specauf.serve.run import write_served
 from specauf.stage import add_run_args, stage_main, stage_run
 
 
@@ -23,9 +23,7 @@ def run(params, args):
                                         Path(args.export or f"data/export/{run}"),
                                         Path(args.eval_prompts or f"metrics/eval/{run}.prompts.json"))
         check_served(run, metrics["batch"], metrics["exactness"]["mismatches"], params.vllm.gate)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
-    write_json(metrics_file, metrics)  # last: DVC records the stage only when all outputs exist
+    write_served(metrics_file, run, metrics, rows)
 
 
 def add_args(p):

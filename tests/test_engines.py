@@ -33,7 +33,7 @@ class ScriptedEngine:
     def peers(self, serve_params):
         return []
 
-    def decode(self, model, prompts, contenders):
+    def decode(self, model, prompts, contenders, done=None):
         out = {}
         for c in contenders:
             self.calls.append((c.kind, model.name, c.n_max))

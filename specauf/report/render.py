@@ -228,11 +228,16 @@ def _interval_basis(seeds: list, resamples: int) -> str:
                f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}), resampled as well as the prompts: two levels"))
 
 
+def engine_metrics(serve_dir: str | Path, data: dict, engine: str) -> dict[str, dict]:
+    """{run label: a serve stage's metrics (SERVE_DIR/RUN.json)} for the runs an engine served."""
+    files = {label: Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json" for label, d in data.items()}
+    found = {label: read_json(f) for label, f in files.items() if f.is_file()}
+    return {label: m for label, m in found.items() if m.get("engine") == engine}
+
+
 def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
     """"Served by llama.cpp": each run's serve stage metrics (metrics/serve/RUN.json), when present."""
-    found = {label: read_json(Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json") for label, d in data.items()
-             if (Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json").is_file()}
-    found = {k: v for k, v in found.items() if v.get("engine") == "llama.cpp"}
+    found = engine_metrics(serve_dir, data, "llama.cpp")
     if not found:
         return []
     any_m = next(iter(found.values()))
@@ -276,9 +281,7 @@ def served_lines(serve_dir: str | Path, data: dict) -> list[str]:
 
 def vllm_lines(serve_dir: str | Path, data: dict) -> list[str]:
     """"Served by vLLM": each run's serve_vllm metrics (metrics/serve_vllm/RUN.json), when present."""
-    found = {label: read_json(Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json") for label, d in data.items()
-             if (Path(serve_dir) / f"{run_name(d['variant'], d['seed'])}.json").is_file()}
-    found = {k: v for k, v in found.items() if v.get("engine") == "vllm"}
+    found = engine_metrics(serve_dir, data, "vllm")
     if not found:
         return []
     m0 = next(iter(found.values()))

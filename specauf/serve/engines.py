@@ -51,9 +51,10 @@ class Engine(Protocol):
     def peers(self, serve_params) -> list[Contender]:
         """The engine's own speculation methods measured beside the drafter (tokens = n)."""
 
-    def decode(self, model: Path, prompts: list[dict], contenders: list[Contender]) -> dict[str, list[Served]]:
+    def decode(self, model: Path, prompts: list[dict], contenders: list[Contender], done=None) -> dict[str, list[Served]]:
         """Every prompt ({set, prompt_id, text, ids}: chat-template text and our token ids of it)
-        decoded greedily by every contender: {contender key: one Served per prompt, in order}."""
+        decoded greedily by every contender: {contender key: one Served per prompt, in order}.
+        `done(n)`, when given, hears of every n (prompt, contender) runs finished (a progress bar)."""
 
 
 class LlamaCppEngine:
@@ -76,11 +77,13 @@ class LlamaCppEngine:
     def peers(self, sp) -> list[Contender]:
         return [Contender("ngram", None, sp.ngram_n_max, sp.ngram, 0)] if sp.ngram else []
 
-    def decode(self, model, prompts, contenders):
+    def decode(self, model, prompts, contenders, done=None):
         out = {c.key: [] for c in contenders}
         for p in prompts:
             for c in contenders:
                 out[c.key].append(self._one(model, p["text"], c))
+                if done:
+                    done(1)
         return out
 
     def _one(self, model, prompt: str, c: Contender) -> Served:
@@ -123,7 +126,7 @@ class VllmEngine:
     def peers(self, sp) -> list[Contender]:
         return []
 
-    def decode(self, model, prompts, contenders):
+    def decode(self, model, prompts, contenders, done=None):
         from specauf import vllm
 
         def phase(name, ids, tokens, one_at_a_time):
@@ -163,6 +166,8 @@ class VllmEngine:
             out[c.key] = [self._served(r, c.n_max) for r in e["phases"]["timed"]["requests"]]
             if "batch" in e["phases"]:
                 self.batches[c.key] = e["phases"]["batch"]
+        if done:  # one worker ran them all
+            done(len(prompts) * len(contenders))
         return out
 
     def _served(self, r: dict, n_max: int) -> Served:

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from specauf.artifacts import ArtifactError, iter_shards, read_json, read_manifest
+from specauf.artifacts import ArtifactError, iter_shards, read_json, read_manifest, write_json
 from specauf.errors import ExactnessError
 from specauf.serve.engines import Contender, Engine, Served, engine_for
 from specauf.serve.gguf_export import TARGET_FILES
@@ -107,9 +107,10 @@ def serve_drafter(params, run: str, models: dict[str, Path], export_dir: Path, p
     contenders = [Contender("plain", None, 0, "plain", n + longest + 1),
                   *(Contender(f"b{b}", drafter, b - 1, "draft-dflash", n) for b in sizes), *peers]
     targets, rows, mismatches = {}, [], []
-    with progress(total=len(models), desc=f"serve {run} ({engine.name})", unit="target") as bar:
+    with progress(total=len(models) * len(prompts) * len(contenders), desc=f"serve {run} ({engine.name})",
+                  unit="run") as bar:
         for name, model in models.items():
-            decoded = engine.decode(model, prompts, contenders)
+            decoded = engine.decode(model, prompts, contenders, done=bar.update)
             t_rows = []
             for i, p in enumerate(prompts):
                 plain = decoded["plain"][i]
@@ -124,7 +125,6 @@ def serve_drafter(params, run: str, models: dict[str, Path], export_dir: Path, p
                 t_rows.append(row)
             targets[name] = pooled_section(t_rows, contenders[1:], sizes, ours if name == "f32" else None)
             rows += t_rows
-            bar.update(1)
     metrics = {**engine.describe(), "prompts": len(prompts), "max_new_tokens": n,
                "block_layout": "short (an (n+1)-token block per cycle of n guesses)",
                "targets": targets, "exactness": {"checked": len(rows), "mismatches": mismatches}}
@@ -141,6 +141,14 @@ def gguf_models(target_gguf_dir: Path, serve_params) -> dict[str, Path]:
     if not models:
         raise ArtifactError(f"{target_gguf_dir}: none of serve.targets {serve_params.targets} (rerun the target_gguf stage)")
     return models
+
+
+def write_served(metrics_file: Path, run: str, metrics: dict, rows: list[dict]) -> None:
+    """A serve stage's outputs: the per-prompt rows, then the metrics (last: DVC records the stage
+    only when all its outputs exist)."""
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
+    write_json(metrics_file, metrics)
 
 
 def compare_with_plain(plain: Served, spec: Served, n: int) -> dict:
