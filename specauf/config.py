@@ -243,11 +243,11 @@ class VllmParams(Section):
     """The first this many eval prompts of each set are served all at once (continuous batching,
     the regime vLLM is for), eval.replay_max_new_tokens each: throughput plain vs DFlash, and the
     prompts the gate compares vLLM's tau with our replay's on."""
-    tau_tolerance: float = Field(0.02, gt=0.0, le=1.0)
+    tau_tolerance: float = Field(0.005, gt=0.0, le=1.0)
     """The gate: |vLLM's tau - our replay's tau| over the batch prompts, at every block size, at
-    most this (pooled, both counting the bonus token). Measured on the default run: within 0.004
-    (fp32 numerics of two engines); a broken export (layer ids, draft vocabulary, MASK id, block
-    convention) is off by far more: docs/benchmarks.md, "Served by vLLM"."""
+    most this (pooled, both counting the bonus token, in vLLM's books). Measured on the default
+    runs: 0.000 to 0.002 (fp32 numerics of two engines); the subtlest broken export measured, layer
+    ids shifted by one, was off by 0.025 (docs/benchmarks.md, "Served by vLLM")."""
     gate: bool = True
     """Fail the stage when the gate fails or a vLLM DFlash output differs from vLLM's plain greedy
     (recorded either way)."""

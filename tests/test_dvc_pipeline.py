@@ -58,7 +58,8 @@ def test_whole_dag_through_report_and_metrics_show(built_smoke, tmp_path):
     out = built_smoke_repro_log(built_smoke)  # the fixture's first `dvc repro` of the whole DAG
     assert ran(out) == sorted(["inputs", "target", "prompts", "rollouts", "labels", "train@decay-0", "train@auf-0",
                                "eval_rollouts", "eval_labels", "eval@decay-0", "eval@auf-0", "target_gguf",
-                               "export@decay-0", "export@auf-0", "serve@decay-0", "serve@auf-0", "report"]), out
+                               "export@decay-0", "export@auf-0", "serve@decay-0", "serve@auf-0", "serve_vllm@decay-0",
+                               "serve_vllm@auf-0", "report"]), out
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     flat = json.dumps(shown)
     for variant in ("decay", "auf"):

@@ -18,12 +18,13 @@ def _experiments(ws) -> dict:
 
 
 def test_exp_run_more_seeds_trains_and_evaluates_every_pair(built_smoke, tmp_path):
-    """`dvc exp run -S 'train.seeds=[0,1]'`: the matrix adds train/eval/export/serve of seed 1 for every
+    """`dvc exp run -S 'train.seeds=[0,1]'`: the matrix adds train/eval/export/serve/serve_vllm of seed 1 for every
     variant, leaves seed 0's runs alone, and the report resamples both seeds."""
     ws = copy_workspace(built_smoke, tmp_path / "ws")
     run = dvc(ws, "exp", "run", "-n", "two-seeds", "-S", "train.seeds=[0,1]")
     stages = sorted(set(re.findall(r"Running stage '([^']+)'", run.stdout)))
-    assert stages == sorted(["inputs", "report", *(f"{s}@{v}-1" for s in ("train", "eval", "export", "serve") for v in ("decay", "auf"))]), run.stdout
+    assert stages == sorted(["inputs", "report", *(f"{s}@{v}-1" for s in ("train", "eval", "export", "serve", "serve_vllm")
+                                               for v in ("decay", "auf"))]), run.stdout
     data = _experiments(ws)["two-seeds"]["data"]
     for run_name in ("decay-0", "decay-1", "auf-0", "auf-1"):
         assert data["metrics"][f"metrics/eval/{run_name}.json"]["data"]["seed"] == int(run_name[-1])

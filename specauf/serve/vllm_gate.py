@@ -37,10 +37,11 @@ def batch_prompts(tokenizer, eval_sets: dict[str, list[dict]], per_set: int, max
 
 
 def served_tau(counters: dict) -> dict:
-    """tau and acceptance by position (per cycle) from vLLM's counters."""
+    """tau, acceptance by position (per cycle) and guesses per cycle from vLLM's counters."""
     drafts = counters["drafts"]
     return {"cycles": drafts, "tau": 1 + counters["accepted_tokens"] / drafts if drafts else None,
-            "accepted_per_cycle": [a / drafts if drafts else None for a in counters["accepted_per_position"]]}
+            "accepted_per_cycle": [a / drafts if drafts else None for a in counters["accepted_per_position"]],
+            "guesses_per_cycle": counters["draft_tokens"] / drafts if drafts else None}
 
 
 def replayed_tau(replay_rows: list[dict], key: str) -> dict:
@@ -84,8 +85,11 @@ def check_served(run: str, section: dict, exact_mismatches: list[str], gate: boo
     for key, v in section.items():
         if not (key.startswith("b") and key[1:].isdigit()):
             continue
-        d = v["tau_difference"]
-        if d is None or abs(d) > section["tolerance"]:
+        d, guesses = v["tau_difference"], v["vllm"]["guesses_per_cycle"]
+        if guesses is not None and guesses != int(key[1:]) - 1:  # tau alone misses it when late guesses fail anyway
+            problems.append(f"{run}: vLLM drafts {guesses:g} guesses a cycle at block size {key[1:]}, the evaluated "
+                            f"block {int(key[1:]) - 1}: num_speculative_tokens must be block size - 1")
+        elif d is None or abs(d) > section["tolerance"]:
             problems.append(f"{run}: vLLM serves tau {v['vllm']['tau'] if v['vllm']['tau'] is not None else 'none'} at "
                             f"block size {key[1:]}, our replay of the same drafter {v['replay']['tau']:.4f} on the same "
                             f"{section['prompts']} prompts (tolerance {section['tolerance']}): the export is not the "
