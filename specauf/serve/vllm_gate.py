@@ -90,7 +90,8 @@ def check_served(run: str, section: dict, exact_mismatches: list[str], gate: boo
             problems.append(f"{run}: vLLM drafts {guesses:g} guesses a cycle at block size {key[1:]}, the evaluated "
                             f"block {int(key[1:]) - 1}: num_speculative_tokens must be block size - 1")
         elif d is None or abs(d) > section["tolerance"]:
-            problems.append(f"{run}: vLLM serves tau {v['vllm']['tau'] if v['vllm']['tau'] is not None else 'none'} at "
+            served = "no tau (it never drafted)" if v["vllm"]["tau"] is None else f"tau {v['vllm']['tau']:.4f}"
+            problems.append(f"{run}: vLLM serves {served} at "
                             f"block size {key[1:]}, our replay of the same drafter {v['replay']['tau']:.4f} on the same "
                             f"{section['prompts']} prompts (tolerance {section['tolerance']}): the export is not the "
                             f"drafter we evaluated; check {CAUSES}")
