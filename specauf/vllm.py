@@ -55,6 +55,12 @@ def python() -> Path:
     return Path(env) if env else home() / "venv" / "bin" / "python"
 
 
+def package() -> str:
+    """What runs vLLM, for the metrics: the pin, or the Python a user named."""
+    env = os.environ.get("SPECAUF_VLLM_PYTHON")
+    return f"SPECAUF_VLLM_PYTHON={env}" if env else PACKAGE
+
+
 def installed() -> bool:
     if os.environ.get("SPECAUF_VLLM_PYTHON"):
         return python().is_file()

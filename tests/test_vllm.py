@@ -11,7 +11,7 @@ def test_a_missing_vllm_is_one_line(monkeypatch, tmp_path):
     from specauf.errors import UserError
 
     monkeypatch.setenv("SPECAUF_VLLM_PYTHON", str(tmp_path / "no-python"))
-    assert not vllm.installed()
+    assert not vllm.installed() and vllm.package() == f"SPECAUF_VLLM_PYTHON={tmp_path / 'no-python'}"
     with pytest.raises(UserError, match=r"^vLLM is not installed: run `bash scripts/run.sh vllm`"):
         vllm.require()
 

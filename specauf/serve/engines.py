@@ -116,7 +116,7 @@ class VllmEngine:
     def describe(self) -> dict:
         from specauf import vllm
 
-        return {"engine": self.name, "vllm_version": self.version, "package": vllm.PACKAGE, "threads": self.threads,
+        return {"engine": self.name, "vllm_version": self.version, "package": vllm.package(), "threads": self.threads,
                 "dtype": self.dtype, "settings": {"enforce_eager": True, "enable_prefix_caching": False,
                                                  "kv_cache_gib": vllm.KV_CACHE_GIB}}
 
