@@ -83,5 +83,6 @@ def test_whole_dag_through_report_and_metrics_show(built_smoke, tmp_path):
 
     edit(ws, "eval", "max_new_tokens", 10)
     out = dvc(ws, "repro").stdout
-    # the eval answers are max_new_tokens-free; serve decodes the eval's timed prompts at its length
-    assert ran(out) == ["eval@auf-0", "eval@decay-0", "inputs", "report", "serve@auf-0", "serve@decay-0"], out
+    # the eval answers are max_new_tokens-free; both serve stages decode the eval's timed prompts at its length
+    assert ran(out) == ["eval@auf-0", "eval@decay-0", "inputs", "report", "serve@auf-0", "serve@decay-0",
+                        "serve_vllm@auf-0", "serve_vllm@decay-0"], out
