@@ -149,6 +149,7 @@ def write_served(metrics_file: Path, run: str, metrics: dict, rows: list[dict]) 
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(metrics_file.with_suffix(".prompts.json"), {"run": run, "rows": rows})
     write_json(metrics_file, metrics)
+    log.info("wrote %s (%s, %d prompt rows)", metrics_file, metrics.get("engine"), len(rows))
 
 
 def compare_with_plain(plain: Served, spec: Served, n: int) -> dict:

@@ -103,6 +103,11 @@ def check_served(run: str, section: dict, exact_mismatches: list[str], gate: boo
         raise ExactnessError(problems[0])
     for p in problems:
         log.warning("%s (vllm.gate off)", p)
+    if not problems:
+        log.info("%s: vLLM's tau equals our replay's within %s on %d prompts (%s); every DFlash output is vLLM's plain "
+                 "greedy", run, section["tolerance"], section["prompts"],
+                 ", ".join(f"B={k[1:]} {v['vllm']['tau']:.4f} vs {v['replay']['tau']:.4f}" for k, v in section.items()
+                           if k.startswith("b") and k[1:].isdigit()))
 
 
 def serve_with_vllm(params, run: str, target_dir: Path, prompts_dir: Path, eval_rollouts_dir: Path,
