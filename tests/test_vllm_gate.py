@@ -48,7 +48,8 @@ def test_vllm_serves_the_drafter_we_evaluated(vllm_workspace):
 
 def test_the_gate_fails_every_broken_export(vllm_workspace, tmp_path):
     """Each broken export served at block size 4 beside the right one, in one vLLM worker: the
-    right one passes with vLLM's tau equal to our replay's; every broken one is caught, by the gate
+    right one passes with vLLM's tau equal to our replay's, in the DFlash layout and in the
+    speculators format alike; every broken one is caught, by the gate
     (run, block size, both taus) while its every output is still the target's (verification hides
     the bug: only the tau shows it), or by vLLM failing to serve it."""
     from specauf.serve.vllm_gate import BROKEN, check_broken_exports
@@ -59,6 +60,8 @@ def test_the_gate_fails_every_broken_export(vllm_workspace, tmp_path):
                                tmp_path)
     cases = got["cases"]
     assert cases["right"]["passed"] and cases["right"]["tau_difference"] == pytest.approx(0.0, abs=1e-9)
+    # the speculators format of the same export: vLLM reads it as the same drafter
+    assert cases["right, speculators format"] == cases["right"]
     assert cases["right"]["tau"] > 2.0, cases["right"]  # a drafter that pays: a broken export cannot hide
     for how in BROKEN:
         c = cases[how]

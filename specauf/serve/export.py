@@ -290,3 +290,34 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
         if not e["exact"]:
             log.warning("export %s: %s would not run the evaluated drafter: %s", out_dir, engine, e["reason"])
     return manifest
+
+
+def write_speculators(export_dir, out_dir, verifier: str, block_size: int, force: bool = False) -> dict:
+    """The export in the speculators format (vllm-project/speculators' `speculators_model_type:
+    dflash`), which vLLM also reads: `speculators_config` names the verifier and the guesses per
+    cycle (block size - 1), `aux_hidden_state_layer_ids` are the target layer ids + 1 (their
+    indexing: hidden states after layer i), `transformer_layer_config` the DFlash layout's
+    config; the weights are the export's, linked. Returns the manifest."""
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = read_manifest(export_dir, kind="export")
+    if not 2 <= block_size <= manifest["block_size"]:
+        raise UserError(f"--block-size {block_size}: from 2 to the drafter's block size {manifest['block_size']}")
+    cfg = json.loads((export_dir / "config.json").read_text())
+    layer = {k: v for k, v in cfg.items() if k not in ("architectures", "dflash_config")}
+    config = {
+        "architectures": ["DFlashSpeculator"], "speculators_model_type": "dflash",
+        "transformer_layer_config": layer, "draft_vocab_size": cfg.get("draft_vocab_size") or cfg["vocab_size"],
+        "target_hidden_size": cfg["hidden_size"], "mask_token_id": cfg["dflash_config"]["mask_token_id"],
+        "aux_hidden_state_layer_ids": [i + 1 for i in cfg["dflash_config"]["target_layer_ids"]],
+        "speculators_config": {"algorithm": "dflash", "default_proposal_method": "greedy",
+                               "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": block_size - 1}],
+                               "verifier": {"name_or_path": str(verifier), "architectures": []}},
+    }
+    with atomic_dir(out_dir, "export", force) as tmp:
+        keep_beside(export_dir / WEIGHTS, tmp / WEIGHTS)
+        write_json(tmp / "config.json", config)
+        out = {**manifest, "format": "speculators", "speculative_tokens": block_size - 1, "from_export": str(export_dir)}
+        out.pop("gguf", None)
+        write_json(tmp / MANIFEST, out)
+    log.info("wrote %s: speculators format of %s, %d guesses a cycle", out_dir, export_dir, block_size - 1)
+    return out

@@ -149,6 +149,7 @@ def serve_with_vllm(params, run: str, target_dir: Path, prompts_dir: Path, eval_
 
 # The field's silent serving bugs, as an export can carry them (the fourth is a serving flag, not a
 # file): what tests/test_vllm_gate.py and benchmarks/vllm_gate.py show the gate catches.
+SPECULATORS = "right, speculators format"  # serve.export.write_speculators: must pass like the DFlash layout
 BROKEN = ("layer ids shifted by one", "mask token id off by one", "d2t as absolute ids",
           "num_speculative_tokens = block size")
 
@@ -180,11 +181,11 @@ def broken_export(src: Path, dest: Path, how: str) -> Path:
 def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, prompts_dir: Path,
                          eval_rollouts_dir: Path, eval_labels_dir: Path, block_size: int, per_set: int,
                          max_new_tokens: int, tolerance: float, scratch: Path, threads: int = 1) -> dict:
-    """The gate against BROKEN, on a real drafter: the right export and each broken one served at
-    `block_size` in one vLLM worker (the concurrent phase), each judged by check_served against our
-    replay. {case: {tau, replay_tau, tau_difference, outputs_differing_from_plain, caught (the
-    gate's line, or vLLM's error when it could not serve), passed}}; `right` must pass, the rest
-    must be caught."""
+    """The gate against BROKEN, on a real drafter: the right export (in the DFlash layout and in
+    the speculators format) and each broken one served at `block_size` in one vLLM worker (the
+    concurrent phase), each judged by check_served against our replay. {case: {tau, replay_tau,
+    tau_difference, outputs_differing_from_plain, caught (the gate's line, or vLLM's error when it
+    could not serve), passed}}; both right ones must pass, the rest must be caught."""
     import torch
 
     from specauf.data.prompts import load_eval_prompts
@@ -198,9 +199,13 @@ def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, 
     horizon = max_new_tokens - block_size  # room for the widest contender (B + 1 tokens a cycle)
     batch = batch_prompts(tok, load_eval_prompts(prompts_dir, None), per_set, horizon)
     engine = VllmEngine(threads, tok, manifest["stop_token_ids"], manifest["dtype"], batch=batch, keep_going=True)
+    from specauf.serve.export import write_speculators
+
     exports = {how: broken_export(export_dir, scratch / f"broken{i}", how) for i, how in enumerate(BROKEN[:3])}
     k = block_size - 1
+    speculators = write_speculators(export_dir, scratch / "speculators", str(target_dir), block_size) and scratch / "speculators"
     engine.decode(target_dir, [], [Contender("plain", None, 0, "plain", 1), Contender("right", export_dir, k, "draft-dflash", 1),
+                                   Contender(SPECULATORS, speculators, k, "draft-dflash", 1),
                                    *(Contender(how, path, k, "draft-dflash", 1) for how, path in exports.items()),
                                    Contender(BROKEN[3], export_dir, k + 1, "draft-dflash", 1)])
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
@@ -209,7 +214,7 @@ def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, 
                                   [block_size], "short", horizon, manifest["stop_token_ids"], served=True)
     greedy = our_greedy_ids(eval_rollouts_dir, batch["prompt_ids"])
     key, out = f"b{block_size}", {}
-    for case in ("right", *BROKEN):
+    for case in ("right", SPECULATORS, *BROKEN):
         if case in engine.failed:
             out[case] = {"caught": engine.failed[case].splitlines()[0], "passed": False}
             continue
