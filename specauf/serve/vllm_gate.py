@@ -11,8 +11,8 @@ else the stage fails naming the run, block size, both figures and the likely cau
 Both taus count the bonus token: vLLM's is 1 + accepted draft tokens / drafts (a draft is one
 verification step). vLLM drafts a full block in a request's last step too and counts the guesses
 it accepts past max_tokens before cutting them, which our eval's walk never drafts; so the replay
-here keeps vLLM's books (replay.serving_walk), and the requests stop max(B) - 1 tokens before
-eval.replay_max_new_tokens, where our greedy answers still hold the tokens those guesses meet.
+here keeps vLLM's books (replay.serving_walk), and the requests stop early enough (batch_horizon)
+that our greedy answers still hold the tokens those guesses meet.
 """
 from __future__ import annotations
 
@@ -36,6 +36,27 @@ def batch_prompts(tokenizer, eval_sets: dict[str, list[dict]], per_set: int, max
             "ids": [encode_chat(tokenizer, [r["turns"][0]]) for _, r in rows], "max_new_tokens": max_new_tokens}
 
 
+def batch_horizon(replay_max_new_tokens: int, widest_guesses: int) -> int:
+    """New tokens per batch request: every guess vLLM's last step checks must meet a token of our
+    greedy answer (eval.replay_max_new_tokens long), so the widest contender's guesses fit before it."""
+    return replay_max_new_tokens - widest_guesses
+
+
+def replay_served(drafter_dir: Path, target, eval_labels_dir: Path, batch: dict, sizes: list[int],
+                  stop_ids: list[int]) -> list[dict]:
+    """Our replay of the drafter as trained over the batch prompts, at vLLM's layout and in its books."""
+    import torch
+
+    from specauf.evaluate.replay import replay_drafter
+    from specauf.train.drafter import BlockDrafter
+
+    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
+    with torch.no_grad():
+        return replay_drafter(drafter, target, eval_labels_dir, dict(zip(batch["prompt_ids"], batch["sets"])), sizes,
+                              "short", batch["max_new_tokens"], stop_ids, desc="replay (vLLM's layout and books)",
+                              served=True)
+
+
 def served_tau(counters: dict) -> dict:
     """tau, acceptance by position (per cycle) and guesses per cycle from vLLM's counters."""
     drafts = counters["drafts"]
@@ -53,7 +74,7 @@ def replayed_tau(replay_rows: list[dict], key: str) -> dict:
 
 
 def served_vs_replay(batches: dict, batch: dict, replay_rows: list[dict], sizes: list[int],
-                     our_greedy: dict[str, list[int]], tolerance: float, seconds_plain: float | None = None) -> dict:
+                     our_greedy: dict[str, list[int]], tolerance: float) -> dict:
     """The concurrent phase's figures: per block size vLLM's tau beside the replay's on the same
     prompts, throughput plain vs DFlash, every DFlash answer against vLLM's plain one, and vLLM's
     plain answers against our target's greedy ones (data/eval_rollouts)."""
@@ -115,32 +136,24 @@ def serve_with_vllm(params, run: str, target_dir: Path, prompts_dir: Path, eval_
                     engine=None) -> tuple[dict, list[dict]]:
     """(metrics, per-prompt rows) of one drafter served by vLLM: the serve stage's measurement on
     the eval's timed prompts (one request at a time), then the concurrent batch and the gate."""
-    import torch
-
     from specauf.data.prompts import load_eval_prompts
-    from specauf.evaluate.replay import replay_drafter
     from specauf.serve.engines import VllmEngine
     from specauf.serve.run import our_greedy_ids, our_greedy_texts, serve_drafter, timed_prompts
     from specauf.target.run import load_target_for
-    from specauf.train.drafter import BlockDrafter
 
     ep, vp = params.eval, params.vllm
     target, tokenizer, manifest = load_target_for(target_dir, drafter_dir, "drafter", "cpu",
                                                   trust_remote_code=params.target.trust_remote_code)
     stop_ids = manifest["stop_token_ids"]
     eval_sets = load_eval_prompts(prompts_dir, ep.sets)
-    horizon = ep.replay_max_new_tokens - max(ep.speculative_block_sizes) + 1  # see the module docstring
+    horizon = batch_horizon(ep.replay_max_new_tokens, max(ep.speculative_block_sizes) - 1)
     batch = batch_prompts(tokenizer, eval_sets, vp.batch_prompts_per_set, horizon)
     engine = engine or VllmEngine(params.serve.threads, tokenizer, stop_ids, manifest["dtype"], batch=batch,
                                   trust_remote_code=params.target.trust_remote_code)
     prompts = timed_prompts(tokenizer, prompts_dir, ep)
     greedy = our_greedy_texts(tokenizer, eval_rollouts_dir, prompts, ep.max_new_tokens)
     metrics, rows = serve_drafter(params, run, {"f32": target_dir}, export_dir, prompts, eval_prompts_file, greedy, engine)
-    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
-    with torch.no_grad():  # the drafter as trained, at vLLM's layout, over the batch prompts' greedy answers
-        replayed = replay_drafter(drafter, target, eval_labels_dir, dict(zip(batch["prompt_ids"], batch["sets"])),
-                                  ep.speculative_block_sizes, "short", horizon, stop_ids,
-                                  desc="replay (vLLM's layout and books)", served=True)
+    replayed = replay_served(drafter_dir, target, eval_labels_dir, batch, ep.speculative_block_sizes, stop_ids)
     metrics["batch"] = served_vs_replay(engine.batches, batch, replayed, ep.speculative_block_sizes,
                                         our_greedy_ids(eval_rollouts_dir, batch["prompt_ids"]), vp.tau_tolerance)
     metrics["engine_start_s"] = engine.engine_start_s
@@ -186,32 +199,24 @@ def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, 
     concurrent phase), each judged by check_served against our replay. {case: {tau, replay_tau,
     tau_difference, outputs_differing_from_plain, caught (the gate's line, or vLLM's error when it
     could not serve), passed}}; both right ones must pass, the rest must be caught."""
-    import torch
-
     from specauf.data.prompts import load_eval_prompts
-    from specauf.evaluate.replay import replay_drafter
     from specauf.serve.engines import Contender, VllmEngine
+    from specauf.serve.export import write_speculators
     from specauf.serve.run import our_greedy_ids
     from specauf.target.run import load_target
-    from specauf.train.drafter import BlockDrafter
 
     target, tok, manifest = load_target(target_dir)
-    horizon = max_new_tokens - block_size  # room for the widest contender (B + 1 tokens a cycle)
-    batch = batch_prompts(tok, load_eval_prompts(prompts_dir, None), per_set, horizon)
-    engine = VllmEngine(threads, tok, manifest["stop_token_ids"], manifest["dtype"], batch=batch, keep_going=True)
-    from specauf.serve.export import write_speculators
-
-    exports = {how: broken_export(export_dir, scratch / f"broken{i}", how) for i, how in enumerate(BROKEN[:3])}
     k = block_size - 1
-    speculators = write_speculators(export_dir, scratch / "speculators", str(target_dir), block_size) and scratch / "speculators"
+    batch = batch_prompts(tok, load_eval_prompts(prompts_dir, None), per_set, batch_horizon(max_new_tokens, k + 1))
+    engine = VllmEngine(threads, tok, manifest["stop_token_ids"], manifest["dtype"], batch=batch, keep_going=True)
+    exports = {how: broken_export(export_dir, scratch / f"broken{i}", how) for i, how in enumerate(BROKEN[:3])}
+    speculators = scratch / "speculators"
+    write_speculators(export_dir, speculators, str(target_dir), block_size)
     engine.decode(target_dir, [], [Contender("plain", None, 0, "plain", 1), Contender("right", export_dir, k, "draft-dflash", 1),
                                    Contender(SPECULATORS, speculators, k, "draft-dflash", 1),
                                    *(Contender(how, path, k, "draft-dflash", 1) for how, path in exports.items()),
-                                   Contender(BROKEN[3], export_dir, k + 1, "draft-dflash", 1)])
-    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
-    with torch.no_grad():
-        replayed = replay_drafter(drafter, target, eval_labels_dir, dict(zip(batch["prompt_ids"], batch["sets"])),
-                                  [block_size], "short", horizon, manifest["stop_token_ids"], served=True)
+                                   Contender(BROKEN[3], export_dir, k + 1, "draft-dflash", 1)])  # the widest: k + 1
+    replayed = replay_served(drafter_dir, target, eval_labels_dir, batch, [block_size], manifest["stop_token_ids"])
     greedy = our_greedy_ids(eval_rollouts_dir, batch["prompt_ids"])
     key, out = f"b{block_size}", {}
     for case in ("right", SPECULATORS, *BROKEN):
@@ -228,4 +233,5 @@ def check_broken_exports(target_dir: Path, drafter_dir: Path, export_dir: Path, 
         except ExactnessError as e:
             row.update(caught=str(e), passed=False)
         out[case] = row
-    return {"prompts": len(batch["prompt_ids"]), "max_new_tokens": horizon, "block_size": block_size, "cases": out}
+    return {"prompts": len(batch["prompt_ids"]), "max_new_tokens": batch["max_new_tokens"], "block_size": block_size,
+            "cases": out}
