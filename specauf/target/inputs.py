@@ -2,7 +2,9 @@
 
 DVC reruns a stage when a dependency's bytes change, but a user's JSONL prompt file, a local
 target folder (`target.path`), the GGUF inside an installed package or `eval.assistant_model`
-live outside the repository, and dvc.yaml cannot list a path a param names. The `inputs` stage
+live outside the repository, and dvc.yaml cannot list a path a param names. A prompt source on
+the Hugging Face hub is recorded as the commit its revision names (asked of the hub when the
+revision is a branch or tag). The `inputs` stage
 (always run, a few seconds: no model is loaded) hashes each of them into
 `data/inputs/<stage>.json`, which the consuming stage lists as a dependency: an edited input
 changes that file and reruns exactly its consumers; an unchanged one leaves it byte-identical
@@ -15,14 +17,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from specauf.artifacts import SCHEMA_VERSION, sha256_file, write_json
 from specauf.config import Params
+from specauf.config_data import HfDataset
 from specauf.errors import UserError
 
 log = logging.getLogger("specauf")
 CONSUMERS = ("target", "prompts", "eval")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+HUB_TIMEOUT_S = 10.0
 
 
 def external_inputs(params: Params) -> dict[str, list[tuple[str, Path]]]:
@@ -40,6 +46,7 @@ def external_inputs(params: Params) -> dict[str, list[tuple[str, Path]]]:
     sources = [(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]
     sources += [(f"prompts.eval.{name}[{i}]", s) for name, ss in params.prompts.eval.items() for i, s in enumerate(ss)]
     out["prompts"] += [(f"{key}.path", Path(s.path)) for key, s in sources if s.source == "jsonl"]
+    out["prompts"] += [(f"{key}.hf.path", Path(s.hf.path)) for key, s in sources if s.source == "hf" and s.hf.path]
     if params.eval.assistant_model:
         out["eval"].append(("eval.assistant_model", Path(params.eval.assistant_model)))
     return out
@@ -85,16 +92,47 @@ def describe(key: str, path: Path, cache: HashCache) -> dict:
     return {"param": key, "files": len(files), "sha256": h.hexdigest()}
 
 
+def hub_datasets(params: Params) -> list[tuple[str, HfDataset]]:
+    """(param key, source) of every prompt source on the Hugging Face hub."""
+    sources = [(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]
+    sources += [(f"prompts.eval.{name}[{i}]", s) for name, ss in params.prompts.eval.items() for i, s in enumerate(ss)]
+    return [(f"{key}.hf.dataset", s.hf) for key, s in sources if s.source == "hf" and s.hf.dataset]
+
+
+def describe_hub(key: str, hf: HfDataset) -> dict:
+    """A hub dataset as the commit its revision names now: a commit sha is its own record (no
+    network needed); a branch or tag is asked of the hub, so a new commit there reruns `prompts`."""
+    record = {"param": key, "dataset": hf.dataset, "subset": hf.subset}
+    if hf.revision is not None and COMMIT.fullmatch(hf.revision):
+        return {**record, "commit": hf.revision}
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError  # the hub client's transport and HTTP errors
+
+    try:
+        info = HfApi().dataset_info(hf.dataset, revision=hf.revision, timeout=HUB_TIMEOUT_S)
+    except (HTTPError, OSError, ValueError) as e:  # offline, unreachable, a bad id or revision: named
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{key}: cannot resolve {hf.dataset!r} at revision {hf.revision or 'main'!r} on the hub "
+                        f"({reason}); pin hf.revision to a commit sha (with the dataset in the local HF cache) "
+                        "or copy the data here and set hf.path") from None
+    return {**record, "commit": info.sha}
+
+
 def write_inputs(params: Params, out_dir: str | Path, cache_file: str | Path) -> dict[str, list[dict]]:
     cache = HashCache(Path(cache_file))
     described = {}
+    hub = hub_datasets(params)
     for stage, found in external_inputs(params).items():
         described[stage] = [describe(key, path, cache) for key, path in found]
+        if stage == "prompts":
+            described[stage] += [describe_hub(key, hf) for key, hf in hub]
         # no versions, times or paths here: the file must keep its bytes while its inputs do
         write_json(Path(out_dir) / f"{stage}.json", {"schema_version": SCHEMA_VERSION, "kind": "inputs",
                                                      "stage": stage, "inputs": described[stage]})
         for (key, path), r in zip(found, described[stage]):
             log.info("%s reads %s = %s (%d files, sha256 %s)", stage, key, path, r["files"], r["sha256"][:12])
+        for r in described[stage][len(found):]:
+            log.info("%s reads %s = %s at commit %s", stage, r["param"], r["dataset"], r["commit"])
     os.makedirs(Path(cache_file).parent, exist_ok=True)
     cache.save()
     return described
