@@ -96,7 +96,6 @@ def test_train_and_eval_from_one_dataset_never_share_a_prompt(tmp_path):
     train, eval_sets, stats = build_prompt_sets(params, seed=3)
     assert len(train) == 12 and len(eval_sets["mine"]) == 10
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in eval_sets["mine"]}
-    assert stats["hf"][f"dataset {path}"]["rows"] == 30
     assert build_prompt_sets(params, seed=3)[0] == train  # same seed, same prompts in the same order
 
 
@@ -214,3 +213,62 @@ def test_the_prompts_stage_refuses_bad_data_and_keeps_its_output(tmp_path):
     write([{"messages": [{"role": "user", "content": "fine"}]}, {"messages": []}], "parquet", tmp_path / "bad")
     bad = {"prompts": {"train": [{"source": "hf", "count": 4, "hf": {"path": str(tmp_path / "bad/data.parquet")}}]}}
     expect_error(ws, "prompts", r"dataset \S+bad/data.parquet, split 'train', row 1: empty conversation$", ws.params(bad))
+
+
+def _chats(n_english: int, n_french: int, edited: int | None = None) -> list[dict]:
+    rows = []
+    for i in range(n_english + n_french):
+        q = f"Tell me a short story about robot number {i} and its paint."
+        if i == edited:
+            q = "Tell me instead about a lazy dog who paints."
+        rows.append({"id": f"chat-{i}", "language": "English" if i < n_english else "French",
+                     "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Once upon a time."}]})
+    return rows
+
+
+def test_smoke_pipeline_trains_on_a_local_parquet_dataset(built_smoke, tmp_path):
+    """The bar: a smoke workspace whose training prompts come from a local Parquet dataset in the
+    `messages` layout runs end to end; an edit to the data reruns `prompts`, and only an edit
+    that changes the prompt sets reruns what reads them."""
+    import yaml
+
+    from specauf.artifact_datasets import load_artifact
+    from tests.conftest import BUILT_SMOKE_TRAIN_PROMPTS, copy_workspace, dvc
+    from tests.test_dvc_pipeline import ran
+
+    ws = copy_workspace(built_smoke, tmp_path / "ws")
+    chats = ws / "mydata" / "chats.parquet"
+    chats.parent.mkdir()
+    n = BUILT_SMOKE_TRAIN_PROMPTS + 6
+    datasets.Dataset.from_list(_chats(n, 4)).to_parquet(str(chats))
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["prompts"]["train"] = [{"source": "hf", "count": BUILT_SMOKE_TRAIN_PROMPTS,
+                                   "hf": {"path": "mydata/chats.parquet", "id_column": "id", "where": {"language": ["English"]}}}]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    stages = ran(dvc(ws, "repro").stdout)
+    assert "target" not in stages and {"prompts", "rollouts", "labels", "train@auf-0", "eval@auf-0", "report"} <= set(stages)
+    train = load_artifact(ws / "data/prompts")["train"]
+    assert train.num_rows == BUILT_SMOKE_TRAIN_PROMPTS and set(train["source"]) == {"hf"}
+    assert set(train["prompt_id"]) <= {f"chat-{i}" for i in range(n)}  # English rows only
+    assert sorted(load_artifact(ws / "data/rollouts")["prompt_id"]) == sorted(train["prompt_id"])
+    assert "up to date" in dvc(ws, "status", "report").stdout.lower()
+
+    datasets.Dataset.from_list(_chats(n, 5)).to_parquet(str(chats))  # one more French row: filtered out
+    assert ran(dvc(ws, "repro").stdout) == ["inputs", "prompts"]  # prompts reread the data, its sets are the same bytes
+    chosen = int(train["prompt_id"][0].removeprefix("chat-"))
+    datasets.Dataset.from_list(_chats(n, 5, edited=chosen)).to_parquet(str(chats))  # a chosen prompt edited
+    assert ran(dvc(ws, "repro", "rollouts").stdout) == ["inputs", "prompts", "rollouts"]
+
+
+def test_the_readmes_examples_are_valid_params():
+    import re
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "source: hf" in b]
+    assert len(blocks) == 2
+    hub, local = (PromptsParams.model_validate(yaml.safe_load(b)["prompts"]) for b in blocks)
+    assert hub.train[0].hf.dataset and local.train[0].hf.path and local.train[0].hf.where == {"language": ["English"]}

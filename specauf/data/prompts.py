@@ -71,10 +71,8 @@ class _Stream:
             rows = list(mtbench_prompts(s.turns))
         elif s.source == "humaneval":
             rows = list(humaneval_prompts())
-        elif s.source == "hf":
-            info = {}
-            rows = list(hf_prompts(s.hf, info))
-            self.stats.setdefault("hf", {})[hf_where(s.hf)] = info
+        elif s.source == "hf":  # its counts are logged, not kept: a manifest changed by an edit the sets never saw would rerun every later stage
+            rows = list(hf_prompts(s.hf))
         else:
             rows = list(jsonl_prompts(s.path, s.text_field, s.id_field))
         return iter(sorted(rows, key=lambda r: rank(self.seed, r["prompt_id"])))

@@ -22,13 +22,19 @@ from pathlib import Path
 
 from specauf.artifacts import SCHEMA_VERSION, sha256_file, write_json
 from specauf.config import Params
-from specauf.config_data import HfDataset
+from specauf.config_data import HfDataset, PromptSource
 from specauf.errors import UserError
 
 log = logging.getLogger("specauf")
 CONSUMERS = ("target", "prompts", "eval")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 HUB_TIMEOUT_S = 10.0
+
+
+def keyed_sources(params: Params) -> list[tuple[str, PromptSource]]:
+    """Every prompt source with its param key (`prompts.train[0]`, `prompts.eval.<name>[i]`)."""
+    return ([(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]
+            + [(f"prompts.eval.{name}[{i}]", s) for name, ss in params.prompts.eval.items() for i, s in enumerate(ss)])
 
 
 def external_inputs(params: Params) -> dict[str, list[tuple[str, Path]]]:
@@ -43,8 +49,7 @@ def external_inputs(params: Params) -> dict[str, list[tuple[str, Path]]]:
         out["target"] += [(f"target.gguf_chunks[{i}]", path) for i, path in enumerate(chunk_paths(t))]
     elif t.source == "gguf":
         out["target"].append(("target.gguf_file", gguf_path(t)))
-    sources = [(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]
-    sources += [(f"prompts.eval.{name}[{i}]", s) for name, ss in params.prompts.eval.items() for i, s in enumerate(ss)]
+    sources = keyed_sources(params)
     out["prompts"] += [(f"{key}.path", Path(s.path)) for key, s in sources if s.source == "jsonl"]
     out["prompts"] += [(f"{key}.hf.path", Path(s.hf.path)) for key, s in sources if s.source == "hf" and s.hf.path]
     if params.eval.assistant_model:
@@ -94,9 +99,7 @@ def describe(key: str, path: Path, cache: HashCache) -> dict:
 
 def hub_datasets(params: Params) -> list[tuple[str, HfDataset]]:
     """(param key, source) of every prompt source on the Hugging Face hub."""
-    sources = [(f"prompts.train[{i}]", s) for i, s in enumerate(params.prompts.train)]
-    sources += [(f"prompts.eval.{name}[{i}]", s) for name, ss in params.prompts.eval.items() for i, s in enumerate(ss)]
-    return [(f"{key}.hf.dataset", s.hf) for key, s in sources if s.source == "hf" and s.hf.dataset]
+    return [(f"{key}.hf.dataset", s.hf) for key, s in keyed_sources(params) if s.source == "hf" and s.hf.dataset]
 
 
 def describe_hub(key: str, hf: HfDataset) -> dict:
