@@ -178,6 +178,10 @@ class HfDataset(Section):
     recognised per turn."""
     content_key: str | None = None
     """Key of a conversation turn's text (None: recognised with role_key)."""
+    user_turns: Literal["first", "all"] = "first"
+    """`first`: a conversation's first user turn is the prompt. `all` (training sets only): every
+    user turn, one conversation: rollouts answer each after the target's own answers to the
+    earlier ones, and train on the last answer with the conversation as its context."""
     user_roles: list[str] = ["user", "human"]
     """Speaker values of the user. A conversation's first user turn is the prompt; system turns
     before it are skipped; a conversation whose first other turn comes before any user turn is
@@ -214,9 +218,8 @@ class PromptSource(Section):
     count: int = Field(ge=0)
     """How many prompts to take from this source (fewer if the source runs out; logged)."""
     turns: Literal[1, 2] = 1
-    """MT-Bench: 1 = first turn only; 2 = both user turns kept in the prompts artifact (dedup and
-    the train/eval overlap check compare both). Rollouts, eval and serving answer a prompt's first
-    turn only."""
+    """MT-Bench: 1 = first turn only; 2 = both user turns, one conversation: rollouts answer the
+    first, then the second after the target's own first answer (training sets only)."""
     path: str | None = None
     """JSONL file (source `jsonl`): one object per line."""
     text_field: str = "prompt"
@@ -258,8 +261,12 @@ class PromptsParams(Section):
     def _bounds(self):
         if self.min_chars > self.max_chars:
             raise ValueError("min_chars must be <= max_chars")
-        for name in self.eval:
+        for name, sources in self.eval.items():
             check_name("eval set name", name)
+            for i, src in enumerate(sources):
+                if src.turns == 2 or (src.hf is not None and src.hf.user_turns == "all"):
+                    raise ValueError(f"prompts.eval.{name}[{i}]: multi-turn prompts are for training sets only: eval, "
+                                     "replay and serving time single-turn prompts (set turns: 1 / hf.user_turns: first)")
         return self
 
 

@@ -272,3 +272,12 @@ def test_the_readmes_examples_are_valid_params():
     assert len(blocks) == 2
     hub, local = (PromptsParams.model_validate(yaml.safe_load(b)["prompts"]) for b in blocks)
     assert hub.train[0].hf.dataset and local.train[0].hf.path and local.train[0].hf.where == {"language": ["English"]}
+
+
+def test_all_user_turns_make_one_conversation(tmp_path):
+    rows, _, ids = LAYOUTS["messages"]
+    path = write(rows, "parquet", tmp_path)
+    got = list(hf_prompts(hf_source(path, user_turns="all").hf))
+    assert got == [{"prompt_id": pid, "source": "hf", "turns": [q, "and?"]} for pid, q in zip(ids, QUESTIONS)]
+    with pytest.raises(ValueError, match=r"prompts.eval.mine\[0\]: multi-turn prompts are for training sets only"):
+        PromptsParams(eval={"mine": [hf_source(path, user_turns="all")]})

@@ -58,12 +58,22 @@ def test_eval_text_is_removed_from_training(tmp_path):
                   {"id": "second-turn", "prompt": mt[9]["turns"][1]}]
     train_rows += [{"id": f"t{i}", "prompt": f"An ordinary training prompt {i}."} for i in range(20)]
     path = jsonl_file(tmp_path / "train.jsonl", train_rows)
-    p = params(train=[jsonl_src(path, 10)], eval={"mt-bench": [PromptSource(source="mtbench", count=80, turns=2)]})
+    p = params(train=[jsonl_src(path, 10)], eval={"mt-bench": [PromptSource(source="mtbench", count=80)]})
     tr, ev, stats = build_prompt_sets(p, seed=0)
     assert len(ev["mt-bench"]) == 80 and len(tr) == 10  # training backfills what it lost
     tr, _, stats = build_prompt_sets(p.model_copy(update={"train": [jsonl_src(path, 100)]}), seed=0)
-    assert not {"copy", "shouty", "second-turn"} & set(ids(tr)) and len(tr) == 20
-    assert stats["sets"]["train"]["dropped_overlap"] == 3 and stats["sets"]["train"]["short"] == {"0": 20}
+    # eval sets are single-turn: a training prompt equal to MT-Bench's second turn is no eval prompt
+    assert not {"copy", "shouty"} & set(ids(tr)) and "second-turn" in ids(tr) and len(tr) == 21
+    assert stats["sets"]["train"]["dropped_overlap"] == 2 and stats["sets"]["train"]["short"] == {"0": 21}
+
+
+def test_multi_turn_sources_are_for_training_only():
+    two = PromptSource(source="mtbench", count=80, turns=2)
+    assert params(train=[two]).train[0].turns == 2
+    with pytest.raises(ValueError, match=r"prompts.eval.mt-bench\[0\]: multi-turn prompts are for training sets only"):
+        params(eval={"mt-bench": [two]})
+    rows = list(mtbench_prompts(2))
+    assert len(rows) == 80 and all(len(r["turns"]) == 2 for r in rows)
 
 
 def test_check_disjoint_guard_names_set_and_id():

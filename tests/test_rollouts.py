@@ -94,3 +94,39 @@ def test_bf16_precision_generates_with_a_bf16_copy(tiny_model, tmp_path):
         want, _ = generate_batch(bf16, [row["prompt_ids"]], max_new_tokens=8, stop_ids=manifest["stop_token_ids"],
                                  pad_id=0, sampling=SamplingParams())[0]
         assert got[row["prompt_id"]] == want, row["prompt_id"]
+
+
+def _greedy(model, ids, stop_ids, max_new_tokens):
+    return generate_batch(model, [ids], max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=0,
+                          sampling=SamplingParams())[0]
+
+
+def test_a_conversation_is_answered_turn_by_turn(tiny_model):
+    """Several user turns: each later turn asked after the target's own earlier answers, the row
+    keeping the last answer and the conversation before it; single-turn rows as they always were;
+    a conversation whose next prompt is too long ends at the last turn that fits."""
+    model, tok, manifest = tiny_model
+    stop = manifest["stop_token_ids"]
+    params = RolloutsParams(max_new_tokens=6, batch_size=4, max_prompt_tokens=256)
+    single = prompt_rows(3)
+    chats = [{"prompt_id": "c2", "source": "test", "turns": ["tell me about robots", "and the dog?"]},
+             {"prompt_id": "c3", "source": "test", "turns": ["add numbers", "paint a story", "now the fox"]}]
+    rows, _ = rollouts_mod.encode_prompts(tok, single + chats, params)
+    table, cut = rollouts_mod.generate_shard(model, rows, params, seed=0, stop_ids=stop, pad_id=0, tokenizer=tok)
+    got = {r["prompt_id"]: r for r in table.to_pylist()}
+    alone, _ = rollouts_mod.generate_shard(model, rows[:3], params, seed=0, stop_ids=stop, pad_id=0, tokenizer=tok)
+    assert cut == 0 and [got[r["prompt_id"]] for r in single] == alone.to_pylist()  # single-turn rows unchanged
+    for chat in chats:
+        replies = []
+        for k in range(len(chat["turns"])):
+            ids = encode_chat(tok, chat["turns"][: k + 1], replies)
+            answer, reason = _greedy(model, ids, stop, 6)
+            replies.append(rollouts_mod.reply_text(tok, answer, stop))
+        row = got[chat["prompt_id"]]
+        assert (row["prompt_ids"], row["response_ids"], row["finish_reason"]) == (ids, answer, reason)
+        assert len(row["prompt_ids"]) > len(encode_chat(tok, chat["turns"][:1]))
+    first_only = len(encode_chat(tok, chats[0]["turns"][:1])) + 3  # turn 2 cannot fit
+    short = params.model_copy(update={"max_prompt_tokens": first_only})
+    table, cut = rollouts_mod.generate_shard(model, [r for r in rows if r["prompt_id"] == "c2"], short, seed=0,
+                                             stop_ids=stop, pad_id=0, tokenizer=tok)
+    assert cut == 1 and table.to_pylist()[0]["prompt_ids"] == encode_chat(tok, chats[0]["turns"][:1])

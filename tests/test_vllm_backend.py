@@ -32,3 +32,36 @@ def test_rollouts_through_vllm_equal_the_transformers_backend(vllm_workspace):
     (m_t, ours), (m_v, theirs) = rows(ws / "data/rollouts"), rows(ws / "data/rollouts_vllm")
     assert len(ours) == 8 and len(m_v["shards"]) == 3  # three shards: one kept worker served them all
     assert theirs == ours  # prompt ids, answers and finish reasons, row for row
+
+
+def test_conversations_through_vllm_equal_the_transformers_backend(vllm_workspace):
+    """Multi-turn rows (a Hugging Face dataset read with hf.user_turns: all): vLLM answers each
+    turn after its own earlier answers exactly as the transformers backend does."""
+    import datasets
+
+    from specauf.artifacts import iter_shards, read_manifest
+
+    ws, _ = vllm_workspace
+    chats = ws / "chats.parquet"
+    words = "fox dog robot paint story apple".split()
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"tell me about the {w}"},
+                                              {"role": "assistant", "content": "a reply from the data"},
+                                              {"role": "user", "content": f"and the number {i}?"}]}
+                                for i, w in enumerate(words)]).to_parquet(str(chats))
+    over = {"target": {"source": "local", "path": str(ws / "src")},
+            "prompts": {"train": [{"source": "hf", "count": 6, "hf": {"path": str(chats), "user_turns": "all"}}]},
+            "rollouts": {"max_new_tokens": 24, "shard_size": 4, "crosscheck_prompts": 0}}
+    code, err = ws.run("prompts", ws.params(over), out=ws / "data/prompts_chats")
+    assert code == 0, err
+    tables = {}
+    for backend in ("transformers", "vllm"):
+        params = ws.params({**over, "rollouts": {**over["rollouts"], "backend": backend}})
+        out = ws / f"data/rollouts_chats_{backend}"
+        code, err = ws.run("rollouts", params, prompts=ws / "data/prompts_chats", out=out, work=ws / f"work/chats_{backend}")
+        assert code == 0, (backend, err)
+        tables[backend] = [r for t in iter_shards(out, read_manifest(out)) for r in t.to_pylist()]
+    assert len(tables["vllm"]) == 6 and tables["vllm"] == tables["transformers"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ws / "data/target")
+    assert all(tok.decode(r["prompt_ids"]).count("and the number") == 1 for r in tables["vllm"])  # the second turn was asked

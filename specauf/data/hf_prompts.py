@@ -104,18 +104,20 @@ def _column(hf: HfDataset, names: list[str]) -> str:
                        f"{', '.join(RECOGNISED_COLUMNS)} (has: {', '.join(names)}); set hf.column")
 
 
-def first_user_turn(value, hf: HfDataset, row: str) -> str | None:
-    """The prompt of one row: its text, or its conversation's first user turn (None: the
-    conversation is a continuation that starts with another speaker)."""
+def user_turns(value, hf: HfDataset, row: str) -> list[str] | None:
+    """The prompt of one row: its text, or its conversation's first user turn (hf.user_turns
+    `all`: every user turn, in order). None: the conversation is a continuation that starts
+    with another speaker."""
     if isinstance(value, str):
-        return value
+        return [value]
     if not isinstance(value, list):
         raise PromptsError(f"{row}: layout not recognised: the prompt column holds {type(value).__name__}, "
                            "not a text or a list of turns")
     if not value:
         raise PromptsError(f"{row}: empty conversation")
+    keys = [(hf.role_key, hf.content_key)] if hf.role_key else TURN_KEYS
+    found: list[str] = []
     for turn in value:
-        keys = [(hf.role_key, hf.content_key)] if hf.role_key else TURN_KEYS
         pair = next(((r, c) for r, c in keys if isinstance(turn, dict) and r in turn and c in turn), None)
         if pair is None:
             got = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
@@ -125,16 +127,22 @@ def first_user_turn(value, hf: HfDataset, row: str) -> str | None:
         if role == "system":
             continue
         if role not in hf.user_roles:
-            return None
+            if not found:
+                return None
+            continue
         if not isinstance(text, str):
-            raise PromptsError(f"{row}: the user turn's {pair[1]!r} is {type(text).__name__}, not text")
-        return text
-    raise PromptsError(f"{row}: the conversation holds system turns only")
+            raise PromptsError(f"{row}: a user turn's {pair[1]!r} is {type(text).__name__}, not text")
+        found.append(text.strip())
+        if hf.user_turns == "first":
+            break
+    if not found:
+        raise PromptsError(f"{row}: the conversation holds system turns only")
+    return found
 
 
 def hf_prompts(hf: HfDataset, stats: dict | None = None) -> Iterator[dict]:
-    """One prompt per kept row: the text, or the first user turn, stripped (an empty one is
-    yielded too: the prompts stage counts it under prompts.min_chars)."""
+    """One prompt per kept row: the text, or the user turns, stripped (an empty one is yielded
+    too: the prompts stage counts it under prompts.min_chars)."""
     stats = stats if stats is not None else {}
     with tempfile.TemporaryDirectory(prefix="specauf-hf-") as cache_dir:
         ds = load_split(hf, cache_dir)
@@ -167,12 +175,12 @@ def hf_prompts(hf: HfDataset, stats: dict | None = None) -> Iterator[dict]:
                 value = batch[column][j]
                 if value is None:
                     raise PromptsError(f"{row}: empty {column!r}")
-                text = first_user_turn(value, hf, row)
-                if text is None:
+                turns = user_turns(value, hf, row)
+                if turns is None:
                     stats["continuations"] += 1
                     continue
                 stats["kept"] += 1
-                yield {"prompt_id": pid, "source": "hf", "turns": [text.strip()]}
+                yield {"prompt_id": pid, "source": "hf", "turns": [t.strip() for t in turns]}
     log.info("%s, split %r: %d rows, %d kept from column %r, %d filtered out by hf.where, %d conversations "
              "skipped for not starting with the user", where(hf), hf.split, stats["rows"], stats["kept"], column,
              stats["filtered"], stats["continuations"])

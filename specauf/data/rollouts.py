@@ -47,7 +47,8 @@ def row_generator(seed: int, prompt_id: str) -> torch.Generator:
 
 
 def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple[list[dict], int]:
-    """Tokenise prompts through the chat template; drop those over max_prompt_tokens."""
+    """Tokenise each prompt's first turn through the chat template (later turns are asked by
+    generate_shard); drop those over max_prompt_tokens."""
     kept, skipped = [], 0
     for row in rows:
         ids = encode_chat(tokenizer, row["turns"][:1])
@@ -60,35 +61,82 @@ def encode_prompts(tokenizer, rows: list[dict], params: RolloutsParams) -> tuple
     return kept, skipped
 
 
-def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int],
-                   pad_id: int, bar=None) -> pa.Table:
-    """Answer one shard's prompts (rows come back in their original order) with the transformers
-    target, batching by length, or with vLLM (`model` a specauf.data.vllm_backend.VllmGenerator)."""
+def turn_key(prompt_id: str, turn: int) -> str:
+    """What seeds a row's sampling at one turn: the first turn keeps the prompt id (single-turn
+    rows sample as they always did); later turns draw their own streams."""
+    return prompt_id if turn == 0 else f"{prompt_id}#turn{turn + 1}"
+
+
+def answer_turn(model, rows: list[dict], params: RolloutsParams, *, turn: int, seed: int, stop_ids: list[int],
+                pad_id: int, bar=None) -> dict[int, tuple[list[int], str]]:
+    """Each row's `prompt_ids` answered by the transformers target (batched by length) or by vLLM
+    (`model` a specauf.data.vllm_backend.VllmGenerator)."""
     if isinstance(model, VllmGenerator):
-        seeds = [row_seed(seed, r["prompt_id"]) % 2**31 for r in rows] if params.temperature > 0 else None
+        seeds = [row_seed(seed, turn_key(r["prompt_id"], turn)) % 2**31 for r in rows] if params.temperature > 0 else None
         results = dict(enumerate(model.answer(rows, params, row_seeds=seeds, stop_ids=stop_ids)))
         if bar is not None:
             bar.update(sum(len(r[0]) for r in results.values()))
-    else:
-        results = answer_rows(model, rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
-    return pa.table({
+        return results
+    return answer_rows(model, rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar, turn=turn)
+
+
+def reply_text(tokenizer, response_ids: list[int], stop_ids: list[int]) -> str:
+    """An answer as the next turn's history holds it: its text, without the stop token."""
+    if response_ids and response_ids[-1] in stop_ids:
+        response_ids = response_ids[:-1]
+    return tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def generate_shard(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int],
+                   pad_id: int, bar=None, tokenizer=None) -> tuple[pa.Table, int]:
+    """Answer one shard's prompts; rows come back in their original order. Returns the table and
+    the count of conversations cut short.
+
+    A row with several user turns is a conversation, answered turn by turn: each later turn is
+    asked after the target's own answers to the earlier ones, and the row keeps the last answer
+    as its response and the conversation before it as its prompt. A conversation whose next
+    prompt would pass max_prompt_tokens ends at the last turn that fits (cut short, counted).
+    """
+    rows = [dict(r) for r in rows]
+    results = answer_turn(model, rows, params, turn=0, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
+    replies: dict[int, list[str]] = {i: [] for i in range(len(rows))}
+    going, cut = set(range(len(rows))), 0
+    for turn in range(1, max((len(r["turns"]) for r in rows), default=1)):
+        asked: list[tuple[int, list[int]]] = []
+        for i in sorted(going):
+            if len(rows[i]["turns"]) <= turn:
+                going.discard(i)
+                continue
+            replies[i].append(reply_text(tokenizer, results[i][0], stop_ids))
+            ids = encode_chat(tokenizer, rows[i]["turns"][: turn + 1], replies[i])
+            if len(ids) > params.max_prompt_tokens:
+                going.discard(i)
+                cut += 1
+                continue
+            asked.append((i, ids))
+        answers = answer_turn(model, [{**rows[i], "prompt_ids": ids} for i, ids in asked], params, turn=turn,
+                              seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar) if asked else {}
+        for j, (i, ids) in enumerate(asked):
+            rows[i]["prompt_ids"], results[i] = ids, answers[j]
+    table = pa.table({
         "prompt_id": [r["prompt_id"] for r in rows],
         "source": [r["source"] for r in rows],
         "prompt_ids": [r["prompt_ids"] for r in rows],
         "response_ids": [results[i][0] for i in range(len(rows))],
         "finish_reason": [results[i][1] for i in range(len(rows))],
     }, schema=SCHEMA)
+    return table, cut
 
 
 def answer_rows(model, rows: list[dict], params: RolloutsParams, *, seed: int, stop_ids: list[int], pad_id: int,
-                bar=None) -> dict[int, tuple[list[int], str]]:
+                bar=None, turn: int = 0) -> dict[int, tuple[list[int], str]]:
     """The transformers backend: batches formed by prompt length within the given rows only."""
     sampling = SamplingParams(params.temperature, params.top_p, params.top_k)
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["prompt_ids"]), i))
     results: dict[int, tuple[list[int], str]] = {}
     for start in range(0, len(order), params.batch_size):
         idx = order[start: start + params.batch_size]
-        gens = [row_generator(seed, rows[i]["prompt_id"]) for i in idx] if params.temperature > 0 else None
+        gens = [row_generator(seed, turn_key(rows[i]["prompt_id"], turn)) for i in idx] if params.temperature > 0 else None
         outs = generate_batch(model, [rows[i]["prompt_ids"] for i in idx], max_new_tokens=params.max_new_tokens,
                               stop_ids=stop_ids, pad_id=pad_id, sampling=sampling, generators=gens,
                               on_tokens=(bar.update if bar is not None else None))
@@ -164,9 +212,12 @@ def run_rollouts(model, tokenizer, prompt_rows: list[dict], params: RolloutsPara
             if work.done(index) is not None:
                 resumed += 1
             else:
-                table = generate_shard(model, shard_rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id, bar=bar)
+                table, cut = generate_shard(model, shard_rows, params, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
+                                            bar=bar, tokenizer=tokenizer)
                 tokens = sum(len(r) for r in table.column("response_ids").to_pylist())
                 new_tokens += tokens
+                if cut:
+                    log.info("shard %d: %d conversations ended before their last turn (rollouts.max_prompt_tokens)", index, cut)
                 work.write(index, table, response_tokens=tokens)
                 bar.set_postfix(shard=f"{index + 1}/{len(shards)}")
     group.barrier()  # every rank's shards are in the work dir
