@@ -183,9 +183,9 @@ class HfDataset(Section):
     user turn, one conversation: rollouts answer each after the target's own answers to the
     earlier ones, and train on the last answer with the conversation as its context."""
     user_roles: list[str] = ["user", "human"]
-    """Speaker values of the user. A conversation's first user turn is the prompt; system turns
-    before it are skipped; a conversation whose first other turn comes before any user turn is
-    a continuation of an earlier chat and is skipped (counted in the log)."""
+    """Speaker values of the user. System turns are skipped; a conversation whose first other
+    turn comes before any user turn is a continuation of an earlier chat and is skipped (counted
+    in the log)."""
     id_column: str | None = None
     """Column of a stable prompt id. None: `<split>/<row number>`, which moves when rows are
     inserted before it (and so changes which prompts a seed picks): name one if the data has it."""

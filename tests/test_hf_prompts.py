@@ -116,6 +116,8 @@ BAD = {
                           r"^dataset \S+, split 'train', row 0: the conversation holds system turns only$"),
     "repeated id": ([{"prompt": "a prompt", "id": "x"}, {"prompt": "another", "id": "x"}], {"id_column": "id"},
                     r"^dataset \S+, split 'train', row 1: id 'x' repeats row 0 \(column 'id'\); name a unique id column"),
+    "where on a list column": ([{"prompt": "hello there", "tags": ["a", "b"]}], {"where": {"tags": ["a"]}},
+                               r"^dataset \S+, split 'train', row 0: hf.where column 'tags' holds list, not a single value"),
     "unreadable file": (None, {}, r"^dataset \S+data.parquet, split 'train': cannot be read as parquet \(ArrowInvalid: "),
 }
 

@@ -159,6 +159,10 @@ def hf_prompts(hf: HfDataset, stats: dict | None = None) -> Iterator[dict]:
             for j in range(len(batch[column])):
                 index = start + j
                 row = f"{where(hf)}, split {hf.split!r}, row {index}"
+                for c, values in keep.items():
+                    if not isinstance(batch[c][j], (str, int, bool, float, type(None))):
+                        raise PromptsError(f"{row}: hf.where column {c!r} holds {type(batch[c][j]).__name__}, "
+                                           "not a single value to compare")
                 if any(batch[c][j] not in values for c, values in keep.items()):
                     stats["filtered"] += 1
                     continue
