@@ -24,6 +24,22 @@ CURRICULA = {"decay_then_auf": ("decay", "auf")}
 LOSS_VARIANTS = (*LOSSES, *CURRICULA)
 
 
+class DominoParams(Section):
+    """The Domino backbone (arXiv 2605.29707): the DFlash drafter unchanged plus a small causal
+    head that corrects each guess after the first with what the block's earlier tokens were."""
+    gru_dim: int = Field(0, ge=0)
+    """Hidden size G of `prefix_gru`, the GRU over the target embeddings of the block's earlier
+    tokens. 0 = the target's hidden size / 4, as the reference (1024 at 4096)."""
+    emb_dim: int = Field(0, ge=0)
+    """Width E of `embed_proj` (Linear(hidden + G -> E), SiLU, Linear(E -> vocabulary)). 0 = the
+    target's hidden size / 16, as the reference (256 at 4096)."""
+    auf_support: Literal["base", "final"] = "base"
+    """Where AUF-family losses take their support (the paper does not say): `base` = from the
+    backbone's base logits, on the base branch only, the final branch with the full decayed mask
+    (the one public implementation, speculators 23b23b8e, "B-AUF+D"); `final` = from the final
+    logits, on both branches. decay and dpace use their own weights on each branch."""
+
+
 class TrainParams(Section):
     variants: list[str] = ["decay", "dpace", "auf"]
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
@@ -56,6 +72,11 @@ class TrainParams(Section):
     block with any weight counting the same."""
     distill_weight: float = Field(0.0, ge=0.0, le=1.0)
     """EXTENSION beyond the paper: weight of the CE against the target's top-k distribution (needs labels.top_k > 0), blended with the one-hot CE under every loss variant (0 = off)."""
+    domino: DominoParams | None = Field(None, exclude_if=lambda v: v is None)
+    """Train the Domino backbone (DFlash + a causal GRU correction head; docs/method.md) with these
+    settings; unset = plain DFlash. Left out of the dumped params when unset, so DFlash runs keep
+    their params hash. Loss: (1 - lambda) CE_final + lambda CE_base, lambda falling linearly from
+    1 to 0 over train.steps (each branch normalised by its own weight sum)."""
     curriculum_switch: float = Field(0.3, ge=0.0, le=1.0)
     """decay_then_auf: fraction of steps trained with `decay` before switching to `auf`."""
     num_layers: int = Field(1, ge=1)
