@@ -108,3 +108,25 @@ def test_a_domino_run_trains_saves_its_head_and_resumes_exactly(tiny_model, data
             train(tiny_model, data["offline"], tmp_path / "resumed", domino=domino)
     resumed = train(tiny_model, data["offline"], tmp_path / "resumed", domino=domino)
     assert (resumed["out"] / "model.safetensors").read_bytes() == (whole["out"] / "model.safetensors").read_bytes()
+
+
+def test_a_domino_drafter_decodes_exactly_and_greedily_only(tiny_model):
+    from specauf.data.generation import encode_chat
+    from specauf.errors import UserError
+    from specauf.evaluate.decode import DrafterProposer, speculative_generate
+    from tests.conftest import prompt_rows
+    from tests.test_replay import drafter_for
+
+    model, tok, manifest = tiny_model
+    drafter = drafter_for(model, domino=True)
+    stops = manifest["stop_token_ids"]
+    for row in prompt_rows(3):
+        ids = encode_chat(tok, row["turns"][:1])
+        plain = speculative_generate(model, ids, block_size=1, max_new_tokens=20, stop_token_ids=stops)
+        for b in (2, 4, 6):
+            spec = speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=b,
+                                        max_new_tokens=20, stop_token_ids=stops)
+            assert spec.token_ids == plain.token_ids, (row["prompt_id"], b)
+    with pytest.raises(UserError, match="a Domino drafter drafts greedily"):
+        speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=4, max_new_tokens=4,
+                             temperature=0.7)
