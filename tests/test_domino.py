@@ -130,3 +130,41 @@ def test_a_domino_drafter_decodes_exactly_and_greedily_only(tiny_model):
     with pytest.raises(UserError, match="a Domino drafter drafts greedily"):
         speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=4, max_new_tokens=4,
                              temperature=0.7)
+
+
+def test_the_export_carries_the_head_and_says_who_runs_it(tmp_path):
+    """SpecForge's names and keys; a Domino drafter rebuilt from the export alone computes the
+    drafted logits of the trained one; no engine here is claimed to run its head."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from specauf.serve.export import domino_export, export_drafter
+    from tests.test_export import save_drafter
+
+    config = DrafterConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, block_size=4, num_target_layers=6,
+                           dflash_config={"mask_token_id": 5, "target_layer_ids": [1, 2, 4],
+                                          **domino_config(32, gru_dim=16, emb_dim=8)})
+    drafter = save_drafter(tmp_path / "drafter", config)
+    manifest = export_drafter(tmp_path / "drafter", tmp_path / "out")
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert cfg["dflash_config"] == {"mask_token_id": 5, "target_layer_ids": [1, 2, 4], "projector_type": "domino",
+                                    "gru_hidden_dim": 16, "emb_dim": 8, "pure_draft_prefix_len": 1, "shift_label": False}
+    tensors = load_file(str(tmp_path / "out/model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(("prefix_gru", "embed_proj"))} == {
+        "prefix_gru.weight_ih_l0": (48, 32), "prefix_gru.weight_hh_l0": (48, 16),
+        "embed_proj.0.weight": (8, 48), "embed_proj.2.weight": (97, 8)}
+    assert manifest["projector"] == "domino" and not any(e["exact"] for e in manifest["engines"].values())
+    assert "no Domino head" in manifest["engines"]["vllm"]["reason"]
+    assert "not served" in domino_export(tmp_path / "out")
+    rebuilt = BlockDrafter(DrafterConfig(**{k: v for k, v in cfg.items() if k in DrafterConfig().to_dict()
+                                            and k not in ("architectures", "model_type", "dtype", "torch_dtype")}))
+    rebuilt.load_state_dict(tensors, strict=True)
+    g = torch.Generator().manual_seed(0)
+    hidden, base, anchors = torch.randn(3, 3, 32, generator=g), torch.randn(3, 3, 97, generator=g), torch.tensor([1, 2, 3])
+    embed = torch.nn.Embedding(97, 32)
+    with torch.no_grad():
+        a = greedy_guesses(drafter.eval(), hidden, base, anchors, embed, None)
+        b = greedy_guesses(rebuilt.eval(), hidden, base, anchors, embed, None)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
