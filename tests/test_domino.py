@@ -168,3 +168,36 @@ def test_the_export_carries_the_head_and_says_who_runs_it(tmp_path):
         a = greedy_guesses(drafter.eval(), hidden, base, anchors, embed, None)
         b = greedy_guesses(rebuilt.eval(), hidden, base, anchors, embed, None)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_params_refuse_a_sampled_eval_of_a_domino_drafter():
+    from specauf.config import Params
+
+    with pytest.raises(ValueError, match="train.domino with eval.temperature 0.7: a Domino drafter drafts greedily"):
+        Params.model_validate({"train": {"domino": {}}, "eval": {"temperature": 0.7}})
+    assert "domino" not in Params().model_dump()["train"]  # DFlash params keep their hash
+
+
+def test_domino_runs_the_smoke_dag_and_is_not_served(built_smoke, tmp_path):
+    """train.domino in the smoke workspace: the drafters retrain as Domino, eval replays them (replay
+    equal to decoding, checked by the stage), export writes the head, the serve stage records why
+    it skips, and the report builds."""
+    import json
+
+    import yaml
+
+    from tests.conftest import copy_workspace, dvc
+    from tests.test_dvc_pipeline import ran
+
+    ws = copy_workspace(built_smoke, tmp_path / "ws")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["domino"] = {"gru_dim": 16, "emb_dim": 8}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = ran(dvc(ws, "repro").stdout)
+    assert {"train@auf-0", "eval@auf-0", "export@auf-0", "serve@auf-0", "report"} <= set(stages)
+    assert not {"rollouts", "labels", "target"} & set(stages)
+    export = json.loads((ws / "data/export/auf-0/manifest.json").read_text())
+    assert export["projector"] == "domino" and not (ws / "data/export/auf-0/drafter.gguf").exists()
+    served = json.loads((ws / "metrics/serve/auf-0.json").read_text())
+    assert served["engine"] == "none" and "Domino" in served["reason"]
+    assert json.loads((ws / "metrics/eval/auf-0.json").read_text())["overall"]
