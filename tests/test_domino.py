@@ -201,3 +201,4 @@ def test_domino_runs_the_smoke_dag_and_is_not_served(built_smoke, tmp_path):
     served = json.loads((ws / "metrics/serve/auf-0.json").read_text())
     assert served["engine"] == "none" and "Domino" in served["reason"]
     assert json.loads((ws / "metrics/eval/auf-0.json").read_text())["overall"]
+    assert "| this run (Domino): overall, inference B=2 |" in (ws / "reports/report.md").read_text()
