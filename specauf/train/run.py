@@ -20,7 +20,7 @@ import torch
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, claim_work_dir,
                                hash_obj, write_json)
 from specauf.errors import UserError
-from specauf.config import CURRICULA, NOT_PROVENANCE, TrainParams
+from specauf.config import CURRICULA, TrainParams, provenance
 from specauf.data.dataset import LabelsDataset
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.target.access import context_features_from_hidden_states, init_from_target
@@ -212,7 +212,7 @@ def setup(params: TrainParams, variant: str, *, target, target_manifest: dict, l
              "full" if data.vocab is None else len(data.vocab.d2t), 100 * data.coverage, t.loss_options.gamma, params.precision)
     t.check_features()
     work_dir = Path(work_dir)
-    own = {k: v for k, v in params.model_dump().items() if k not in NOT_PROVENANCE["train"]}  # not the other runs
+    own = provenance("train", params.model_dump())  # not the other runs
     key = hash_obj({"params": own, "variant": variant, "seed": seed, "world": world, **manifest_extra})
     ds_config = deepspeed_config(params)
     if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
