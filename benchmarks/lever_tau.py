@@ -50,6 +50,12 @@ RUNS = {
     "dpace_block_norm": ("dpace", {"loss_normalization": "block"}),
     "auf_combined": ("auf", {"optimizer": "muon", "steps": MUON_STEPS, "anchors_per_token": 0.3,
                              "loss_normalization": "block"}),
+    # the Domino backbone (train.domino, docs/method.md 2b) against DFlash under each loss, same steps
+    "decay": ("decay", {}),
+    "decay_domino": ("decay", {"domino": {}}),
+    "dpace_domino": ("dpace", {"domino": {}}),
+    "auf_domino_base": ("auf", {"domino": {"auf_support": "base"}}),  # speculators' "B-AUF+D"
+    "auf_domino_final": ("auf", {"domino": {"auf_support": "final"}}),
 }
 
 

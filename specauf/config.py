@@ -24,6 +24,22 @@ CURRICULA = {"decay_then_auf": ("decay", "auf")}
 LOSS_VARIANTS = (*LOSSES, *CURRICULA)
 
 
+class DominoParams(Section):
+    """The Domino backbone (arXiv 2605.29707): the DFlash drafter unchanged plus a small causal
+    head that corrects each guess after the first with what the block's earlier tokens were."""
+    gru_dim: int = Field(0, ge=0)
+    """Hidden size G of `prefix_gru`, the GRU over the target embeddings of the block's earlier
+    tokens. 0 = the target's hidden size / 4, as the reference (1024 at 4096)."""
+    emb_dim: int = Field(0, ge=0)
+    """Width E of `embed_proj` (Linear(hidden + G -> E), SiLU, Linear(E -> vocabulary)). 0 = the
+    target's hidden size / 16, as the reference (256 at 4096)."""
+    auf_support: Literal["base", "final"] = "base"
+    """Where AUF-family losses take their support (the paper does not say): `base` = from the
+    backbone's base logits, on the base branch only, the final branch with the full decayed mask
+    (the one public implementation, speculators 23b23b8e, "B-AUF+D"); `final` = from the final
+    logits, on both branches. decay and dpace use their own weights on each branch."""
+
+
 class TrainParams(Section):
     variants: list[str] = ["decay", "dpace", "auf"]
     """Loss variants to train, each its own drafter on identical data, seed and steps: full, decay,
@@ -56,6 +72,11 @@ class TrainParams(Section):
     block with any weight counting the same."""
     distill_weight: float = Field(0.0, ge=0.0, le=1.0)
     """EXTENSION beyond the paper: weight of the CE against the target's top-k distribution (needs labels.top_k > 0), blended with the one-hot CE under every loss variant (0 = off)."""
+    domino: DominoParams | None = None
+    """Train the Domino backbone (DFlash + a causal GRU correction head; docs/method.md, 2b) with
+    these settings (`domino: {}` for the defaults); null = plain DFlash, which leaves a run's
+    provenance hash as it was before this key existed (OPT_IN). Loss: (1 - lambda) CE_final + lambda CE_base, lambda falling linearly from
+    1 to 0 over train.steps (each branch normalised by its own weight sum)."""
     curriculum_switch: float = Field(0.3, ge=0.0, le=1.0)
     """decay_then_auf: fraction of steps trained with `decay` before switching to `auf`."""
     num_layers: int = Field(1, ge=1)
@@ -291,6 +312,9 @@ class Params(Section):
         if unknown:
             raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} in prompts.eval "
                              f"(have: {', '.join(sorted(self.prompts.eval))})")
+        if self.train.domino is not None and self.eval.temperature > 0:
+            raise ValueError(f"train.domino with eval.temperature {self.eval.temperature}: a Domino drafter drafts "
+                             "greedily (each guess feeds the next); sampling inside its head is not built, set eval.temperature 0")
         return self
 
 
@@ -324,6 +348,16 @@ def eval_labels_params(params: Params) -> LabelsParams:
 # Keys that choose which stage instances run, not what one computes: a drafter's provenance must
 # not change when another variant is added to the list (dvc.yaml does not track them either).
 NOT_PROVENANCE = {"train": ("variants", "seeds")}
+# Opt-in blocks (None = not used): unset, they are left out of provenance hashes, so the outputs
+# of runs that do not use one keep the bytes they had before the block existed.
+OPT_IN = {"train": ("domino",)}
+
+
+def provenance(section: str, values: dict) -> dict:
+    """A section's params as its outputs' provenance records them: without NOT_PROVENANCE keys and
+    without unset OPT_IN blocks."""
+    return {k: v for k, v in values.items()
+            if k not in NOT_PROVENANCE.get(section, ()) and not (k in OPT_IN.get(section, ()) and v is None)}
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -340,8 +374,4 @@ def parse_run_name(name: str) -> tuple[str, int] | None:
 
 def section_dict(params: Params, *sections: str) -> dict:
     """The sections a stage reads, as plain data (for the params hash in its manifest)."""
-    out = {s: json.loads(getattr(params, s).model_dump_json()) for s in sections}
-    for s, keys in NOT_PROVENANCE.items():
-        for k in keys if s in out else ():
-            out[s].pop(k)
-    return out
+    return {s: provenance(s, json.loads(getattr(params, s).model_dump_json())) for s in sections}

@@ -5,6 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.config import run_name
+from specauf.serve.export import domino_export
 from specauf.serve.run import check_exact, gguf_models, our_greedy_texts, serve_drafter, timed_prompts, write_served
 from specauf.stage import add_run_args, stage_main, stage_run
 
@@ -13,8 +14,9 @@ def run(params, args):
     run = run_name(*stage_run(params, "serve", args.variant, args.seed))
     metrics_file = Path(args.metrics or f"metrics/serve/{run}.json")
     rows = []
-    if params.serve.engine == "none":
-        metrics = {"engine": "none"}
+    domino = domino_export(Path(args.export or f"data/export/{run}"))
+    if params.serve.engine == "none" or domino:
+        metrics = {"engine": "none", **({"reason": domino} if domino else {})}
     else:
         from transformers import AutoTokenizer
 

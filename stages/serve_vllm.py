@@ -5,6 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's specauf/, the one DVC hashes
 
 from specauf.config import run_name
+from specauf.serve.export import domino_export
 from specauf.serve.run import write_served
 from specauf.stage import add_run_args, stage_main, stage_run
 
@@ -13,8 +14,9 @@ def run(params, args):
     run = run_name(*stage_run(params, "serve_vllm", args.variant, args.seed))
     metrics_file = Path(args.metrics or f"metrics/serve_vllm/{run}.json")
     rows = []
-    if not params.vllm.serve:
-        metrics = {"engine": "none"}
+    domino = domino_export(Path(args.export or f"data/export/{run}"))
+    if not params.vllm.serve or domino:
+        metrics = {"engine": "none", **({"reason": domino} if domino else {})}
     else:
         from specauf.serve.vllm_gate import check_served, serve_with_vllm
 

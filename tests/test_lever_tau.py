@@ -26,6 +26,18 @@ def test_each_lever_is_paired_with_its_variants_baseline():
     assert params["train"]["optimizer"] == "muon" and params["train"]["steps"] == lever_tau.MUON_STEPS
 
 
+def test_domino_runs_are_paired_with_dflash_under_the_same_loss():
+    from specauf.config import TrainParams
+
+    for name, baseline in (("decay_domino", "decay"), ("dpace_domino", "dpace"), ("auf_domino_base", "auf"),
+                           ("auf_domino_final", "auf")):
+        assert lever_tau.baseline_of(name) == baseline
+        params = lever_tau.params_for({"train": {"variants": ["decay"], "seeds": [0]}}, name, 1, threads=1)
+        assert TrainParams.model_validate(params["train"]).domino is not None  # what stages/train.py validates
+    assert TrainParams.model_validate(lever_tau.params_for({"train": {}}, "auf_domino_final", 0, 1)["train"]
+                                      ).domino.auf_support == "final"
+
+
 def test_comparison_is_the_paired_tau_difference_pooled_and_per_set():
     base = {("a", "p1"): (10, 8), ("a", "p2"): (12, 10), ("b", "p3"): (9, 9)}
     lever = {("a", "p1"): (12, 8), ("a", "p2"): (14, 10), ("b", "p3"): (9, 9)}

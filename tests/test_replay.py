@@ -6,6 +6,7 @@ import torch
 
 from specauf.config import LabelsParams, RolloutsParams
 from specauf.evaluate.decode import DrafterProposer, OracleProposer, speculative_generate
+from specauf.train.domino import domino_config
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.data.dataset import LabelsDataset
 from specauf.data.generation import encode_chat
@@ -19,11 +20,17 @@ from tests.conftest import prompt_rows
 MASK_ID = 3
 
 
-def drafter_for(model, block_size=6, seed=0, layer_ids=(0, 2)):
+def drafter_for(model, block_size=6, seed=0, layer_ids=(0, 2), domino=False):
     torch.manual_seed(seed)
     cfg = DrafterConfig.from_target_config(model.config, num_layers=2, block_size=block_size, mask_token_id=MASK_ID,
                                            target_layer_ids=list(layer_ids), initializer_range=0.2)
-    return BlockDrafter(cfg).eval()
+    if domino:  # a head strong enough to change guesses
+        cfg.dflash_config.update(domino_config(cfg.hidden_size, gru_dim=16, emb_dim=8))
+    drafter = BlockDrafter(cfg).eval()
+    if domino:
+        for p in drafter.embed_proj.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    return drafter
 
 
 def test_walk_reproduces_the_decode_loop(tiny_model):
@@ -113,13 +120,15 @@ def eval_answers(tiny_model, tmp_path_factory):
     return root / "l", rows
 
 
-@pytest.mark.parametrize("layout", ["trained", "short"])
-def test_replay_equals_decoding(tiny_model, eval_answers, layout):
+@pytest.mark.parametrize("layout, backbone", [("trained", "dflash"), ("short", "dflash"), ("trained", "domino"),
+                                              ("short", "domino")])
+def test_replay_equals_decoding(tiny_model, eval_answers, layout, backbone):
     """Every prompt, every block size, two lengths: replayed cycles and acceptance equal the decode's,
-    and the guesses the walk used are the ones the decode's drafter proposed."""
+    and the guesses the walk used are the ones the decode's drafter proposed (Domino: each guess
+    fed back through its head, in the batched pass as in the decode)."""
     model, tok, manifest = tiny_model
     labels_dir, rows = eval_answers
-    drafter = drafter_for(model, layer_ids=(0, 2))  # a subset of the stored layers
+    drafter = drafter_for(model, layer_ids=(0, 2), domino=backbone == "domino")  # a subset of the stored layers
     stops = manifest["stop_token_ids"]
     data = LabelsDataset(labels_dir)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings().weight

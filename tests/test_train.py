@@ -592,7 +592,7 @@ def test_loss_normalization_and_tv_acceptance_reach_the_loss(tiny_model, data):
     t = trainer(params, tiny_model, data["offline"], variant="dpace")
     batch = t.data.train_batch(0, 0, 1)
     loss, _ = t.loss(t.drafter, batch, step=0)
-    logits, labels, validity = t.forward(t.drafter, batch)
+    logits, labels, validity, _ = t.forward(t.drafter, batch)
     ce = per_position_ce(logits, labels)
     w = WEIGHTS["dpace"](logits, labels, validity, ce, t.loss_options, None)  # differs per block
     assert torch.allclose(loss, weighted_mean(ce, w, "block"))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specauf.errors import UserError
+from specauf.train.domino import greedy_guesses, is_domino
 from specauf.train.drafter import DrafterCache
 from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.sampling import SamplingParams, draft, verify
@@ -39,6 +41,7 @@ class Proposer:
 
     needs_features = False
     max_guesses: int | None = None  # longest block - 1 this proposer supports (None = any)
+    greedy_only = False  # its guesses are argmaxes fed back within the block (Domino): no sampling
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         """Start a new prompt."""
@@ -81,6 +84,8 @@ class DrafterProposer(Proposer):
         self.layer_ids = drafter.target_layer_ids
         self.mask_id = drafter.mask_token_id
         self.max_guesses = drafter.block_size - 1
+        self.domino = self.greedy_only = is_domino(drafter.config)
+        self.d2t = drafter.d2t if drafter.config.draft_vocab_size else None
 
     def reset(self, prompt_ids):
         self.cache = DrafterCache()
@@ -108,7 +113,12 @@ class DrafterProposer(Proposer):
             past_key_values=self.cache, use_cache=True)
         self.cache.crop(p)
         # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
-        return self.drafter.target_logits(hidden[0, 1:n + 1], self.head, self.vocab_size)
+        if not self.domino:
+            return self.drafter.target_logits(hidden[0, 1:n + 1], self.head, self.vocab_size)
+        slots = hidden[:, 1:n + 1]
+        _, final = greedy_guesses(self.drafter, slots, self.drafter.draft_logits(slots, self.head), tokens[-1:],
+                                  self.embed, self.d2t)
+        return self.drafter.to_target_vocab(final[0], self.vocab_size)
 
 
 class OracleProposer(Proposer):
@@ -220,6 +230,9 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
         raise ValueError("block_size > 1 needs a proposer")
     if b > 1 and proposer.max_guesses is not None and b - 1 > proposer.max_guesses:
         raise ValueError(f"block_size {b} exceeds the proposer's {proposer.max_guesses + 1}")
+    if b > 1 and temperature > 0 and proposer.greedy_only:
+        raise UserError("a Domino drafter drafts greedily (each guess feeds the next): decode it at "
+                        "eval.temperature 0; sampling inside its head is not built yet")
     stops = {int(t) for t in stop_token_ids}
     device = next(target.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()

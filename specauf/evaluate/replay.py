@@ -19,6 +19,7 @@ import torch
 from specauf.data.dataset import LabelsDataset
 from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.train.blocks import block_attention_mask
+from specauf.train.domino import greedy_guesses, is_domino
 from specauf.evaluate.decode import BLOCK_LAYOUTS
 from specauf.artifacts import ArtifactError
 from specauf.errors import ExactnessError
@@ -38,6 +39,7 @@ def anchor_guesses(drafter, embed, head, input_ids: torch.Tensor, features: torc
     drafter's context features of the sequence; `head` = drafter.draft_head(lm_head)."""
     out = np.zeros((len(anchors), keep), dtype=np.int64)
     d2t = drafter.d2t if drafter.config.draft_vocab_size else None
+    domino = is_domino(drafter.config)
     for lo in range(0, len(anchors), ANCHORS_PER_FORWARD):
         a = torch.tensor(anchors[lo: lo + ANCHORS_PER_FORWARD], dtype=torch.long)
         w = torch.tensor(widths[lo: lo + ANCHORS_PER_FORWARD], dtype=torch.long)
@@ -51,9 +53,14 @@ def anchor_guesses(drafter, embed, head, input_ids: torch.Tensor, features: torc
                          block_position_ids=(a[:, None] + slots[None]).view(1, -1).to(dev),
                          context_position_ids=torch.arange(C, device=dev)[None],
                          attention_mask=mask[None, None].to(dev))
-        logits = drafter.draft_logits(hidden.view(A, W, -1)[:, 1:keep + 1], head)
-        best = logits.argmax(-1)
-        out[lo: lo + A, : best.shape[1]] = (d2t[best] if d2t is not None else best).cpu().numpy()  # W - 1 may be < keep
+        slots = hidden.view(A, W, -1)[:, 1:keep + 1]
+        logits = drafter.draft_logits(slots, head)
+        if domino:  # each guess fed back through the head, as the decode drafts
+            best = greedy_guesses(drafter, slots, logits, ids[:, 0].to(dev), embed, d2t)[0]
+        else:
+            best = logits.argmax(-1)
+            best = d2t[best] if d2t is not None else best
+        out[lo: lo + A, : best.shape[1]] = best.cpu().numpy()  # W - 1 may be < keep
     return out
 
 

@@ -67,6 +67,7 @@ def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]
     the same target linear kernels (`eval.linear_kernels`, recorded), and check replay against decode."""
     from specauf.data.dataset import LabelsDataset
     from specauf.evaluate.replay import replay_check, replay_drafter
+    from specauf.train.domino import is_domino
 
     sizes = params.speculative_block_sizes
     timed = {name: rows[: params.prompts_per_set] for name, rows in eval_sets.items()}
@@ -90,6 +91,8 @@ def evaluate_drafter(target, tokenizer, drafter, eval_sets: dict[str, list[dict]
                                sizes, params.block_layout, params.max_new_tokens, stop_ids, desc="replay check")
         metrics["replay_check"] = replay_check(metrics["prompts"], short)
     metrics["replay_prompts"] = replayed
+    if is_domino(drafter.config):  # (DFlash drafters' metrics say nothing: their bytes stay as they were)
+        metrics["settings"] = {**metrics["settings"], "backbone": "domino"}
     metrics["overall"], metrics["sets"] = _merge(replayed, None, metrics["overall"], sizes), {
         name: _merge(replayed, name, metrics["sets"][name], sizes) for name in eval_sets}
     if costs is not None:

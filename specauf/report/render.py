@@ -111,7 +111,8 @@ def _paper(v: View) -> list[str]:
             for m, d, a in PAPER["rows"]]
     for k in v.sizes:
         d, a, p = (pooled_tau(v.grouped[x], k) if x in v.grouped else None for x in ("decay", "auf", "dpace"))
-        rows.append([f"this run: overall, inference B={k}", _fmt(d), _fmt(a),
+        rows.append([f"this run{' (Domino)' if v.settings.get('backbone') == 'domino' else ''}: overall, inference B={k}",
+                     _fmt(d), _fmt(a),
                      _signed(None if d is None or a is None else a - d),
                      *([_fmt(p), _signed(None if p is None or a is None else a - p)] if dpace else [])])
     return L + _table(["", "tau decay", "tau auf", "auf - decay", *(["tau dpace", "auf - dpace"] if dpace else [])], rows)

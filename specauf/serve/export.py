@@ -31,6 +31,7 @@ import torch
 
 from specauf.errors import UserError
 from specauf.target.access import rope_config_keys
+from specauf.train.domino import is_domino
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, loading, read_manifest, sha256_file,
                                versions, write_json)
 
@@ -82,6 +83,8 @@ def reference_config(config, draft_vocab_size: int = 0, dtype: str | None = None
     }
     if draft_vocab_size:
         out["draft_vocab_size"] = int(draft_vocab_size)
+    if is_domino(config):  # SpecForge's and SGLang's keys for the head
+        out["dflash_config"].update({k: config.dflash_config[k] for k in DOMINO_KEYS})
     if dtype:
         out["dtype"] = out["torch_dtype"] = dtype
     return out
@@ -159,13 +162,40 @@ LLAMACPP_DFLASH_TARGETS = ("llama", "mistral", "qwen3", "qwen3_moe", "qwen3_next
                            "lfm2", "gemma4", "gemma4_text", "nemotron_h", "minimax_m2")
 
 
-def engine_table(draft_vocab: int, target_model_type: str | None = None, gguf: bool = False) -> dict[str, dict]:
+# A Domino drafter's head (specauf/train/domino.py) is run by no engine this project has run: vLLM
+# 0.32.0 has none (no prefix_gru anywhere in its code), llama.cpp and z-lab's reference neither;
+# they would draft with the DFlash backbone, a different drafter. SGLang and vLLM-Ascend have
+# Domino code, neither read nor run here (CUDA / NPU).
+DOMINO_KEYS = ("projector_type", "gru_hidden_dim", "emb_dim", "pure_draft_prefix_len", "shift_label")
+DOMINO_ENGINES = {
+    "vllm": "vLLM 0.32.0 has no Domino head (no prefix_gru in its code): at best it drafts with the DFlash backbone alone",
+    "sglang": "not verified: SGLang's Domino path (CUDA, bf16) was neither read nor run here; the tensor names and "
+              "dflash_config keys are SpecForge's, whose Domino head scores the full vocabulary",
+    "transformers_reference": "z-lab's DFlashDraftModel has no Domino head: it would draft with the backbone alone",
+    "llama.cpp": "llama.cpp's draft-dflash has no Domino head (and no drafter.gguf is written for one)",
+}
+
+
+def domino_export(export_dir: Path) -> str | None:
+    """Why a serve stage skips this export (a Domino drafter: no engine here runs its head), or None."""
+    manifest = read_manifest(export_dir, kind="export")
+    if manifest.get("projector") != "domino":
+        return None
+    return (f"{export_dir} holds a Domino drafter, whose head no engine here runs (llama.cpp and vLLM would draft "
+            "with its DFlash backbone, a different drafter than the one evaluated): not served")
+
+
+def engine_table(draft_vocab: int, target_model_type: str | None = None, gguf: bool = False,
+                 domino: bool = False) -> dict[str, dict]:
     """{engine: {"exact", "reason", "how"}} for an export with this draft vocabulary size (and, for
-    llama.cpp, whether a GGUF drafter was written and for which target architecture)."""
+    llama.cpp, whether a GGUF drafter was written and for which target architecture; `domino`:
+    the drafter has a Domino head)."""
     table = {}
     for name, e in ENGINES.items():
         reason = (e["differs"](draft_vocab, target_model_type, gguf) if name == "llama.cpp" else
                   e["differs"](draft_vocab, target_model_type) if name == "vllm" else e["differs"](draft_vocab))
+        if domino:
+            reason = DOMINO_ENGINES[name]
         table[name] = {"exact": reason is None, "reason": reason, "how": e["how"]}
     return table
 
@@ -238,7 +268,11 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
         target_type = read_target_manifest(target_dir, verify=False).get("model_type")
     if gguf_tokenizer is not None and target_dir is None:
         raise UserError("a GGUF export needs --target TARGET_DIR (its architecture decides whether llama.cpp can feed the drafter)")
-    engines = engine_table(len(state["d2t"]) if "d2t" in state else 0, target_type, gguf_tokenizer is not None)
+    domino = is_domino(config)
+    if domino and gguf_tokenizer is not None:
+        log.info("no drafter.gguf for %s: llama.cpp has no Domino head", drafter_dir)
+        gguf_tokenizer = None
+    engines = engine_table(len(state["d2t"]) if "d2t" in state else 0, target_type, gguf_tokenizer is not None, domino)
     if strict is not None:
         if strict not in engines:
             raise UserError(f"--strict: no engine {strict!r} (have: {', '.join(engines)})")
@@ -270,6 +304,7 @@ def export_drafter(drafter_dir, out_dir, target_dir=None, *, strict: str | None 
             os.chmod(tmp / GGUF, 0o644)
         manifest = {
             "schema_version": SCHEMA_VERSION, "kind": "export", "format": "dflash",
+            **({"projector": "domino"} if domino else {}),
             "architecture": ARCHITECTURE, "variant": dm.get("variant"),
             "block_size": cfg["block_size"], "draft_vocab_size": draft_vocab,
             "engines": engines,

@@ -58,6 +58,7 @@ class Batch:
     soft_probs: torch.Tensor | None = None  # (N*A, B-1, k)
     soft_mass: torch.Tensor | None = None   # (N*A, B-1, k)
     coverage: float | None = None           # response tokens some block supervises / response tokens
+    label_token_ids: torch.Tensor | None = None  # (N*A, B-1) the labels as target ids (what Domino's GRU reads)
 
 
 def split_heldout(dataset: LabelsDataset, fraction: float, seed: int,
@@ -188,6 +189,7 @@ class TrainData:
             out["context_features"] = self.online_features([it["input_ids_full"] for it in items], out)
         batch = Batch(**out)
         batch.coverage = covered / max(response_tokens, 1)
+        batch.label_token_ids = batch.labels
         if self.vocab is not None:  # a label outside the draft vocabulary can never be guessed: the block ends there
             batch.labels, batch.validity = self.vocab.restrict_labels(batch.labels, batch.validity)
         if batch.soft_ids is not None:  # keep the top-k mass inside the draft vocabulary, renormalised

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
+from specauf.train.domino import attach_head
 from specauf.target.access import check_target_supported, default_target_layer_ids, target_activation, target_rope, text_config, validate_target_layer_ids
 
 REMOVED_LEVERS = ("context_layer_norm", "context_feature_scale")
@@ -285,6 +286,7 @@ class BlockDrafter(PreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config)
         if config.draft_vocab_size:
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long))
+        attach_head(self, config)  # Domino's correction head (specauf/train/domino.py); DFlash: nothing
         self.post_init()
 
     def draft_head(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
@@ -305,7 +307,10 @@ class BlockDrafter(PreTrainedModel):
     def target_logits(self, hidden: torch.Tensor, head: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Logits over the full target vocabulary (vocab_size ids); ids outside the draft vocabulary
         get -inf, so argmax and sampling at decode time only ever propose draft-vocabulary tokens."""
-        logits = self.draft_logits(hidden, head)
+        return self.to_target_vocab(self.draft_logits(hidden, head), vocab_size)
+
+    def to_target_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Draft-vocabulary logits spread over the target's vocab_size ids (-inf elsewhere)."""
         if not self.config.draft_vocab_size:
             return logits
         full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))

@@ -252,3 +252,43 @@ def compute_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, validity
     ce = blended_ce(logits, labels, soft, options.distill_weight, ce=one_hot)
     w = WEIGHTS[name](logits, labels, validity, one_hot, options, target_topk)
     return weighted_mean(ce, w, options.normalization), diagnostics(logits, labels, validity)
+
+
+# Losses whose weights come from an AUF support (the Domino head asks where that support is taken).
+AUF_FAMILY = ("auf", "auf_decay", "auf_dpace", "soft_auf")
+
+
+def base_weight(step: int, steps: int) -> float:
+    """Domino's lambda at `step` (0-based): 1 -> 0 linearly over training (SpecForge's
+    `linear_lambda_base`): the backbone learns alone first, the head takes over."""
+    return 1.0 - step / steps
+
+
+def domino_loss(name: str, base: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, validity: torch.Tensor,
+                options: LossOptions, lam: float, auf_support: str = "base",
+                soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+                target_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(1 - lam) * loss(final logits) + lam * loss(base logits), each branch a weighted mean
+    normalised by its own weights; diagnostics of the final logits (what drafting uses).
+
+    The variant's weights apply on each branch from that branch's logits, except for the AUF
+    family, whose support comes from `auf_support`: `base` = the base branch's own, with the final
+    branch under the full decayed mask (speculators' "B-AUF+D"); `final` = the final logits'
+    weights on both branches."""
+    name = "auf_decay" if name == "auf+decay" else name
+    if name not in WEIGHTS:
+        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
+    validity = validity.bool()
+    if options.gamma is None:
+        options = replace(options, gamma=default_gamma(labels.shape[1] + 1))
+    ce, one_hot, weights = {}, {}, {}
+    for branch, logits in (("base", base), ("final", final)):
+        one_hot[branch] = per_position_ce(logits, labels)
+        ce[branch] = blended_ce(logits, labels, soft, options.distill_weight, ce=one_hot[branch])
+        own = "decay" if name in AUF_FAMILY and auf_support == "base" and branch == "final" else name
+        weights[branch] = WEIGHTS[own](logits, labels, validity, one_hot[branch], options, target_topk)
+    if name in AUF_FAMILY and auf_support == "final":
+        weights["base"] = weights["final"]
+    loss = ((1.0 - lam) * weighted_mean(ce["final"], weights["final"], options.normalization)
+            + lam * weighted_mean(ce["base"], weights["base"], options.normalization))
+    return loss, diagnostics(final, labels, validity)

@@ -20,13 +20,14 @@ import torch
 from specauf.artifacts import (MANIFEST, SCHEMA_VERSION, ArtifactError, atomic_dir, check_replaceable, claim_work_dir,
                                hash_obj, write_json)
 from specauf.errors import UserError
-from specauf.config import CURRICULA, NOT_PROVENANCE, TrainParams
+from specauf.config import CURRICULA, TrainParams, provenance
 from specauf.data.dataset import LabelsDataset
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.target.access import context_features_from_hidden_states, init_from_target
 from specauf.train.batches import Batch, TrainData
 from specauf.train.distributed import deepspeed_config, init_engine, load_checkpoint, restore_master_weights, save_checkpoint
-from specauf.train.losses import LossOptions, compute_loss
+from specauf.train.domino import domino_config, teacher_forced_logits
+from specauf.train.losses import LossOptions, base_weight, compute_loss, domino_loss
 from specauf.runtime import pick_precision, progress
 
 log = logging.getLogger("specauf")
@@ -84,6 +85,8 @@ class DrafterRun:
             target.config, num_layers=params.num_layers, block_size=params.block_size,
             mask_token_id=target_manifest["mask_token_id"], target_layer_ids=data.layer_ids,
             draft_vocab_size=0 if data.vocab is None else len(data.vocab.d2t))
+        if params.domino is not None:
+            config.dflash_config.update(domino_config(config.hidden_size, params.domino.gru_dim, params.domino.emb_dim))
         torch.manual_seed(seed)
         self.drafter = BlockDrafter(config)
         if data.vocab is not None:
@@ -123,8 +126,10 @@ class DrafterRun:
             return first if step < int(self.params.curriculum_switch * self.params.steps) else then
         return self.variant
 
-    def forward(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits over the draft vocabulary, labels, validity), each (N*A, B-1[, V]), on the device."""
+    def forward(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits over the draft vocabulary, labels, validity, base logits), each (N*A, B-1[, V]), on
+        the device. Domino: logits are the final (corrected) ones, teacher-forced; base the
+        backbone's; DFlash: base is None."""
         dtype = next(model.parameters()).dtype
         dev = self.device
         with torch.no_grad():
@@ -137,15 +142,25 @@ class DrafterRun:
         if dtype not in self.draft_head:  # bf16 training scores in bf16 as well (the CE stays fp32)
             self.draft_head[dtype] = self.draft_head[torch.float32].to(dtype)
         logits = self.drafter.draft_logits(hidden, self.draft_head[dtype]).float()
-        return logits, batch.labels.to(dev), batch.validity.to(dev)
+        if self.params.domino is None:
+            return logits, batch.labels.to(dev), batch.validity.to(dev), None
+        anchors = batch.block_input_ids.view(N, -1, B)[:, :, 0].reshape(-1, 1)
+        tokens = torch.cat([anchors, batch.label_token_ids[:, : B - 2]], dim=1)  # what verification commits
+        with torch.no_grad():
+            token_embeds = self.embed(tokens.to(self.embed.weight.device)).to(dev, dtype)
+        final = teacher_forced_logits(self.drafter, hidden, logits, token_embeds).float()  # the engine's module
+        return final, batch.labels.to(dev), batch.validity.to(dev), logits
 
     def loss(self, model, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         """The variant's loss at `step` (its schedule: loss_name) and the diagnostics."""
-        logits, labels, validity = self.forward(model, batch)
+        logits, labels, validity, base = self.forward(model, batch)
         soft = target_topk = None
         if batch.soft_ids is not None:
             ids = batch.soft_ids.to(self.device)
             soft, target_topk = (ids, batch.soft_probs.to(self.device)), (ids, batch.soft_mass.to(self.device))
+        if base is not None:
+            return domino_loss(self.loss_name(step), base, logits, labels, validity, self.loss_options,
+                               base_weight(step, self.params.steps), self.params.domino.auf_support, soft, target_topk)
         return compute_loss(self.loss_name(step), logits, labels, validity, self.loss_options, soft, target_topk)
 
     @torch.no_grad()
@@ -153,7 +168,7 @@ class DrafterRun:
         """Held-out diagnostics on every anchor of the held-out rollouts (a fixed set)."""
         acc = acc_n = acc_len = blocks = support = 0.0
         for batch in self.data.heldout_batches():
-            logits, labels, validity = self.forward(model, batch)
+            logits, labels, validity, _ = self.forward(model, batch)  # Domino: its final logits, teacher-forced
             _, d = compute_loss("full", logits, labels, validity)
             has = validity.any(1)
             n_valid = float(d["num_valid"])
@@ -197,7 +212,7 @@ def setup(params: TrainParams, variant: str, *, target, target_manifest: dict, l
              "full" if data.vocab is None else len(data.vocab.d2t), 100 * data.coverage, t.loss_options.gamma, params.precision)
     t.check_features()
     work_dir = Path(work_dir)
-    own = {k: v for k, v in params.model_dump().items() if k not in NOT_PROVENANCE["train"]}  # not the other runs
+    own = provenance("train", params.model_dump())  # not the other runs
     key = hash_obj({"params": own, "variant": variant, "seed": seed, "world": world, **manifest_extra})
     ds_config = deepspeed_config(params)
     if rank == 0:  # one process owns the work dir; the others first touch it after init_engine syncs them
