@@ -103,7 +103,9 @@ def test_ctrl_c_during_rollouts_under_dvc_repro_loses_nothing(built_smoke, tmp_p
     stage's line says so truthfully; the rerun resumes from the finished shards."""
     ws = copy_workspace(built_smoke, tmp_path / "ws")
     before = snapshot(ws / "data/rollouts")
-    edit_params(ws, lambda p: p["rollouts"].update(max_new_tokens=20))  # the rollouts must be made again
+    # the rollouts must be made again, long enough (about 8 s here) that the interrupt lands inside the
+    # stage: at 20 tokens the whole stage took 1.4 s on a quiet machine and finished before SIGINT
+    edit_params(ws, lambda p: p["rollouts"].update(max_new_tokens=96))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).parent / "dvc")
     proc = subprocess.Popen([exe, "repro", "rollouts"], cwd=ws, env=env, stdout=subprocess.PIPE,
