@@ -103,13 +103,15 @@ def test_ctrl_c_during_rollouts_under_dvc_repro_loses_nothing(built_smoke, tmp_p
     stage's line says so truthfully; the rerun resumes from the finished shards."""
     ws = copy_workspace(built_smoke, tmp_path / "ws")
     before = snapshot(ws / "data/rollouts")
-    # the rollouts must be made again, long enough (about 8 s here) that the interrupt lands inside the
-    # stage: at 20 tokens the whole stage took 1.4 s on a quiet machine and finished before SIGINT
+    # the rollouts must be made again, over several seconds, so the interrupt lands inside the stage
     edit_params(ws, lambda p: p["rollouts"].update(max_new_tokens=96))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).parent / "dvc")
+    # SIGINT as a terminal's foreground job has it: a suite started in the background by a
+    # non-interactive shell runs with SIGINT ignored, which dvc and the stage would inherit
     proc = subprocess.Popen([exe, "repro", "rollouts"], cwd=ws, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     work = ws / "data/.work/rollouts"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(work.glob("shard-*.arrow.json")):
