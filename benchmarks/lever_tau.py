@@ -14,7 +14,9 @@ workspace's fp32 target, so its labels are exact for the verifier that is evalua
     python benchmarks/lever_tau.py --runs auf,auf_muon,auf_block_norm --seeds 0,1
 
 Everything it writes goes under `--out` (default benchmarks/.cache/lever_tau/): per run and seed
-the drafter, its train metrics and replay rows; `table.json` and `table.md` the comparison.
+the drafter, its train metrics and replay rows; `table.b<B>.json` and `.md` the comparison at block
+size B (`table.b<B>.vs-<run>.*` with `--against <run>`: every run against that one, e.g. the
+losses on one backbone).
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ def replay(drafter_dir: Path, rows_file: Path, params, seed: int, target, answer
     return rows
 
 
-def compare(rows: dict, names: list[str], key: str, resamples: int) -> list[dict]:
+def compare(rows: dict, names: list[str], key: str, resamples: int, against: str | None = None) -> list[dict]:
     from specauf.evidence import paired_diff_ci, paired_rows, ratio_ci, verdict
 
     table = []
@@ -201,7 +203,7 @@ def compare(rows: dict, names: list[str], key: str, resamples: int) -> list[dict
         tau = ratio_ci(*paired_rows(mine, mine, key)[:2], resamples=resamples)
         entry = {"run": name, "variant": RUNS[name][0], "overrides": RUNS[name][1], "seeds": sorted(rows[name]),
                  "tau": tau}
-        base = baseline_of(name)
+        base = against or baseline_of(name)
         if base != name:
             theirs = [r for rs in rows[base].values() for r in rs]
             sets = sorted({r["set"] for r in mine})
@@ -213,11 +215,11 @@ def compare(rows: dict, names: list[str], key: str, resamples: int) -> list[dict
     return table
 
 
-def markdown(table: list[dict], minutes: dict, key: str) -> str:
+def markdown(table: list[dict], minutes: dict, key: str, against: str | None = None) -> str:
     from specauf.evidence import NOT_SIGNIFICANT
 
     sets = [s for s in next((e["diff"] for e in table if "diff" in e), {"all": 0}) if s != "all"]
-    head = ["run", "overrides", f"tau {key} [95%]", "train min/seed", "minus baseline, all sets", *sets]
+    head = ["run", "overrides", f"tau {key} [95%]", "train min/seed", f"minus {against or 'baseline'}, all sets", *sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda d: f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
     for e in table:
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="training runs side by side")
     ap.add_argument("--block-size", type=int, default=4, help="the block size the table compares at")
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--against", default=None, help="compare every run with this run (default: each with its "
+                                                     "variant's default-params baseline)")
     args = ap.parse_args()
     from specauf.params_file import full_params, load_params
     from specauf.runtime import setup_logging
@@ -253,7 +257,10 @@ def main() -> None:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"error: --runs: unknown run {unknown[0]!r} (known: {', '.join(RUNS)})")
-    names += [b for b in dict.fromkeys(baseline_of(n) for n in names) if b not in names]
+    if args.against and args.against not in RUNS:
+        raise SystemExit(f"error: --against: unknown run {args.against!r} (known: {', '.join(RUNS)})")
+    names += [b for b in dict.fromkeys([baseline_of(n) for n in names] + [args.against] * bool(args.against))
+              if b not in names]
     seeds = [int(s) for s in args.seeds.split(",")]
     workspace, out = Path(args.workspace).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -278,13 +285,14 @@ def main() -> None:
     rows = {n: {s: done[(n, s)][1] for s in seeds} for n in names}
     minutes = {n: "/".join("default" if trained[(n, s)]["reused"] else str(trained[(n, s)]["minutes"]) for s in seeds)
                for n in names}
-    table = compare(rows, names, f"b{args.block_size}", args.resamples)
+    table = compare(rows, names, f"b{args.block_size}", args.resamples, args.against)
     data_minutes = {d: json.loads((out / f"data-{d}" / "data_time.json").read_text())
                     for d in dict.fromkeys(RUN_DATA[n] for n in names if n in RUN_DATA)}
-    (out / "table.json").write_text(json.dumps({"block_size": args.block_size, "seeds": seeds, "minutes": minutes,
+    stem = f"table.b{args.block_size}" + (f".vs-{args.against}" if args.against else "")
+    (out / f"{stem}.json").write_text(json.dumps({"block_size": args.block_size, "seeds": seeds, "minutes": minutes,
                                                 "data_minutes": data_minutes, "table": table}, indent=1))
-    md = markdown(table, minutes, f"B={args.block_size}")
-    (out / "table.md").write_text(md)
+    md = markdown(table, minutes, f"B={args.block_size}", args.against)
+    (out / f"{stem}.md").write_text(md)
     print(md)
 
 

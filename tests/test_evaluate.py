@@ -1,6 +1,8 @@
 """Eval stage logic: metrics accounting, the exactness gate, peers side by side."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -69,8 +71,13 @@ def test_metrics_accounting_and_peers(setup):
     for key in ("b2", "b4"):
         o = h["overall"][key]
         assert o["tau"] == m["overall"][key]["tau"] and o["tau_lo"] <= o["tau"] <= o["tau_hi"]
+        # the field's other tau: each prompt's own emitted / cycles, averaged (pooled stays the headline)
+        own = [r[key]["emitted"] / r[key]["cycles"] for r in m["replay_prompts"]]
+        assert o["tau_prompt_mean"] == pytest.approx(sum(own) / len(own))
+        assert h["sets"]["a"][key]["tau_prompt_mean"] == pytest.approx(
+            statistics.mean(r[key]["emitted"] / r[key]["cycles"] for r in m["replay_prompts"] if r["set"] == "a"))
         assert o["speedup"] == pytest.approx(m["overall"][key]["speedup"]) and o["speedup_lo"] <= o["speedup_hi"]
-    assert h["replay_check_max_difference"] == 0
+    assert h["replay_check_max_difference"] == 0 and h["tau_definition"].startswith("tau: pooled")
     leaves = lambda d: sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
     assert leaves(h) < 40  # a screenful, not the details
     # ...and the details hold no figure of the headline; the report joins them back to the same values

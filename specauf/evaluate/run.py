@@ -192,11 +192,19 @@ def _set_metrics(results: dict[str, list]) -> dict:
     return out
 
 
+TAU_DEFINITION = ("tau: pooled, total emitted tokens / total draft-verify cycles over the prompts (the headline); "
+                  "tau_prompt_mean: the mean over prompts of each prompt's own tau")
+
+
 def headline(metrics: dict, resamples: int) -> dict:
     """What `dvc metrics show` prints: per set and overall, each block size's replayed tau with its 95%
     interval over prompts and the prompt count; overall, the decoded speedup with its interval and the
     replay check's largest pooled difference. Everything else goes to the details file. One run:
-    its intervals are over prompts only (the report's resample seeds too)."""
+    its intervals are over prompts only (the report's resample seeds too).
+
+    The field quotes tau two ways: pooled (all emitted tokens / all cycles: `tau`, the headline,
+    every interval and comparison here) and the mean of per-prompt tau (`tau_prompt_mean`), which
+    weighs a short answer as much as a long one; `tau_definition` says so in the file itself."""
     from specauf import evidence
 
     replayed, decoded = metrics["replay_prompts"], metrics["prompts"]
@@ -208,7 +216,9 @@ def headline(metrics: dict, resamples: int) -> dict:
         for b in sizes:
             ci = evidence.ratio_ci([r[f"b{b}"]["emitted"] for r in rows], [r[f"b{b}"]["cycles"] for r in rows],
                                   resamples=resamples)
-            out[f"b{b}"] = {"tau": ci["value"], "tau_lo": ci["lo"], "tau_hi": ci["hi"]}
+            per_prompt = [r[f"b{b}"]["emitted"] / r[f"b{b}"]["cycles"] for r in rows if r[f"b{b}"]["cycles"]]
+            out[f"b{b}"] = {"tau": ci["value"], "tau_lo": ci["lo"], "tau_hi": ci["hi"],
+                            "tau_prompt_mean": sum(per_prompt) / len(per_prompt) if per_prompt else None}
         return out
 
     overall = section(None)
@@ -217,7 +227,7 @@ def headline(metrics: dict, resamples: int) -> dict:
         sp = evidence.speedup_ci(decoded, f"b{b}", resamples=resamples)
         if sp is not None:
             overall[f"b{b}"].update(speedup=sp["value"], speedup_lo=sp["lo"], speedup_hi=sp["hi"])
-    out = {"variant": metrics.get("variant"), "seed": metrics.get("seed"), "overall": overall,
+    out = {"variant": metrics.get("variant"), "seed": metrics.get("seed"), "tau_definition": TAU_DEFINITION, "overall": overall,
            "sets": {name: section(name) for name in metrics["sets"]}}
     if "replay_check" in metrics:
         out["replay_check_max_difference"] = max((abs(v["difference"]) for v in metrics["replay_check"]["pooled"].values()),

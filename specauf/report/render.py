@@ -150,7 +150,16 @@ def _overall(v: View) -> list[str]:
                       "our best speedup", "best peer speedup"], rows)
             + ["Peer speedups are over transformers' own plain `generate` in the same run; ours are over "
                "our engine's plain decoding. Offline tau is the training stage's held-out acceptance-length "
-               "estimate (teacher-forced, no decoding).", ""])
+               "estimate (teacher-forced, no decoding).", ""] + _prompt_mean_line(v))
+
+
+def _prompt_mean_line(v: View) -> list[str]:
+    """tau the other way the field quotes it, so a paper's per-prompt mean is compared like with like."""
+    cells = [f"{x} " + " / ".join(_fmt(_stat(v.data[x]["eval"]["overall"], k, "tau_prompt_mean")) for k in v.sizes)
+             for x in v.variants]
+    return [f"Every tau in this report is pooled: all emitted tokens over all draft-verify cycles. The mean of "
+            f"per-prompt tau (each prompt's own, averaged; `tau_prompt_mean` in metrics/eval), at B = "
+            f"{' / '.join(map(str, v.sizes))}: {'; '.join(cells)}.", ""]
 
 
 def _per_set(v: View) -> list[str]:

@@ -51,12 +51,12 @@ def load_inputs(eval_dir: str | Path, train_dir: str | Path, variants: list[str]
 
 def with_headline(details: dict, top, where: Path) -> dict:
     """The details file with the figures the eval stage keeps only in its headline (DVC's metrics
-    file) joined back: tau per set and block size, the overall speedup."""
+    file) joined back: tau per set and block size (pooled, and the mean of per-prompt tau), the overall speedup."""
     if not isinstance(top, dict) or not isinstance(top.get("overall"), dict):
         raise ArtifactError(f"{where}: no 'overall' section (not an eval stage headline)")
 
     def section(detail: dict, head: dict) -> dict:
-        return {k: ({**v, **{f: x for f, x in head[k].items() if f in ("tau", "speedup")}}
+        return {k: ({**v, **{f: x for f, x in head[k].items() if f in ("tau", "tau_prompt_mean", "speedup")}}
                     if isinstance(head.get(k), dict) and isinstance(v, dict) else v) for k, v in detail.items()}
 
     return {**details, "overall": section(details["overall"], top["overall"]),
