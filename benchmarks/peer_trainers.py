@@ -17,12 +17,21 @@ Settings (what each peer is given; the table prints them):
 - `matched`: our default's drafter shape (1 layer, our 5 target layers, draft vocabulary 8192 =
   our drafter's of that seed, block 8, non-causal block attention), D-PACE (alpha 0.5), hard
   labels (the target's argmax), 2 sequences x 32 anchors = 64 blocks per step, 1600 steps,
-  AdamW lr 1e-3, 30 warmup steps, cosine, no weight decay, gradient clip 1, fp32.
-- `default`: the peer's shipped training defaults (optimizer, schedule, loss weighting, draft
-  layers, block size), scaled to our default's CPU minutes (steps from a measured step time),
-  on our target layers (our labels hold those features; the peer's default layers would need
-  another target pass) and with non-causal block attention (what our drafter, and a DFlash
-  engine, runs).
+  AdamW lr 1e-3, 30 warmup steps, cosine, no weight decay, gradient clip 1, fp32. What stays the
+  peer's own: its loss normalisation (weighted CE summed over a row's valid positions and divided
+  by their count; ours divides by the weights' sum), torch's AdamW betas (0.9, 0.999; ours 0.95),
+  cosine down to 0 (ours to train.min_lr_ratio), and bf16 weights in its checkpoints.
+- `default`: the peer's shipped DFlash defaults (speculators 0.9.0: 5 draft layers, block 16,
+  D-PACE, CE, Muon lr 1e-3 with its AdamW group, linear schedule, weight decay 0.01, rows packed to
+  8192 tokens with 512 anchors each), for as many steps as fit in our default's training minutes at
+  the per-step times `--throughput` measured; on our target layers (our labels hold those features;
+  the peer's default layers would need another target pass), fp32 (its bf16 default needs native
+  bf16, which this CPU lacks), with non-causal block attention (what our drafter and DFlash engines
+  run; its default layers are causal sliding-window ones, which our drafter cannot represent).
+On a CPU the peer also needs `--loss-implementation eager` (its fused losses need Triton),
+`--draft-attn-impl sdpa` (flex attention needs a compiler) and `--num-workers 0`.
+
+    python benchmarks/peer_trainers.py --throughput    # first, on a quiet machine: per-step times
 
 Everything goes under --out (default benchmarks/.cache/peer_trainers/).
 """
@@ -288,6 +297,89 @@ def conversion_check(python: Path, checkpoint: Path, drafter_dir: Path, target_d
     return check
 
 
+def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dict, out: Path, threads: int) -> dict:
+    """Seconds per training step, one contender after the other with nothing else of ours running:
+    our trainer (DFlash, and Domino: issue 32's cost per step), the peer in the `matched` setting
+    (the same 64 blocks per step) and in its `default` setting. Each trains a short and a long run
+    from scratch; the difference over the extra steps leaves start-up out."""
+    import yaml
+
+    from lever_tau import run_stage
+
+    seed = ours.seeds[0]
+    like = our_drafter("dpace", seed, workspace, out)
+    wall, plan = {}, {"ours": (40, 200), "ours_domino": (40, 200), "speculators_matched": (40, 200),
+                      "speculators_default": (4, 14)}
+    for who, (short, long) in plan.items():
+        for steps in (short, long):
+            d = out / "throughput" / f"{who}-{steps}"
+            t0 = time.perf_counter()
+            if who.startswith("ours"):
+                d.mkdir(parents=True, exist_ok=True)
+                p = json.loads(json.dumps(params_base))
+                p["train"].update(variants=["dpace"], steps=steps, torch_threads=threads,
+                                  **({"domino": {}} if who == "ours_domino" else {}))
+                (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+                run_stage("train", d / "params.yaml", ["--variant", "dpace", "--seed", str(seed), "--labels",
+                          str(workspace / "data/labels"), "--target", str(workspace / "data/target"), "--out",
+                          str(d / "drafter"), "--work", str(d / "work"), "--metrics", str(d / "metrics")], d / "train.log",
+                          workspace)
+            else:
+                setting = who.split("_")[1]
+                data, ratio = speculators_data(workspace, ours, rows, seed, setting, out)
+                peer_train(python, speculators_flags(ours, setting, seed, data, ratio, workspace, d / "checkpoints",
+                                                     like_layers(like), like_mask(like), steps), d / "train.log", threads)
+            wall[(who, steps)] = time.perf_counter() - t0
+    per_step = {who: (wall[(who, b)] - wall[(who, a)]) / (b - a) for who, (a, b) in plan.items()}
+    return {"threads": threads, "plan": plan, "wall_s": {f"{w}-{n}": v for (w, n), v in wall.items()},
+            "s_per_step": per_step, "blocks_per_s": {w: 2 * ours.anchors_per_seq / per_step[w]
+                                                      for w in ("ours", "ours_domino", "speculators_matched")},
+            "speculators_matched_over_ours": per_step["speculators_matched"] / per_step["ours"],
+            "domino_over_dflash": per_step["ours_domino"] / per_step["ours"],
+            "default_steps_in_our_minutes": round(ours.steps * per_step["ours"] / per_step["speculators_default"])}
+
+
+def conversion_check(python: Path, checkpoint: Path, drafter_dir: Path, target_dir: Path, model, hs_file: Path,
+                     out_file: Path) -> dict:
+    """The converted drafter against the peer's own model: the peer's training forward on one stored
+    sequence (its anchors, its masks: peer_speculators_run.py --logits), then ours on the same
+    anchors and features; the largest logit difference and how often the argmax guesses agree."""
+    import torch
+    from safetensors.torch import load_file
+
+    from specauf.train.blocks import block_attention_mask
+    from specauf.train.drafter import BlockDrafter
+
+    if out_file.is_file():
+        return json.loads(out_file.read_text())
+    dump = out_file.with_suffix(".peer.safetensors")
+    subprocess.run([str(python), str(ROOT / "benchmarks" / "peer_speculators_run.py"), "--logits", str(checkpoint),
+                    str(target_dir), str(hs_file), str(dump)], check=True, capture_output=True)
+    peer, row = load_file(str(dump)), load_file(str(hs_file))
+    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
+    a = peer["anchors"].long()
+    A, W = len(a), drafter.config.block_size
+    ids = torch.full((A, W), drafter.mask_token_id, dtype=torch.long)
+    ids[:, 0] = row["token_ids"][a]
+    C = int(a.max())
+    feats = row["hidden_states"][:, :-1].flatten(1)
+    with torch.no_grad():
+        hidden = drafter(model.get_input_embeddings()(ids).view(1, A * W, -1), feats[None, :C],
+                         block_position_ids=(a[:, None] + torch.arange(W)[None]).view(1, -1),
+                         context_position_ids=torch.arange(C)[None],
+                         attention_mask=block_attention_mask(a, W, C)[None, None])
+        mine = drafter.draft_logits(hidden.view(A, W, -1)[:, 1:], drafter.draft_head(model.lm_head.weight))
+    theirs = peer["logits"].view(A, W, -1)[:, 1:]
+    # the drafter's output before the vocabulary head: the converted weights alone (the peer scores it
+    # with a bf16 copy of the target's lm_head rows saved in its checkpoint; ours reads the target's)
+    check = {"anchors": A, "positions": A * (W - 1),
+             "max_abs_hidden_difference": float((hidden.view(A, W, -1)[:, 1:] - peer["hidden"].view(A, W, -1)[:, 1:]).abs().max()),
+             "max_abs_logit_difference": float((mine - theirs).abs().max()),
+             "argmax_agreement": float((mine.argmax(-1) == theirs.argmax(-1)).float().mean())}
+    out_file.write_text(json.dumps(check))
+    return check
+
+
 def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dict, out: Path, threads: int,
                short: int = 50, long: int = 250) -> dict:
     """Seconds per training step of our trainer and of each peer in the `matched` setting (the same
@@ -301,25 +393,27 @@ def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dic
     data, ratio = speculators_data(workspace, ours, rows, ours.seeds[0], "matched", out)
     wall = {}
     for steps in (short, long):
-        d = out / "throughput" / f"ours-{steps}"
-        d.mkdir(parents=True, exist_ok=True)
-        p = json.loads(json.dumps(params_base))
-        p["train"].update(variants=["dpace"], steps=steps, torch_threads=threads)
-        (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-        t0 = time.perf_counter()
-        run_stage("train", d / "params.yaml", ["--variant", "dpace", "--seed", str(ours.seeds[0]), "--labels",
-                  str(workspace / "data/labels"), "--target", str(workspace / "data/target"), "--out", str(d / "drafter"),
-                  "--work", str(d / "work"), "--metrics", str(d / "metrics")], d / "train.log", workspace)
-        wall[("ours", steps)] = time.perf_counter() - t0
+        for who, extra in (("ours", {}), ("ours_domino", {"domino": {}})):  # Domino: issue 32's cost per step
+            d = out / "throughput" / f"{who}-{steps}"
+            d.mkdir(parents=True, exist_ok=True)
+            p = json.loads(json.dumps(params_base))
+            p["train"].update(variants=["dpace"], steps=steps, torch_threads=threads, **extra)
+            (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+            t0 = time.perf_counter()
+            run_stage("train", d / "params.yaml", ["--variant", "dpace", "--seed", str(ours.seeds[0]), "--labels",
+                      str(workspace / "data/labels"), "--target", str(workspace / "data/target"), "--out", str(d / "drafter"),
+                      "--work", str(d / "work"), "--metrics", str(d / "metrics")], d / "train.log", workspace)
+            wall[(who, steps)] = time.perf_counter() - t0
         d = out / "throughput" / f"speculators-{steps}"
         flags = speculators_flags(ours, "matched", ours.seeds[0], data, ratio, workspace, d / "checkpoints",
                                   like_layers(like), like_mask(like), steps)
         wall[("speculators", steps)] = 60 * peer_train(python, flags, d / "train.log", threads)
-    per_step = {who: (wall[(who, long)] - wall[(who, short)]) / (long - short) for who in ("ours", "speculators")}
+    per_step = {who: (wall[(who, long)] - wall[(who, short)]) / (long - short) for who in ("ours", "ours_domino", "speculators")}
     blocks = 2 * ours.anchors_per_seq
     return {"threads": threads, "steps": [short, long], "wall_s": {f"{w}-{n}": v for (w, n), v in wall.items()},
             "s_per_step": per_step, "blocks_per_s": {w: blocks / v for w, v in per_step.items()},
-            "speculators_over_ours": per_step["speculators"] / per_step["ours"]}
+            "speculators_over_ours": per_step["speculators"] / per_step["ours"],
+            "domino_over_dflash": per_step["ours_domino"] / per_step["ours"]}
 
 
 def our_rows(name: str, seed: int, lever_cache: Path) -> list[dict] | None:
@@ -339,8 +433,6 @@ def main() -> None:
     ap.add_argument("--lever-cache", default=str(ROOT / "benchmarks" / ".cache" / "lever_tau"),
                     help="benchmarks/lever_tau.py --out: our dpace/auf drafters and replay rows per seed")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--default-minutes", type=float, default=None,
-                    help="the CPU minutes a `default` run gets (default: our dpace run's minutes of that seed)")
     ap.add_argument("--steps", type=int, default=None, help="override every run's steps (a smoke run)")
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--throughput", action="store_true", help="only time our trainer and the peer's per step "
@@ -380,8 +472,7 @@ def main() -> None:
                 drafter_dir = run_dir / "drafter"
                 if not (drafter_dir / "model.safetensors").is_file():
                     data, ratio = speculators_data(workspace, ours, rows, seed, setting, out)
-                    steps = args.steps or (ours.steps if setting == "matched" else
-                                           default_steps(python, ours, seed, data, ratio, workspace, run_dir, like, args, lever))
+                    steps = args.steps or (ours.steps if setting == "matched" else default_steps(out))
                     save = run_dir / "checkpoints"
                     flags = speculators_flags(ours, setting, seed, data, ratio, workspace, save, like_layers(like),
                                               like_mask(like), steps)
@@ -517,32 +608,16 @@ def like_mask(like: Path) -> int:
     return json.loads((like / "manifest.json").read_text())["mask_token_id"]
 
 
-def default_steps(python: Path, ours, seed: int, data: Path, ratio: float, workspace: Path, run_dir: Path, like: Path,
-                  args, lever: Path) -> int:
-    """Steps of a `default` run: our dpace run's CPU minutes (lever_tau's 1-thread runs, or
-    --default-minutes) over the peer's own median step time, measured in a short run of its
-    defaults (its log's profile/step_ms, the first two steps left out)."""
-    import re
-    import statistics
-
-    if args.default_minutes:
-        minutes = args.default_minutes
-    else:
-        timed = [json.loads(f.read_text())["minutes"] for f in sorted(lever.glob("dpace-*/train_time.json"))]
-        if not timed:
-            raise SystemExit("error: no timed dpace run in --lever-cache: pass --default-minutes")
-        minutes = statistics.median(timed)
-    calib = run_dir / "calibration"
-    flags = speculators_flags(ours, "default", seed, data, ratio, workspace, calib / "checkpoints", like_layers(like),
-                              like_mask(like), CALIBRATION_STEPS)
-    peer_train(python, flags, calib / "train.log", args.threads)
-    step_ms = [float(x) for x in re.findall(r"profile/step_ms=([0-9.]+)", (calib / "train.log").read_text())][2:]
-    steps = max(1, round(minutes * 60 / (statistics.median(step_ms) / 1000)))
-    (run_dir / "calibration.json").write_text(json.dumps({"budget_minutes": minutes, "step_ms": step_ms, "steps": steps}))
-    return steps
+def default_steps(out: Path) -> int:
+    """Steps of a `default` run: as many of the peer's default steps as fit in our default's steps
+    (train.steps) at the per-step times `--throughput` measured on a quiet machine."""
+    f = out / "throughput.json"
+    if not f.is_file():
+        raise SystemExit(f"error: {f} missing: run `python benchmarks/peer_trainers.py --throughput` first "
+                         "(with nothing else busy), or pass --steps")
+    return json.loads(f.read_text())["default_steps_in_our_minutes"]
 
 
-CALIBRATION_STEPS = 8
 
 
 if __name__ == "__main__":
