@@ -312,9 +312,6 @@ class Params(Section):
         if unknown:
             raise ValueError(f"eval.sets: no evaluation set {unknown[0]!r} in prompts.eval "
                              f"(have: {', '.join(sorted(self.prompts.eval))})")
-        if self.train.domino is not None and self.eval.temperature > 0:
-            raise ValueError(f"train.domino with eval.temperature {self.eval.temperature}: a Domino drafter drafts "
-                             "greedily (each guess feeds the next); sampling inside its head is not built, set eval.temperature 0")
         return self
 
 

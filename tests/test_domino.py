@@ -8,7 +8,7 @@ from torch import nn
 
 from specauf.config import TrainParams
 from specauf.train import run as train_mod
-from specauf.train.domino import domino_config, greedy_guesses, head_sizes, is_domino, teacher_forced_logits
+from specauf.train.domino import domino_config, chained_guesses, head_sizes, is_domino, teacher_forced_logits
 from specauf.train.drafter import BlockDrafter, DrafterConfig
 from specauf.train.losses import LossOptions, compute_loss, domino_loss
 from tests.conftest import Killed, die_after
@@ -53,7 +53,7 @@ def test_drafting_equals_teacher_forcing_up_to_the_first_failure(draft_vocab):
     base = torch.randn(M, K, draft_vocab or 50, generator=g)
     anchors = torch.randint(0, 49, (M,), generator=g)
     with torch.no_grad():
-        guesses, drafted = greedy_guesses(drafter, hidden, base, anchors, embed, d2t)
+        guesses, drafted = chained_guesses(drafter, hidden, base, anchors, embed, d2t)
         first_miss = torch.randint(0, K, (M,), generator=g)
         labels = guesses.clone()  # target ids: the guesses up to the first miss, other tokens after
         for m in range(M):
@@ -110,10 +110,10 @@ def test_a_domino_run_trains_saves_its_head_and_resumes_exactly(tiny_model, data
     assert (resumed["out"] / "model.safetensors").read_bytes() == (whole["out"] / "model.safetensors").read_bytes()
 
 
-def test_a_domino_drafter_decodes_exactly_and_greedily_only(tiny_model):
+def test_a_domino_drafter_decodes_exactly_and_samples_inside_its_head(tiny_model):
     from specauf.data.generation import encode_chat
-    from specauf.errors import UserError
     from specauf.evaluate.decode import DrafterProposer, speculative_generate
+    from specauf.sampling import SamplingParams
     from tests.conftest import prompt_rows
     from tests.test_replay import drafter_for
 
@@ -127,9 +127,30 @@ def test_a_domino_drafter_decodes_exactly_and_greedily_only(tiny_model):
             spec = speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=b,
                                         max_new_tokens=20, stop_token_ids=stops)
             assert spec.token_ids == plain.token_ids, (row["prompt_id"], b)
-    with pytest.raises(UserError, match="a Domino drafter drafts greedily"):
-        speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=4, max_new_tokens=4,
-                             temperature=0.7)
+    # sampled: each guess is drawn inside the head's loop and the GRU reads the token drawn, so the
+    # distribution q_j handed to verification is the chained one, conditioned on the guesses before j
+    sp, tokens, V = SamplingParams(temperature=0.9, top_k=20), torch.tensor(ids), model.config.vocab_size
+    proposer, again = DrafterProposer(drafter, model), DrafterProposer(drafter, model)
+    with torch.no_grad():
+        out = model(tokens[None, :-1], output_hidden_states=True)  # the context: every position before the anchor
+        for p in (proposer, again):
+            p.reset(tokens)
+            p.add_context(out.hidden_states)
+        guesses, q = proposer.draft(tokens, 5, sp, torch.Generator().manual_seed(3))
+        drawn = iter(guesses[:, None])
+        slots = again._slots(tokens, 5)  # the same context: the same backbone output
+        _, final = chained_guesses(drafter, slots, drafter.draft_logits(slots, proposer.head), tokens[-1:],
+                                   proposer.embed, proposer.d2t, pick=lambda logits: next(drawn))
+        other = chained_guesses(drafter, slots, drafter.draft_logits(slots, proposer.head), tokens[-1:],
+                                proposer.embed, proposer.d2t, pick=lambda logits: (guesses[:1] + 1) % V)[1]
+    assert q.shape == (5, V) and torch.allclose(q.sum(-1), torch.ones(5))
+    assert torch.allclose(q, sp.probs(drafter.to_target_vocab(final[0], V)))
+    assert all(q[j, guesses[j]] > 0 for j in range(5))
+    assert not torch.allclose(final[0, 1:], other[0, 1:])  # a different earlier token, other later logits
+    sampled = [speculative_generate(model, ids, proposer=DrafterProposer(drafter, model), block_size=4, max_new_tokens=12,
+                                    temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5), stop_token_ids=stops)
+               for _ in range(2)]
+    assert sampled[0].token_ids == sampled[1].token_ids and len(sampled[0].token_ids) > 0  # seeded: reproducible
 
 
 def test_the_export_carries_the_head_and_says_who_runs_it(tmp_path):
@@ -165,17 +186,15 @@ def test_the_export_carries_the_head_and_says_who_runs_it(tmp_path):
     hidden, base, anchors = torch.randn(3, 3, 32, generator=g), torch.randn(3, 3, 97, generator=g), torch.tensor([1, 2, 3])
     embed = torch.nn.Embedding(97, 32)
     with torch.no_grad():
-        a = greedy_guesses(drafter.eval(), hidden, base, anchors, embed, None)
-        b = greedy_guesses(rebuilt.eval(), hidden, base, anchors, embed, None)
+        a = chained_guesses(drafter.eval(), hidden, base, anchors, embed, None)
+        b = chained_guesses(rebuilt.eval(), hidden, base, anchors, embed, None)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_params_refuse_a_sampled_eval_of_a_domino_drafter():
-    from specauf.config import Params
+def test_params_take_a_sampled_eval_of_a_domino_drafter():
+    from specauf.config import Params, section_dict
 
-    with pytest.raises(ValueError, match="train.domino with eval.temperature 0.7: a Domino drafter drafts greedily"):
-        Params.model_validate({"train": {"domino": {}}, "eval": {"temperature": 0.7}})
-    from specauf.config import section_dict
+    assert Params.model_validate({"train": {"domino": {}}, "eval": {"temperature": 0.7}}).eval.temperature == 0.7
 
     # unset, it is no provenance: a DFlash run's params hash is what it was before the key existed
     assert Params().train.domino is None and "domino" not in section_dict(Params(), "train")["train"]

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specauf.errors import UserError
-from specauf.train.domino import greedy_guesses, is_domino
+from specauf.train.domino import chained_guesses, is_domino
 from specauf.train.drafter import DrafterCache
 from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.sampling import SamplingParams, draft, verify
@@ -41,7 +40,6 @@ class Proposer:
 
     needs_features = False
     max_guesses: int | None = None  # longest block - 1 this proposer supports (None = any)
-    greedy_only = False  # its guesses are argmaxes fed back within the block (Domino): no sampling
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         """Start a new prompt."""
@@ -53,6 +51,12 @@ class Proposer:
     def propose(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """(n, V) logits for the n tokens after tokens[-1] (the anchor); tokens = all committed."""
         raise NotImplementedError
+
+    def draft(self, tokens: torch.Tensor, n: int, sp: SamplingParams, generator: torch.Generator | None = None):
+        """(guesses (n,), their distributions q (n, V) or None when greedy): each position drawn
+        from its logits on its own. A proposer whose later logits depend on the earlier guesses
+        (Domino's head) draws inside its loop instead."""
+        return draft(self.propose(tokens, n), sp, generator)
 
 
 BLOCK_LAYOUTS = ("trained", "short")  # eval.block_layout: n guesses from the B-token block, or from an (n+1)-token one
@@ -84,7 +88,7 @@ class DrafterProposer(Proposer):
         self.layer_ids = drafter.target_layer_ids
         self.mask_id = drafter.mask_token_id
         self.max_guesses = drafter.block_size - 1
-        self.domino = self.greedy_only = is_domino(drafter.config)
+        self.domino = is_domino(drafter.config)
         self.d2t = drafter.d2t if drafter.config.draft_vocab_size else None
 
     def reset(self, prompt_ids):
@@ -95,6 +99,30 @@ class DrafterProposer(Proposer):
         self.pending.append(context_features_from_hidden_states(hidden_states, self.layer_ids))
 
     def propose(self, tokens, n):
+        slots = self._slots(tokens, n)
+        # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
+        if not self.domino:
+            return self.drafter.target_logits(slots[0], self.head, self.vocab_size)
+        _, final = chained_guesses(self.drafter, slots, self.drafter.draft_logits(slots, self.head), tokens[-1:],
+                                   self.embed, self.d2t)
+        return self.drafter.to_target_vocab(final[0], self.vocab_size)
+
+    def draft(self, tokens, n, sp, generator=None):
+        if not self.domino or sp.greedy:
+            return super().draft(tokens, n, sp, generator)
+        slots, qs = self._slots(tokens, n), []
+
+        def sample(logits):  # (1, V_draft) -> (1,) target id, drawn as the decoder draws: q over the target's ids
+            q = sp.probs(self.drafter.to_target_vocab(logits[0], self.vocab_size))
+            qs.append(q)
+            return torch.multinomial(q, 1, generator=generator)
+
+        guesses, _ = chained_guesses(self.drafter, slots, self.drafter.draft_logits(slots, self.head), tokens[-1:],
+                                     self.embed, self.d2t, pick=sample)
+        return guesses[0], torch.stack(qs)
+
+    def _slots(self, tokens, n):
+        """The drafter's output (1, n, H) at the block's first n guess positions."""
         p = tokens.shape[0] - 1  # the anchor's position = number of context positions
         ctx = torch.cat(self.pending, dim=1) if self.pending else None
         self.pending = []
@@ -112,13 +140,7 @@ class DrafterProposer(Proposer):
             context_position_ids=torch.arange(c0, p, device=dev)[None],
             past_key_values=self.cache, use_cache=True)
         self.cache.crop(p)
-        # draft-vocabulary drafters give -inf outside their vocabulary: they never propose those ids
-        if not self.domino:
-            return self.drafter.target_logits(hidden[0, 1:n + 1], self.head, self.vocab_size)
-        slots = hidden[:, 1:n + 1]
-        _, final = greedy_guesses(self.drafter, slots, self.drafter.draft_logits(slots, self.head), tokens[-1:],
-                                  self.embed, self.d2t)
-        return self.drafter.to_target_vocab(final[0], self.vocab_size)
+        return hidden[:, 1:n + 1]
 
 
 class OracleProposer(Proposer):
@@ -230,9 +252,6 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
         raise ValueError("block_size > 1 needs a proposer")
     if b > 1 and proposer.max_guesses is not None and b - 1 > proposer.max_guesses:
         raise ValueError(f"block_size {b} exceeds the proposer's {proposer.max_guesses + 1}")
-    if b > 1 and temperature > 0 and proposer.greedy_only:
-        raise UserError("a Domino drafter drafts greedily (each guess feeds the next): decode it at "
-                        "eval.temperature 0; sampling inside its head is not built yet")
     stops = {int(t) for t in stop_token_ids}
     device = next(target.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
@@ -270,7 +289,7 @@ def speculative_generate(target, prompt_ids, *, proposer: Proposer | None = None
         anchor_pos = L - 1
         n = guesses_per_block(b - 1, max_new_tokens, len(result.token_ids))
         if n > 0:
-            guesses, q = draft(proposer.propose(seq[:L], n), sp, generator)
+            guesses, q = proposer.draft(seq[:L], n, sp, generator)
             block = torch.cat([seq[anchor_pos:L], guesses])
         else:
             guesses, q, block = seq[:0], None, seq[anchor_pos:L]

@@ -19,7 +19,7 @@ import torch
 from specauf.data.dataset import LabelsDataset
 from specauf.evaluate.cycles import close_cycle, guesses_per_block, pool_cycles
 from specauf.train.blocks import block_attention_mask
-from specauf.train.domino import greedy_guesses, is_domino
+from specauf.train.domino import chained_guesses, is_domino
 from specauf.evaluate.decode import BLOCK_LAYOUTS
 from specauf.artifacts import ArtifactError
 from specauf.errors import ExactnessError
@@ -56,7 +56,7 @@ def anchor_guesses(drafter, embed, head, input_ids: torch.Tensor, features: torc
         slots = hidden.view(A, W, -1)[:, 1:keep + 1]
         logits = drafter.draft_logits(slots, head)
         if domino:  # each guess fed back through the head, as the decode drafts
-            best = greedy_guesses(drafter, slots, logits, ids[:, 0].to(dev), embed, d2t)[0]
+            best = chained_guesses(drafter, slots, logits, ids[:, 0].to(dev), embed, d2t)[0]
         else:
             best = logits.argmax(-1)
             best = d2t[best] if d2t is not None else best

@@ -73,25 +73,28 @@ def teacher_forced_logits(drafter, hidden: torch.Tensor, base: torch.Tensor, tok
     return torch.cat([base[:, :p], base[:, p:] + correction.to(base.dtype)], dim=1)
 
 
-def greedy_guesses(drafter, hidden: torch.Tensor, base: torch.Tensor, anchor_ids: torch.Tensor,
-                   embed, d2t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(guesses (M, K) as target ids, final logits (M, K, V)) of M blocks drafted greedily: guess
-    j is the argmax of its final logits, and the GRU reads it before guess j + 1.
+def chained_guesses(drafter, hidden: torch.Tensor, base: torch.Tensor, anchor_ids: torch.Tensor,
+                    embed, d2t: torch.Tensor | None, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guesses (M, K) as target ids, final logits (M, K, V)) of M blocks drafted guess by guess:
+    guess j is `pick` of its final logits, and the GRU reads it before guess j + 1.
 
     anchor_ids (M,): the anchors' target ids; embed: the target's embedding module (the GRU reads
-    guesses as the target's tokens); d2t: the draft vocabulary's target ids (None: full vocabulary)."""
+    guesses as the target's tokens); d2t: the draft vocabulary's target ids (None: full vocabulary);
+    pick: (M, V) final logits -> (M,) target ids, the argmax by default (greedy drafting); a
+    sampling decoder draws there, so each later guess is conditioned on the token it drew."""
     def as_target(logits: torch.Tensor) -> torch.Tensor:
         best = logits.argmax(-1)
         return d2t[best] if d2t is not None else best
 
+    pick = pick or as_target
     p = PURE_DRAFT_PREFIX_LEN
     logits = [base[:, j] for j in range(p)]
-    guesses = [as_target(lg) for lg in logits]
+    guesses = [pick(lg) for lg in logits]
     tokens = torch.stack([anchor_ids, *guesses], dim=1)  # what the GRU reads before guess p: anchor, prefix guesses
     out, state = drafter.prefix_gru(embed(tokens).to(hidden.dtype))
     for j in range(p, base.shape[1]):
         if j > p:  # read the guess just made
             out, state = drafter.prefix_gru(embed(guesses[-1])[:, None].to(hidden.dtype), state)
         logits.append(base[:, j] + drafter.embed_proj(torch.cat([hidden[:, j], out[:, -1]], dim=-1)).to(base.dtype))
-        guesses.append(as_target(logits[-1]))
+        guesses.append(pick(logits[-1]))
     return torch.stack(guesses, dim=1), torch.stack(logits, dim=1)
