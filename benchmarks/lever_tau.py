@@ -5,7 +5,7 @@ Trains each run with the real train stage (`stages/train.py`, the default params
 default pipeline's `data/eval_labels` (specauf.evaluate.replay, the eval stage's own tau) and compares it
 with its baseline, the default params' drafter of the same loss variant and seed: tau(lever) -
 tau(baseline) with the two-level bootstrap interval over seeds and prompts (specauf.evidence),
-pooled and per eval set, at `--block-size`. A baseline the default pipeline has
+pooled and per eval set, at each `--block-size`. A baseline the default pipeline has
 trained (`data/drafters/<variant>-<seed>`, a seed of the default's train.seeds) is reused, not retrained.
 A run may train on data of its own (DATA: `prompts.train` and `rollouts.*` overrides): the real
 prompts, rollouts and labels stages build it once, timed, under `--out`/data-<name>/, with the
@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / ".cache" / "lever_tau"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     ap.add_argument("--parallel", type=int, default=2, help="training runs side by side")
-    ap.add_argument("--block-size", type=int, default=4, help="the block size the table compares at")
+    ap.add_argument("--block-size", default="4", help="the block size(s) the tables compare at, comma-separated")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--against", default=None, help="compare every run with this run (default: each with its "
                                                      "variant's default-params baseline)")
@@ -285,16 +285,16 @@ def main() -> None:
     rows = {n: {s: done[(n, s)][1] for s in seeds} for n in names}
     minutes = {n: "/".join("default" if trained[(n, s)]["reused"] else str(trained[(n, s)]["minutes"]) for s in seeds)
                for n in names}
-    table = compare(rows, names, f"b{args.block_size}", args.resamples, args.against)
     data_minutes = {d: json.loads((out / f"data-{d}" / "data_time.json").read_text())
                     for d in dict.fromkeys(RUN_DATA[n] for n in names if n in RUN_DATA)}
-    stem = f"table.b{args.block_size}" + (f".vs-{args.against}" if args.against else "")
-    (out / f"{stem}.json").write_text(json.dumps({"block_size": args.block_size, "seeds": seeds, "minutes": minutes,
-                                                "data_minutes": data_minutes, "table": table}, indent=1))
-    md = markdown(table, minutes, f"B={args.block_size}", args.against)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
-
+    for block_size in map(int, str(args.block_size).split(",")):
+        table = compare(rows, names, f"b{block_size}", args.resamples, args.against)
+        stem = f"table.b{block_size}" + (f".vs-{args.against}" if args.against else "")
+        (out / f"{stem}.json").write_text(json.dumps({"block_size": block_size, "seeds": seeds, "minutes": minutes,
+                                                    "data_minutes": data_minutes, "table": table}, indent=1))
+        md = markdown(table, minutes, f"B={block_size}", args.against)
+        (out / f"{stem}.md").write_text(md)
+        print(md)
 
 if __name__ == "__main__":
     main()

@@ -308,8 +308,8 @@ def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dic
 
     seed = ours.seeds[0]
     like = our_drafter("dpace", seed, workspace, out)
-    wall, plan = {}, {"ours": (40, 200), "ours_domino": (40, 200), "speculators_matched": (40, 200),
-                      "speculators_default": (4, 14)}
+    wall, plan = {}, {"ours": (50, 250), "ours_domino": (50, 250), "speculators_matched": (50, 250),
+                      "speculators_default": (2, 6)}
     for who, (short, long) in plan.items():
         for steps in (short, long):
             d = out / "throughput" / f"{who}-{steps}"
@@ -337,90 +337,6 @@ def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dic
             "speculators_matched_over_ours": per_step["speculators_matched"] / per_step["ours"],
             "domino_over_dflash": per_step["ours_domino"] / per_step["ours"],
             "default_steps_in_our_minutes": round(ours.steps * per_step["ours"] / per_step["speculators_default"])}
-
-
-def conversion_check(python: Path, checkpoint: Path, drafter_dir: Path, target_dir: Path, model, hs_file: Path,
-                     out_file: Path) -> dict:
-    """The converted drafter against the peer's own model: the peer's training forward on one stored
-    sequence (its anchors, its masks: peer_speculators_run.py --logits), then ours on the same
-    anchors and features; the largest logit difference and how often the argmax guesses agree."""
-    import torch
-    from safetensors.torch import load_file
-
-    from specauf.train.blocks import block_attention_mask
-    from specauf.train.drafter import BlockDrafter
-
-    if out_file.is_file():
-        return json.loads(out_file.read_text())
-    dump = out_file.with_suffix(".peer.safetensors")
-    subprocess.run([str(python), str(ROOT / "benchmarks" / "peer_speculators_run.py"), "--logits", str(checkpoint),
-                    str(target_dir), str(hs_file), str(dump)], check=True, capture_output=True)
-    peer, row = load_file(str(dump)), load_file(str(hs_file))
-    drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
-    a = peer["anchors"].long()
-    A, W = len(a), drafter.config.block_size
-    ids = torch.full((A, W), drafter.mask_token_id, dtype=torch.long)
-    ids[:, 0] = row["token_ids"][a]
-    C = int(a.max())
-    feats = row["hidden_states"][:, :-1].flatten(1)
-    with torch.no_grad():
-        hidden = drafter(model.get_input_embeddings()(ids).view(1, A * W, -1), feats[None, :C],
-                         block_position_ids=(a[:, None] + torch.arange(W)[None]).view(1, -1),
-                         context_position_ids=torch.arange(C)[None],
-                         attention_mask=block_attention_mask(a, W, C)[None, None])
-        mine = drafter.draft_logits(hidden.view(A, W, -1)[:, 1:], drafter.draft_head(model.lm_head.weight))
-    theirs = peer["logits"].view(A, W, -1)[:, 1:]
-    # the drafter's output before the vocabulary head: the converted weights alone (the peer scores it
-    # with a bf16 copy of the target's lm_head rows saved in its checkpoint; ours reads the target's)
-    check = {"anchors": A, "positions": A * (W - 1),
-             "max_abs_hidden_difference": float((hidden.view(A, W, -1)[:, 1:] - peer["hidden"].view(A, W, -1)[:, 1:]).abs().max()),
-             "max_abs_logit_difference": float((mine - theirs).abs().max()),
-             "argmax_agreement": float((mine.argmax(-1) == theirs.argmax(-1)).float().mean())}
-    out_file.write_text(json.dumps(check))
-    return check
-
-
-def throughput(python: Path, workspace: Path, ours, params_base: dict, rows: dict, out: Path, threads: int,
-               short: int = 50, long: int = 250) -> dict:
-    """Seconds per training step of our trainer and of each peer in the `matched` setting (the same
-    64 blocks per step), one after the other, nothing else of ours running: each trains `short` and
-    `long` steps from scratch and the difference over long - short steps leaves start-up out."""
-    import yaml
-
-    from lever_tau import run_stage
-
-    like = our_drafter("dpace", ours.seeds[0], workspace, out)
-    data, ratio = speculators_data(workspace, ours, rows, ours.seeds[0], "matched", out)
-    wall = {}
-    for steps in (short, long):
-        for who, extra in (("ours", {}), ("ours_domino", {"domino": {}})):  # Domino: issue 32's cost per step
-            d = out / "throughput" / f"{who}-{steps}"
-            d.mkdir(parents=True, exist_ok=True)
-            p = json.loads(json.dumps(params_base))
-            p["train"].update(variants=["dpace"], steps=steps, torch_threads=threads, **extra)
-            (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-            t0 = time.perf_counter()
-            run_stage("train", d / "params.yaml", ["--variant", "dpace", "--seed", str(ours.seeds[0]), "--labels",
-                      str(workspace / "data/labels"), "--target", str(workspace / "data/target"), "--out", str(d / "drafter"),
-                      "--work", str(d / "work"), "--metrics", str(d / "metrics")], d / "train.log", workspace)
-            wall[(who, steps)] = time.perf_counter() - t0
-        d = out / "throughput" / f"speculators-{steps}"
-        flags = speculators_flags(ours, "matched", ours.seeds[0], data, ratio, workspace, d / "checkpoints",
-                                  like_layers(like), like_mask(like), steps)
-        wall[("speculators", steps)] = 60 * peer_train(python, flags, d / "train.log", threads)
-    per_step = {who: (wall[(who, long)] - wall[(who, short)]) / (long - short) for who in ("ours", "ours_domino", "speculators")}
-    blocks = 2 * ours.anchors_per_seq
-    return {"threads": threads, "steps": [short, long], "wall_s": {f"{w}-{n}": v for (w, n), v in wall.items()},
-            "s_per_step": per_step, "blocks_per_s": {w: blocks / v for w, v in per_step.items()},
-            "speculators_over_ours": per_step["speculators"] / per_step["ours"],
-            "domino_over_dflash": per_step["ours_domino"] / per_step["ours"]}
-
-
-def our_rows(name: str, seed: int, lever_cache: Path) -> list[dict] | None:
-    """Our drafter's replay rows of this seed from benchmarks/lever_tau.py's cache (it replays the
-    default pipeline's drafters and trains the seeds the pipeline has not)."""
-    f = lever_cache / f"{name}-{seed}.replay.json"
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def main() -> None:
@@ -615,7 +531,10 @@ def default_steps(out: Path) -> int:
     if not f.is_file():
         raise SystemExit(f"error: {f} missing: run `python benchmarks/peer_trainers.py --throughput` first "
                          "(with nothing else busy), or pass --steps")
-    return json.loads(f.read_text())["default_steps_in_our_minutes"]
+    steps = json.loads(f.read_text()).get("default_steps_in_our_minutes")
+    if steps is None:
+        raise SystemExit(f"error: {f} has no timing of the peer's default setting: rerun --throughput")
+    return steps
 
 
 
