@@ -58,6 +58,9 @@ RUNS = {
     "dpace_domino": ("dpace", {"domino": {}}),
     "auf_domino_base": ("auf", {"domino": {"auf_support": "base"}}),  # speculators' "B-AUF+D"
     "auf_domino_final": ("auf", {"domino": {"auf_support": "final"}}),
+    # a Domino step costs 1.21x a DFlash step (benchmarks/peer_trainers.py --throughput): the default's
+    # CPU minutes hold 1600 / 1.21 Domino steps
+    "auf_domino_base_equal_minutes": ("auf", {"domino": {"auf_support": "base"}, "steps": 1320}),
 }
 
 
