@@ -50,9 +50,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PEERS = {"speculators": "speculators==0.9.0"}
-# PyPI has only CUDA builds of these; the peers import them at start-up and die on a CPU torch
-# (specauf/vllm.py says how); text training needs none of them.
-CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
 
 
 def peers_home() -> Path:
@@ -63,6 +60,8 @@ def install(peer: str) -> Path:
     """The peer's Python, its venv installed once (a stamp names the pin and our torch)."""
     import torch
 
+    from specauf.vllm import CUDA_ONLY
+
     venv, pin = peers_home() / f"{peer}-venv", [PEERS[peer], f"torch=={torch.__version__.split('+')[0]}"]
     stamp = venv / "specauf-stamp.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == pin:
@@ -71,6 +70,7 @@ def install(peer: str) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
     subprocess.run([*pip, "install", "-q", *pin], check=True)
+    # PyPI's CUDA-only builds that die on a CPU torch at import (specauf/vllm.py says how); text needs none
     subprocess.run([*pip, "uninstall", "-q", "-y", *CUDA_ONLY], check=True)
     stamp.write_text(json.dumps(pin))
     return venv / "bin" / "python"
