@@ -145,8 +145,8 @@ def export_checkpoint(python: Path, save: Path, draft_cfg: Path, out: Path) -> P
     return out
 
 
-def conversion_check(python: Path, export: Path, drafter_dir: Path, model, workspace: Path, row: int, out_file: Path,
-                     anchors: int = 16) -> dict:
+def conversion_check(python: Path, export: Path, drafter_dir: Path, model, workspace: Path, row: int, max_seq_len: int,
+                     out_file: Path, anchors: int = 16) -> dict:
     """The converted drafter against SpecForge's own model (benchmarks/peer_specforge_run.py): the
     same noise embeddings (anchor token, then MASK), the same stored features of labelled sequence
     `row` and the same anchors through its forward with its trainer's mask and positions, and through
@@ -163,7 +163,7 @@ def conversion_check(python: Path, export: Path, drafter_dir: Path, model, works
     item = LabelsDataset(workspace / "data/labels", verify=False)[row]
     drafter = BlockDrafter.from_pretrained(drafter_dir).eval()
     W, ids = drafter.config.block_size, item["input_ids"]
-    S = min(len(ids), 512)
+    S = min(len(ids), max_seq_len)  # what specforge_rows stored for it
     start = item["response_start"]
     a = torch.linspace(start - 1, S - 2, anchors).round().long().unique()  # anchors its sampler could draw
     blocks = torch.full((len(a), W), drafter.mask_token_id, dtype=torch.long)

@@ -259,7 +259,7 @@ def main() -> None:
                     held = next(r for r in sorted(map(int, rows["rows"])) if r % 7 == 3)  # any stored sequence
                     if peer == "specforge":
                         check = peer_specforge.conversion_check(python, run_dir / "export", drafter_dir, model, workspace,
-                                                                held, run_dir / "conversion.json")
+                                                                held, ours.max_seq_len, run_dir / "conversion.json")
                     else:
                         check = peer_speculators.conversion_check(
                             python, peer_speculators.last_checkpoint(run_dir / "checkpoints"), drafter_dir,
