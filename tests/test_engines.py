@@ -21,8 +21,8 @@ class ScriptedEngine:
     guesses a cycle and return TEXT's prefix, except where `wrong` names the contender."""
     name = "scripted"
 
-    def __init__(self, wrong: set[int] = frozenset(), disagree: bool = False):
-        self.wrong, self.disagree, self.calls = wrong, disagree, []
+    def __init__(self, wrong: set[int] = frozenset()):
+        self.wrong, self.calls = wrong, []
 
     def describe(self):
         return {"engine": self.name, "version": "1"}
@@ -41,7 +41,7 @@ class ScriptedEngine:
                 out[c.key] = [Served(TEXT, 10, 100.0) for _ in prompts]
                 continue
             text = TEXT.replace("five", "FIVE") if c.n_max in self.wrong else TEXT[: 5 * c.tokens]
-            out[c.key] = [Served(text, c.tokens + 1, 150.0, accepted=[2, 2, 1], runs_agree=not self.disagree)
+            out[c.key] = [Served(text, c.tokens + 1, 150.0, accepted=[2, 2, 1])
                           for _ in prompts]
         return out
 
@@ -76,9 +76,9 @@ def test_the_serve_loop_runs_any_engine_and_pools_once(inputs):
     check_exact(metrics, gate=True)
 
 
-@pytest.mark.parametrize("engine", [ScriptedEngine(wrong={3}), ScriptedEngine(disagree=True)], ids=["other text", "runs disagree"])
-def test_an_output_that_leaves_plain_greedy_fails_the_gate_for_any_engine(inputs, engine):
+def test_an_output_that_leaves_plain_greedy_fails_the_gate_for_any_engine(inputs):
     params, gguf, export, prompts, decoded = inputs
+    engine = ScriptedEngine(wrong={3})
     metrics, rows = serve_drafter(params, "auf-0", gguf_models(gguf, params.serve), export, prompts, decoded, engine=engine)
     assert "f32/s/a (b4)" in metrics["exactness"]["mismatches"]
     assert rows[0]["b4"]["equals_plain"] is False
@@ -102,3 +102,25 @@ def test_llama_cpp_is_registered_and_says_what_it_ran():
     assert e.describe() == {"engine": "llama.cpp", "llama_cpp_commit": llamacpp.SDIST_COMMIT, "threads": 1,
                             "run_flags": list(llamacpp.RUN_FLAGS)}
     assert e.drafter_file({"gguf": {"file": "x.gguf"}}) == "x.gguf" and e.drafter_file({}) == "drafter.gguf"
+
+
+@pytest.mark.parametrize("body, n_predict, n_accept, cycles", [
+    ("ab", 2, 0, [0, 0]),                                               # nothing accepted
+    ("\x1b[36mA\x1b[37m\x1b[36mB\x1b[37mcd\x1b[36mE\x1b[37mf", 6, 3, [2, 1, 0]),  # runs closed by a target token
+    ("x\x1b[36mA\x1b[37m", 4, 2, [0, 2]),                              # the last cycle cut at end of generation
+    ("xy", 4, 1, [0, 0, 1]),                                            # an end-of-generation cycle that printed nothing
+])
+def test_llama_cpp_cycles_are_read_from_its_coloured_output(body, n_predict, n_accept, cycles):
+    from specauf.serve.llamacpp import cycles_from_colour
+
+    got = cycles_from_colour(body, n_predict, n_accept)
+    assert sorted(got) == sorted(cycles) and sum(got) == n_accept and len(got) == n_predict - n_accept
+
+
+def test_llama_cpp_output_that_does_not_add_up_is_a_bug_not_a_figure():
+    from specauf.serve.llamacpp import cycles_from_colour
+
+    with pytest.raises(RuntimeError, match="shows 2 accepted guesses, its n_accept 1"):
+        cycles_from_colour("\x1b[36mA\x1b[37m\x1b[36mB\x1b[37mc", 3, 1)
+    with pytest.raises(RuntimeError, match="shows 3 cycles with accepted guesses, more than its 2"):
+        cycles_from_colour("\x1b[36mA\x1b[37mb\x1b[36mC\x1b[37md\x1b[36mE\x1b[37mf", 5, 3)

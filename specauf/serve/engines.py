@@ -17,13 +17,12 @@ from typing import Protocol
 @dataclass
 class Served:
     """One engine run: the continuation as text, its token count and speed, and for a
-    speculative run every cycle's accepted guesses and whether the engine's repeated runs of it
-    agreed (a timed run and a logged one, say)."""
+    speculative run every cycle's accepted guesses (a multiset: the engines count, they do not
+    log cycles in order)."""
     text: str
     tokens: int
     tokens_per_s: float
     accepted: list[int] = field(default_factory=list)
-    runs_agree: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,16 +86,15 @@ class LlamaCppEngine:
         return out
 
     def _one(self, model, prompt: str, c: Contender) -> Served:
-        """A speculative run is decoded twice: the timed run is quiet, a logged one gives the
-        cycles (logging costs time)."""
+        """One run per contender: a speculative run's cycles come from its own coloured output,
+        so the timed run is the counted one (no second, logged run)."""
         from specauf.serve import llamacpp
 
         if c.kind == "plain":
             d = llamacpp.decode_plain(model, prompt, c.tokens, self.threads)
-            return Served(d.text, d.tokens, d.tokens_per_s)
-        quiet = llamacpp.decode_speculative(model, c.drafter, prompt, c.tokens, c.n_max, self.threads, c.kind)
-        loud = llamacpp.decode_speculative(model, c.drafter, prompt, c.tokens, c.n_max, self.threads, c.kind, verbose=True)
-        return Served(quiet.text, quiet.tokens, quiet.tokens_per_s, loud.accepted, runs_agree=quiet.text == loud.text)
+        else:
+            d = llamacpp.decode_speculative(model, c.drafter, prompt, c.tokens, c.n_max, self.threads, c.kind)
+        return Served(d.text, d.tokens, d.tokens_per_s, d.accepted)
 
 
 class VllmEngine:

@@ -188,12 +188,13 @@ def convert_target(model_dir: Path, out_file: Path, outtype: str = "f32") -> Non
 @dataclass
 class Decoded:
     """One llama.cpp generation: the continuation, its speed and, when speculative, every cycle's
-    accepted and drafted counts (from llama-speculative-simple's -v log)."""
+    accepted guesses (from its coloured output, in no order); with -v, `logged` holds each cycle's
+    (accepted, drafted) as llama-speculative-simple logs them, in order."""
     text: str
     tokens: int
     tokens_per_s: float
     accepted: list[int] = field(default_factory=list)
-    drafted: list[int] = field(default_factory=list)
+    logged: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
@@ -234,9 +235,11 @@ def decode_speculative(model: Path, draft: Path | None, prompt: str, n: int, n_m
                        spec_type: str = "draft-dflash", verbose: bool = False, f32_cache: bool = True) -> Decoded:
     """Speculative greedy decoding with llama-speculative-simple (draft: a GGUF drafter, or None
     for an n-gram spec_type). It emits n+1 to n+n_max+1 tokens (it stops after the cycle passing
-    n). `verbose` logs every cycle (accepted/drafted) and costs time: the timed run is the quiet one."""
+    n). One run gives text, speed and cycles: the cycles are read from its coloured output
+    (cycles_from_colour), not from -v, so the timed run is the counted one. `verbose` adds -v's
+    per-cycle log (`logged`: the tests check the colour reading against it)."""
     cmd = [tool("llama-speculative-simple"), *_common(model, prompt, n, threads, f32_cache), "--spec-type", spec_type,
-           *NGRAM_N_MAX.get(spec_type, ("--spec-draft-n-max",)), str(n_max)]
+           *NGRAM_N_MAX.get(spec_type, ("--spec-draft-n-max",)), str(n_max), "--color", "on"]
     if draft is not None:
         cmd += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads), *(F32_DRAFT_CACHE if f32_cache else ())]
     if verbose:
@@ -244,13 +247,48 @@ def decode_speculative(model: Path, draft: Path | None, prompt: str, n: int, n_m
     res = _run(cmd, "llama-speculative-simple")
     log_text = res.stderr + res.stdout
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log_text)
-    if m is None:
-        raise RuntimeError(f"llama-speculative-simple printed no decode time:\n{res.stderr[-2000:]}")
+    accept = re.search(r"n_accept\s+=\s+(\d+)", log_text)
+    if m is None or accept is None:
+        raise RuntimeError(f"llama-speculative-simple printed no decode time or n_accept:\n{res.stderr[-2000:]}")
     tokens, secs = int(m.group(1)), float(m.group(2))
-    cycles = re.findall(r"accepted (\d+)/(\d+) draft tokens", log_text)
     # stdout: "\n\n" + the prompt's pieces + the continuation + "\n\n\n\n"
     head = "\n\n" + prompt
     if not res.stdout.startswith(head):
         raise RuntimeError(f"llama-speculative-simple did not echo the prompt as given: {res.stdout[:200]!r}")
-    return Decoded(text=res.stdout[len(head):].removesuffix("\n\n\n\n"), tokens=tokens, tokens_per_s=tokens / secs if secs else float("nan"),
-                   accepted=[int(a) for a, _ in cycles], drafted=[int(d) for _, d in cycles])
+    body = res.stdout[len(head):].removesuffix("\n\n\n\n")
+    logged = [(int(a), int(d)) for a, d in re.findall(r"accepted (\d+)/(\d+) draft tokens", log_text)]
+    return Decoded(text=body.replace(COLOUR_ON, "").replace(COLOUR_OFF, ""), tokens=tokens,
+                   tokens_per_s=tokens / secs if secs else float("nan"),
+                   accepted=cycles_from_colour(body, tokens, int(accept.group(1))), logged=logged)
+
+
+# `--color on`: llama-speculative-simple prints each cycle's accepted guesses between these codes
+# and the cycle's own target token (the one it adds after the guesses) without them.
+COLOUR_ON, COLOUR_OFF = "\x1b[36m", "\x1b[37m"
+_COLOURED = re.compile(f"({re.escape(COLOUR_ON)}.*?{re.escape(COLOUR_OFF)})", re.S)
+
+
+def cycles_from_colour(body: str, n_predict: int, n_accept: int) -> list[int]:
+    """Accepted guesses per cycle (a multiset, in no order) from a coloured continuation and the
+    run's n_predict / n_accept. Every cycle emits its accepted guesses (coloured) and one target
+    token (plain), so cycles = n_predict - n_accept, each maximal coloured run closed by a plain
+    token is one cycle's accepted count, and the cycles without a coloured run accepted nothing
+    (their plain tokens run together in the text: only their number is known). The last cycle
+    stops printing at an end-of-generation token, so it takes whatever n_accept has left."""
+    runs, run = [], 0
+    for part in _COLOURED.split(body):
+        if part.startswith(COLOUR_ON):
+            run += 1
+        elif part and run:
+            runs.append(run)
+            run = 0
+    left = n_accept - sum(runs)
+    if left < run:
+        raise RuntimeError(f"llama.cpp's coloured output shows {sum(runs) + run} accepted guesses, its n_accept {n_accept}")
+    if left:
+        runs.append(left)
+    cycles = n_predict - n_accept
+    if len(runs) > cycles:
+        raise RuntimeError(f"llama.cpp's coloured output shows {len(runs)} cycles with accepted guesses, "
+                           f"more than its {cycles} cycles (n_predict {n_predict} - n_accept {n_accept})")
+    return runs + [0] * (cycles - len(runs))
