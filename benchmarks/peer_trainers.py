@@ -176,8 +176,7 @@ def throughput(workspace: Path, ours, params_base: dict, rows: dict, out: Path, 
                           workspace)
             else:
                 peer, setting = who.split("_")
-                train = train_specforge if peer == "specforge" else train_speculators
-                train(install(peer), workspace, ours, rows, like, setting, seed, steps, d, out, threads)
+                PEER_RUN[peer][0](install(peer), workspace, ours, rows, like, setting, seed, steps, d, out, threads)
             result["wall_s"][f"{who}-{steps}"] = time.perf_counter() - t0
         result["s_per_step"][who] = (result["wall_s"][f"{who}-{long}"] - result["wall_s"][f"{who}-{short}"]) / (long - short)
         result.setdefault("measured", {})[who] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -245,9 +244,8 @@ def main() -> None:
                 drafter_dir = run_dir / "drafter"
                 if not (drafter_dir / "model.safetensors").is_file():
                     steps = args.steps or (ours.steps if setting == "matched" else default_steps(out, peer))
-                    train = train_specforge if peer == "specforge" else train_speculators
-                    checkpoint, record = train(python, workspace, ours, rows, like, setting, seed, steps, run_dir, out,
-                                               args.threads)
+                    checkpoint, record = PEER_RUN[peer][0](python, workspace, ours, rows, like, setting, seed, steps,
+                                                           run_dir, out, args.threads)
                     (run_dir / "run.json").write_text(json.dumps({"peer": PEERS[peer][0], "setting": setting, "seed": seed,
                                                                    "steps": steps, **record}))
                     to_our_drafter(checkpoint, like, drafter_dir,
@@ -257,14 +255,7 @@ def main() -> None:
 
                     model = model or load_target(workspace / "data/target", "cpu")[0]
                     held = next(r for r in sorted(map(int, rows["rows"])) if r % 7 == 3)  # any stored sequence
-                    if peer == "specforge":
-                        check = peer_specforge.conversion_check(python, run_dir / "export", drafter_dir, model, workspace,
-                                                                held, ours.max_seq_len, run_dir / "conversion.json")
-                    else:
-                        check = peer_speculators.conversion_check(
-                            python, peer_speculators.last_checkpoint(run_dir / "checkpoints"), drafter_dir,
-                            workspace / "data/target", model, out / "hs" / f"row_{held}.safetensors",
-                            run_dir / "conversion.json")
+                    check = PEER_RUN[peer][1](python, run_dir, drafter_dir, model, workspace, held, ours, out)
                     print(f"{name}-{seed} conversion: {check}", flush=True)
                 runs[(name, seed)] = drafter_dir
     if not args.train_only:
@@ -293,6 +284,25 @@ def train_specforge(python: Path, workspace: Path, ours, rows: dict, like: Path,
     minutes = peer_specforge.specforge_train(python, config, run_dir, threads)
     export = peer_specforge.export_checkpoint(python, run_dir / "checkpoints", draft_cfg, run_dir / "export")
     return export, {"minutes": minutes, "config": config}
+
+
+def check_speculators(python: Path, run_dir: Path, drafter_dir: Path, model, workspace: Path, held: int, ours,
+                      out: Path) -> dict:
+    """The converted drafter against speculators' own forward on stored row `held`."""
+    return peer_speculators.conversion_check(python, peer_speculators.last_checkpoint(run_dir / "checkpoints"),
+                                             drafter_dir, workspace / "data/target", model,
+                                             out / "hs" / f"row_{held}.safetensors", run_dir / "conversion.json")
+
+
+def check_specforge(python: Path, run_dir: Path, drafter_dir: Path, model, workspace: Path, held: int, ours,
+                    out: Path) -> dict:
+    """The converted drafter against SpecForge's own forward on stored row `held`."""
+    return peer_specforge.conversion_check(python, run_dir / "export", drafter_dir, model, workspace, held,
+                                           ours.max_seq_len, run_dir / "conversion.json")
+
+
+# What each peer runs: (train: its checkpoint and run record, conversion check)
+PEER_RUN = {"speculators": (train_speculators, check_speculators), "specforge": (train_specforge, check_specforge)}
 
 
 def exact_outputs(drafter, target, tokenizer, prompts: list[tuple[str, dict]], greedy: dict, params, stop_ids) -> dict:
